@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   train a small key-value reader, evaluate it, answer queries from memories it wrote
+#   make test   the whole test suite
+# Both create .venv on first use (CPU torch 2.13.0 from local disk, everything pinned by constraints.txt).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) jobs/demo.py --output runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) jobs/benchmark.py
+
+clean:
+	rm -rf $(VENV) runs

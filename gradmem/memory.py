@@ -1,0 +1,58 @@
+"""Memories written by a reader: the (B, m, d) tensor plus what a caller needs to trust and audit it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WriteStats:
+    """Per-sample statistics of a WRITE (B samples, K steps)."""
+
+    losses: torch.Tensor  # (B, K + 1): write loss before each SGD step, then after the last
+    accuracy: torch.Tensor  # (B,) teacher-forced reconstruction accuracy of the final memory
+    n_tokens: torch.Tensor  # (B,) context tokens written
+
+    def select(self, index: slice | list[int]) -> "WriteStats":
+        return WriteStats(self.losses[index], self.accuracy[index], self.n_tokens[index])
+
+
+@dataclass
+class Memories:
+    """Memories for B contexts. ``fingerprint`` names the reader that wrote them; only that reader may read them."""
+
+    tensor: torch.Tensor  # (B, m, d), on CPU
+    stats: WriteStats
+    fingerprint: str
+    steps: int
+    lr: float
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    def __getitem__(self, index: int | slice | list[int]) -> "Memories":
+        if isinstance(index, int):
+            index = [index]
+        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.steps, self.lr)
+
+    def finite(self) -> torch.Tensor:
+        """(B,) True where the memory and its final write loss are finite."""
+        ok = torch.isfinite(self.tensor).flatten(1).all(dim=1)
+        if self.stats.losses.numel():
+            ok &= torch.isfinite(self.stats.losses).all(dim=1)
+        return ok
+
+
+class NonFiniteWriteError(ValueError):
+    """A WRITE produced NaN or inf for some contexts. Nothing is lost: the error carries every memory written
+    and the indices of the bad ones, so a batch job can store the good ones and record the rest as errors."""
+
+    def __init__(self, bad: list[int], memories: Memories):
+        self.bad = bad
+        self.memories = memories
+        super().__init__(
+            f"WRITE produced NaN/inf for contexts at indices {bad[:20]}{' ...' if len(bad) > 20 else ''} "
+            f"({len(bad)} of {len(memories)}); lower the write lr or check the inputs"
+        )

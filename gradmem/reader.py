@@ -1,0 +1,285 @@
+"""The reader: any Hugging Face causal LM plus a learned initial memory, a write head and a memory projection.
+
+A reader writes a context into m prefix vectors by test-time gradient descent (``gradmem.write``) and answers
+queries from those vectors alone (``gradmem.read``). Like the RMT ``MemoryCell``, it only adds memory in front
+of the token embeddings; the loops that train and evaluate it live elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from gradmem import checkpoint
+from gradmem.attention import attention_path
+from gradmem.config import MemoryConfig
+from gradmem.data import pad, tokenize
+from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
+from gradmem.read import greedy_generate, per_sample_mean
+from gradmem.write import write_memory
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_ATTENTION = "sdpa"  # first-order writes and answers may use PyTorch's fastest kernels
+
+
+class Reader(nn.Module):
+    """A causal LM that reads and writes memory.
+
+    Parameters trained in the outer loop: the backbone, ``memory`` (M0, (m, d)), ``write_head`` (when on) and
+    ``mem_proj`` (when on). ``Reader.from_pretrained`` returns a frozen reader in eval mode, ready to write and
+    answer; training code builds or loads readers with ``trainable=True``.
+    """
+
+    def __init__(self, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: MemoryConfig):
+        super().__init__()
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.config = config
+        d = lm.get_input_embeddings().embedding_dim
+        dtype = lm.get_input_embeddings().weight.dtype
+        self.memory = nn.Parameter(torch.randn(config.num_memory, d, dtype=dtype) * 0.02)  # M0 (m, d)
+        head = lm.get_output_embeddings()
+        self.write_head: nn.Module | None = None
+        if config.write_head:
+            self.write_head = copy.deepcopy(head)  # an untied copy of the LM head, trained in the outer loop
+            self.write_head.weight = nn.Parameter(head.weight.detach().clone())
+        self.mem_proj: nn.Linear | None = None
+        if config.mem_proj:
+            self.mem_proj = nn.Linear(d, d, bias=False, dtype=dtype)
+            nn.init.eye_(self.mem_proj.weight)
+        self._fingerprint: tuple[tuple[int, ...], str] | None = None
+
+    # ------------------------------------------------------------------ construction and checkpoints
+    @classmethod
+    def from_config(
+        cls, backbone: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, config: MemoryConfig | None = None,
+        attention: str = "sdpa",
+    ) -> "Reader":
+        """A reader around a freshly initialised backbone (from-scratch training, tests)."""
+        lm = AutoModelForCausalLM.from_config(backbone, attn_implementation=attention)
+        return cls(lm, tokenizer, config or MemoryConfig())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, trainable: bool = False, device: str | torch.device = "cpu") -> "Reader":
+        """Load a reader directory written by ``save_pretrained``. Nothing is unpickled.
+
+        The stored fingerprint is checked against the loaded weights, so a corrupted or edited checkpoint
+        fails here rather than writing memories no one can trust.
+        """
+        section = checkpoint.read_section(path)
+        lm = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto", attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        reader = cls(lm, tokenizer, MemoryConfig.from_dict(section["memory"]))
+        extra = load_file(str(Path(path) / checkpoint.EXTRA_WEIGHTS))
+        missing, unexpected = reader.load_state_dict(extra, strict=False)
+        wanted = {k for k in reader.state_dict() if not k.startswith("lm.")}
+        if wanted - set(extra) or unexpected:
+            raise ValueError(f"{path}: {checkpoint.EXTRA_WEIGHTS} does not match the config "
+                             f"(missing {sorted(wanted - set(extra))}, unexpected {sorted(unexpected)})")
+        reader.to(device)
+        if not trainable:
+            reader.freeze()
+        stored = section.get("fingerprint")
+        if stored and stored != reader.fingerprint:
+            raise ValueError(f"{path}: weights do not match the stored fingerprint {stored} (got {reader.fingerprint}); "
+                             "the checkpoint is corrupted or was edited")
+        return reader
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write a Hugging Face-layout reader directory (see ``gradmem.checkpoint``)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.lm.config.gradmem = {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "memory": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
+        }
+        try:
+            self.lm.save_pretrained(path, safe_serialization=True)
+        finally:
+            del self.lm.config.gradmem
+        extra = {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("lm.")}
+        save_file(extra, str(path / checkpoint.EXTRA_WEIGHTS))
+        self.tokenizer.save_pretrained(path)
+
+    def freeze(self) -> "Reader":
+        """Eval mode and no weight gradients: the state for writing memories and answering."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of weights and config; recomputed only after a parameter changed in place (an optimizer step)."""
+        key = tuple(t._version for t in self.state_dict().values())
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            value = checkpoint.compute_fingerprint(
+                self.state_dict(), self.lm.config.to_dict(), self.config.to_dict(), self.tokenizer.get_vocab()
+            )
+            self._fingerprint = (key, value)
+        return self._fingerprint[1]
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def device(self) -> torch.device:
+        return self.memory.device
+
+    @property
+    def num_memory(self) -> int:
+        return self.memory.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.memory.shape[1]
+
+    @property
+    def max_positions(self) -> int:
+        cfg = self.lm.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Longest context a WRITE accepts: the config's limit, and [M; C] must fit the backbone's positions."""
+        return min(self.config.max_context_tokens, self.max_positions - self.num_memory)
+
+    # ------------------------------------------------------------------ tensor-level pieces
+    def project(self, memory: torch.Tensor) -> torch.Tensor:
+        """(B, m, d) -> (B, m, d): the memory projection, when on."""
+        return self.mem_proj(memory) if self.mem_proj is not None else memory
+
+    def hidden(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of ``[M; ids]``: (B, m, d), (B, L) -> (B, m + L, d). No mask: inputs are right-padded."""
+        tokens = self.lm.get_input_embeddings()(ids)  # (B, L, d)
+        embeds = torch.cat([self.project(memory).to(tokens.dtype), tokens], dim=1)  # (B, m + L, d)
+        return self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+
+    @staticmethod
+    def token_losses(
+        hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, head: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy and argmax correctness at the masked positions only (no logits for pads).
+
+        hidden (B, L, d) predicts ids (B, L); returns ce (n,), correct (n,), sample index (n,)."""
+        selected = mask.bool()  # (B, L)
+        logits = head(hidden[selected])  # (n, V)
+        targets = ids[selected]  # (n,)
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        correct = logits.detach().argmax(-1) == targets
+        rows = selected.nonzero()[:, 0]
+        return ce, correct, rows
+
+    def write_loss(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample mean reconstruction loss of the context given ``[M; C]`` and its token accuracy, each (B,).
+
+        The last memory slot predicts the first context token, so the final context token is never an input."""
+        m = memory.shape[1]
+        hidden = self.hidden(memory, ids[:, :-1])[:, m - 1 :]  # (B, L, d): position m-1+t predicts token t
+        head = self.write_head if self.write_head is not None else self.lm.get_output_embeddings()
+        ce, correct, rows = self.token_losses(hidden, ids, mask, head)
+        batch = ids.shape[0]
+        return per_sample_mean(ce, rows, batch), per_sample_mean(correct.float(), rows, batch)
+
+    # ------------------------------------------------------------------ public string API
+    def encode_contexts(self, contexts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each context; a clear ValueError names any empty, non-text or over-long item."""
+        if isinstance(contexts, str) or not isinstance(contexts, Sequence):
+            raise ValueError("contexts must be a list of strings")
+        for i, text in enumerate(contexts):
+            if not isinstance(text, str):
+                raise ValueError(f"context {i} is a {type(text).__name__}, not a string")
+            if not text.strip():
+                raise ValueError(f"context {i} is empty: there is nothing to write")
+        ids = tokenize(self.tokenizer, contexts)
+        limit = self.max_context_tokens
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise ValueError(f"context {i} has no tokens: there is nothing to write")
+            if len(seq) > limit:
+                raise ValueError(f"context {i} has {len(seq)} tokens, over this reader's maximum of {limit}")
+        return ids
+
+    def write(
+        self, contexts: Sequence[str], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
+        attention: str = INFERENCE_ATTENTION,
+    ) -> Memories:
+        """Write each context into its own memory (inference mode: first-order, weights untouched).
+
+        Contexts are grouped by length into batches of ``batch_size`` to pad little; the result keeps the
+        input order. Raises ``NonFiniteWriteError`` (carrying every memory) if any write produced NaN/inf."""
+        steps = self.config.write_steps if steps is None else int(steps)
+        lr = self.config.write_lr if lr is None else float(lr)
+        ids = self.encode_contexts(contexts)
+        n = len(ids)
+        tensor = torch.zeros(n, self.num_memory, self.d_model, dtype=self.memory.dtype)
+        losses = torch.zeros(n, steps + 1)
+        accuracy = torch.zeros(n)
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        pad_id = self.tokenizer.pad_token_id or 0
+        with attention_path(self.lm, attention):
+            for start in range(0, n, batch_size):
+                chunk = order[start : start + batch_size]
+                ctx_ids, ctx_mask = pad([ids[i] for i in chunk], pad_id)
+                out = write_memory(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference")
+                tensor[chunk] = out.memory.detach().cpu()
+                losses[chunk] = out.losses.float().cpu()
+                accuracy[chunk] = out.accuracy.float().cpu()
+        n_tokens = torch.tensor([len(s) for s in ids])
+        memories = Memories(tensor, WriteStats(losses, accuracy, n_tokens), self.fingerprint, steps, lr)
+        bad = (~memories.finite()).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteWriteError(bad, memories)
+        return memories
+
+    def answer(
+        self, memories: Memories, questions: Sequence[str], max_new_tokens: int = 16, batch_size: int = 64,
+        attention: str = INFERENCE_ATTENTION,
+    ) -> list[str]:
+        """Greedy answers to ``questions[i]`` from ``memories[i]`` alone (the context is never seen)."""
+        if memories.fingerprint != self.fingerprint:
+            raise ValueError(f"these memories were written by reader {memories.fingerprint}, not by this reader "
+                             f"({self.fingerprint}); rewrite them with this reader")
+        if isinstance(questions, str) or len(questions) != len(memories):
+            raise ValueError(f"need one question per memory: got {len(memories)} memories and "
+                             f"{1 if isinstance(questions, str) else len(questions)} questions")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        bad = (~memories.finite()).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"memories at indices {bad} hold NaN/inf and cannot be read")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise ValueError(f"question {i} is a {type(q).__name__}, not a string")
+        q_ids = tokenize(self.tokenizer, questions)
+        for i, q in enumerate(q_ids):
+            if self.num_memory + len(q) + max_new_tokens > self.max_positions:
+                raise ValueError(f"question {i} is too long: {len(q)} tokens + {self.num_memory} memory + "
+                                 f"{max_new_tokens} new tokens exceed {self.max_positions} positions")
+        stop_ids = {self.tokenizer.eos_token_id} - {None}
+        for s in self.config.answer_stop:
+            s_ids = tokenize(self.tokenizer, [s])[0]
+            if len(s_ids) == 1:
+                stop_ids.add(s_ids[0])
+        answers: list[str] = []
+        with attention_path(self.lm, attention):
+            for start in range(0, len(q_ids), batch_size):
+                memory = memories.tensor[start : start + batch_size].to(self.device, self.memory.dtype)
+                for ids in greedy_generate(self, memory, q_ids[start : start + batch_size], max_new_tokens, stop_ids):
+                    answers.append(self._decode_answer(ids))
+        return answers
+
+    def _decode_answer(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in self.config.answer_stop:
+            text = text.split(stop, 1)[0]
+        return text

@@ -1,0 +1,340 @@
+"""Meta-training: the outer loop that teaches a reader to write and read memories.
+
+``meta_step`` is the unit every trainer calls (this single-process ``Trainer`` now, the Ray Train + DeepSpeed
+loop later): WRITE (second order by default), READ, outer loss = mean READ loss + ``aux_write_loss`` x the last
+inner step's write loss. It returns the loss with its graph; the caller owns backward and the optimizer.
+
+``Trainer`` follows a fixed lifecycle: validate the config and fail fast, set up (reader, AdamW, warm-up
+schedule), train (clip, step, log progress, evaluate, checkpoint), export the reader, and resume from the
+latest checkpoint with the same step, optimizer and scheduler state. Not supported here: several processes
+(see pipelines/train.py), gradient accumulation, mixed precision (bf16 backbones train in bf16 directly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import GPT2Config, LlamaConfig
+
+from gradmem.attention import attention_path, check_attention
+from gradmem.config import MemoryConfig, from_dict
+from gradmem.data import Batch
+from gradmem.read import read_teacher_forced
+from gradmem.reader import Reader
+from gradmem.tasks.kv import KVTask, kv_tokenizer
+from gradmem.write import WRITE_MODES, write_memory
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@dataclass
+class ModelConfig:
+    """The backbone: a from-scratch Llama or GPT-2 sized here, or a local Hugging Face directory (``pretrained``)."""
+
+    arch: str = "llama"  # llama | gpt2 (ignored when pretrained is set)
+    pretrained: str | None = None  # a reader directory to continue from
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_positions: int = 1024
+    seed: int = 0  # weight initialisation
+
+
+@dataclass
+class TaskConfig:
+    name: str = "kv"
+    pairs: int = 8
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    max_steps: int = 10000
+    grad_clip: float = 1.0
+    write_mode: str = "second_order"  # second_order | first_order
+    second_order_steps: int | None = None  # second order through the last L inner steps only
+    aux_write_loss: float = 0.5  # weight of the last inner step's write loss in the outer loss
+    attention: str = "sdpa_math"  # must support double backward for second-order training
+    seed: int = 0  # data stream
+
+
+@dataclass
+class RunConfig:
+    log_every: int = 20
+    eval_every: int = 500
+    eval_samples: int = 512
+    eval_batch_size: int = 128
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        sections = {"model": ModelConfig, "memory": MemoryConfig, "task": TaskConfig, "optim": OptimConfig, "run": RunConfig}
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; known: {sorted(sections)}")
+        return cls(**{name: from_dict(kind, data.get(name) or {}) for name, kind in sections.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        o = self.optim
+        if o.write_mode not in ("second_order", "first_order"):
+            raise ValueError(f"optim.write_mode must be second_order or first_order, got {o.write_mode!r}")
+        second_order = o.write_mode == "second_order" and self.memory.write_steps > 0 and o.second_order_steps != 0
+        check_attention(o.attention, second_order)
+        if o.batch_size < 1 or o.max_steps < 0 or o.warmup_steps < 0:
+            raise ValueError("optim.batch_size must be >= 1; max_steps and warmup_steps >= 0")
+        if self.task.name != "kv":
+            raise ValueError(f"task {self.task.name!r} is not available yet (kv only)")
+        if self.model.arch not in ("llama", "gpt2"):
+            raise ValueError(f"model.arch must be llama or gpt2, got {self.model.arch!r}")
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_task(cfg: TaskConfig) -> KVTask:
+    return KVTask(pairs=cfg.pairs)
+
+
+def build_backbone_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if cfg.arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
+            tie_word_embeddings=False, **ids,
+        )
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, n_positions=cfg.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+    )
+
+
+def build_reader(cfg: TrainConfig) -> Reader:
+    """A trainable reader: from a reader directory, or a from-scratch backbone with the task's tokenizer."""
+    if cfg.model.pretrained:
+        return Reader.from_pretrained(cfg.model.pretrained, trainable=True).train()
+    tokenizer = kv_tokenizer()
+    torch.manual_seed(cfg.model.seed)
+    backbone = build_backbone_config(cfg.model, len(tokenizer), tokenizer)
+    memory = MemoryConfig.from_dict({**cfg.memory.to_dict(), "answer_stop": cfg.memory.answer_stop or ["|"]})
+    return Reader.from_config(backbone, tokenizer, memory).train()
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Outer loss of one batch, with its graph through the WRITE; metrics as floats."""
+    with attention_path(reader.lm, optim.attention):
+        out = write_memory(
+            reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode=optim.write_mode,
+            second_order_steps=optim.second_order_steps, final_stats=False, keep_last_loss=optim.aux_write_loss > 0,
+        )
+        read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask)
+        loss = read.loss.mean()
+        if out.last_step_loss is not None:
+            loss = loss + optim.aux_write_loss * out.last_step_loss
+    metrics = {
+        "loss": float(loss.detach()),
+        "read_loss": float(read.loss.detach().mean()),
+        "write_loss_first": float(out.losses[:, 0].mean()) if out.losses.shape[1] else float("nan"),
+        "write_loss_last": float(out.losses[:, -1].mean()) if out.losses.shape[1] else float("nan"),
+        "em": float(read.exact_match.mean()),
+        "token_acc": float(read.token_accuracy.mean()),
+    }
+    return loss, metrics
+
+
+@torch.no_grad()
+def evaluate(
+    reader: Reader, task: KVTask, samples: int, steps_list: list[int], lr: float, seed: Any = ("eval", 0),
+    batch_size: int = 128,
+) -> dict[int, dict[str, float]]:
+    """Exact match, token accuracy and final write loss on held-out examples for each number of WRITE steps."""
+    was_training = reader.training
+    reader.eval()
+    results: dict[int, dict[str, float]] = {}
+    seed_seq = [hash_seed(seed)]
+    try:
+        for steps in steps_list:
+            totals = {"em": 0.0, "token_acc": 0.0, "write_loss": 0.0, "write_acc": 0.0}
+            done = 0
+            for i, start in enumerate(range(0, samples, batch_size)):
+                n = min(batch_size, samples - start)
+                batch = task.batch(n, seed_seq + [i], reader.tokenizer).to(reader.device)
+                with attention_path(reader.lm, "sdpa"):
+                    out = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
+                    read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask)
+                totals["em"] += float(read.exact_match.sum())
+                totals["token_acc"] += float(read.token_accuracy.sum())
+                totals["write_loss"] += float(out.losses[:, -1].sum())
+                totals["write_acc"] += float(out.accuracy.sum())
+                done += n
+            results[steps] = {k: v / done for k, v in totals.items()}
+    finally:
+        reader.train(was_training)
+    return results
+
+
+def hash_seed(value: Any) -> int:
+    """A stable integer seed from any JSON-able value (Python's hash() is salted per process)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(json.dumps(value).encode()).digest()[:8], "little")
+
+
+def warmup_constant(warmup_steps: int):
+    """Linear warm-up to the base lr over ``warmup_steps``, then constant (the paper's schedule)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Single-process meta-training of a GradMem reader on a task.
+
+    Output directory layout::
+
+        config.yaml                     the resolved config
+        metrics.jsonl                   one line per log / eval event
+        checkpoints/step_00000500/      reader files + trainer_state.json + optimizer.pt (loaded weights_only)
+        reader/                         the final reader (Reader.from_pretrained loads it)
+
+    Data batches are a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+    """
+
+    def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike):
+        cfg.validate()
+        self.cfg = cfg
+        self.output = Path(output_dir)
+        self.task = build_task(cfg.task)
+        self.reader = build_reader(cfg)
+        params = [p for p in self.reader.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
+        self.step = 0
+
+    # -- data
+    def train_batch(self, step: int, rank: int = 0) -> Batch:
+        return self.task.batch(self.cfg.optim.batch_size, [self.cfg.optim.seed, rank, step], self.reader.tokenizer)
+
+    # -- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_root.glob("step_*")) if self.checkpoint_root.is_dir() else []
+        return found[-1] if found else None
+
+    def save_checkpoint(self) -> Path:
+        """Write to a temporary directory, then rename: a crash never leaves a half checkpoint as the latest."""
+        final = self.checkpoint_root / f"step_{self.step:08d}"
+        tmp = self.checkpoint_root / f".tmp_step_{self.step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.reader.save_pretrained(tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "config": self.cfg.to_dict()}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(self.checkpoint_root.glob("step_*"))[: -self.cfg.run.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint step %d -> %s", self.step, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        loaded = Reader.from_pretrained(path, trainable=True)
+        self.reader.load_state_dict(loaded.state_dict())
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # -- loop
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate(self, steps_list: list[int] | None = None) -> dict[int, dict[str, float]]:
+        mem = self.reader.config
+        return evaluate(self.reader, self.task, self.cfg.run.eval_samples, steps_list or [mem.write_steps], mem.write_lr,
+                        batch_size=self.cfg.run.eval_batch_size)
+
+    def fit(self, max_steps: int | None = None, resume: bool = False) -> Path:
+        """Train to ``max_steps`` (default: the config's), evaluating and checkpointing; export the final reader."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if resume and (latest := self.latest_checkpoint()) is not None:
+            self.load_checkpoint(latest)
+        elif resume:
+            logger.info("no checkpoint under %s: starting from step 0", self.checkpoint_root)
+        total = self.cfg.optim.max_steps if max_steps is None else max_steps
+        run, mem = self.cfg.run, self.reader.config
+        self.reader.train()
+        window: list[dict[str, float]] = []
+        started, start_step = time.perf_counter(), self.step
+        while self.step < total:
+            batch = self.train_batch(self.step).to(self.reader.device)
+            loss, metrics = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"non-finite outer loss at step {self.step}: {metrics}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.reader.parameters(), self.cfg.optim.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            window.append(metrics)
+            if self.step % run.log_every == 0 or self.step == total:
+                elapsed = time.perf_counter() - started
+                rate = (self.step - start_step) / max(elapsed, 1e-9)
+                avg = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+                window = []
+                record = {"event": "train", "step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                          "samples_per_s": rate * self.cfg.optim.batch_size, **avg}
+                self.log(record)
+                logger.info("step %d/%d loss %.4f read %.4f write %.3f->%.3f em %.3f | %.2f steps/s, eta %.0fs",
+                            self.step, total, avg["loss"], avg["read_loss"], avg["write_loss_first"], avg["write_loss_last"],
+                            avg["em"], rate, (total - self.step) / max(rate, 1e-9))
+            if run.eval_every and (self.step % run.eval_every == 0 or self.step == total):
+                result = self.evaluate()[mem.write_steps]
+                self.log({"event": "eval", "step": self.step, **result})
+                logger.info("eval step %d: em %.4f token_acc %.4f write_loss %.3f", self.step, result["em"],
+                            result["token_acc"], result["write_loss"])
+            if run.save_every and self.step % run.save_every == 0:
+                self.save_checkpoint()
+        if self.latest_checkpoint() is None or not self.latest_checkpoint().name.endswith(f"{self.step:08d}"):
+            self.save_checkpoint()
+        export = self.output / "reader"
+        shutil.rmtree(export, ignore_errors=True)
+        self.reader.save_pretrained(export)
+        logger.info("reader exported to %s (fingerprint %s)", export, self.reader.fingerprint)
+        return export
