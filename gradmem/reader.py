@@ -174,7 +174,9 @@ class Reader(nn.Module):
         selected = mask.bool()  # (B, L)
         logits = head(hidden[selected])  # (n, V)
         targets = ids[selected]  # (n,)
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss in at least fp32; never downcast (float64 gradient checks)
+        ce = F.cross_entropy(logits, targets, reduction="none")
         correct = logits.detach().argmax(-1) == targets
         rows = selected.nonzero()[:, 0]
         return ce, correct, rows

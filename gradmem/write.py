@@ -53,7 +53,7 @@ def write_memory(
     n_second = steps if second_order_steps is None else max(0, min(steps, second_order_steps))
     batch = ctx_ids.shape[0]
     memory = reader.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d), one copy per sample
-    if mode == "inference":
+    if mode == "inference" or not torch.is_grad_enabled():  # no outer graph wanted (or possible)
         memory = memory.detach()
 
     step_losses: list[torch.Tensor] = []

@@ -1,0 +1,116 @@
+"""The public API: strings in, strings out; checkpoints; fingerprints; clear errors on bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from gradmem import NonFiniteWriteError, Reader
+from gradmem.tasks.kv import KVTask
+from conftest import make_reader
+
+
+def _examples(n=5):
+    return [ex for k in range(1, n + 1) for ex in KVTask(k).examples(1, seed=100 + k)]
+
+
+def test_write_returns_memories_and_stats(reader):
+    exs = _examples()
+    mem = reader.write([e.context for e in exs], steps=3)
+    assert mem.tensor.shape == (5, reader.num_memory, reader.d_model)
+    assert mem.stats.losses.shape == (5, 4) and mem.stats.accuracy.shape == (5,)
+    assert mem.stats.n_tokens.tolist() == [len(e.context) for e in exs]
+    assert mem.fingerprint == reader.fingerprint and mem.steps == 3 and mem.lr == reader.config.write_lr
+    assert len(mem[1:3]) == 2 and torch.equal(mem[2].tensor[0], mem.tensor[2])
+
+
+def test_answers_batched_equal_answers_alone(reader):
+    exs = _examples()
+    mem = reader.write([e.context for e in exs])
+    together = reader.answer(mem, [e.query for e in exs], max_new_tokens=6)
+    alone = [reader.answer(mem[i], [e.query], max_new_tokens=6)[0] for i, e in enumerate(exs)]
+    assert together == alone
+    assert all(isinstance(a, str) and "|" not in a for a in together)
+
+
+def test_checkpoint_round_trip(reader, tmp_path):
+    exs = _examples()
+    mem = reader.write([e.context for e in exs])
+    answers = reader.answer(mem, [e.query for e in exs], max_new_tokens=6)
+    reader.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "gradmem.safetensors", "tokenizer.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    section = json.loads((tmp_path / "config.json").read_text())["gradmem"]
+    assert section["fingerprint"] == reader.fingerprint and section["memory"]["num_memory"] == reader.num_memory
+
+    loaded = Reader.from_pretrained(tmp_path)
+    assert loaded.fingerprint == reader.fingerprint
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    mem2 = loaded.write([e.context for e in exs])
+    assert torch.equal(mem2.tensor, mem.tensor)
+    assert loaded.answer(mem2, [e.query for e in exs], max_new_tokens=6) == answers
+    assert loaded.answer(mem, [e.query for e in exs], max_new_tokens=6) == answers  # memories travel
+
+
+def test_fingerprint_tracks_weights_and_tampering_is_caught(reader, tmp_path):
+    before = reader.fingerprint
+    with torch.no_grad():
+        reader.memory[0, 0] += 1.0
+    assert reader.fingerprint != before
+    reader.save_pretrained(tmp_path)
+    extra = load_file(str(tmp_path / "gradmem.safetensors"))
+    extra["memory"][0, 0] += 1.0
+    save_file(extra, str(tmp_path / "gradmem.safetensors"))
+    with pytest.raises(ValueError, match="fingerprint"):
+        Reader.from_pretrained(tmp_path)
+
+
+def test_memories_from_another_reader_are_refused(reader, arch):
+    other = make_reader(arch, seed=1)
+    mem = other.write(["!ab:cd!|"])
+    with pytest.raises(ValueError, match="written by reader"):
+        reader.answer(mem, ["?!ab:"])
+
+
+def test_plain_model_directory_is_not_a_reader(reader, tmp_path):
+    reader.lm.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="plain language model"):
+        Reader.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        Reader.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["!ab:cd!|", ""], "context 1 is empty"),
+    (["   "], "context 0 is empty"),
+    (["!ab:cd!|", None], "context 1 is a NoneType"),
+    ("!ab:cd!|", "list of strings"),
+    (["!ab:cd!|", "a" * 101], r"context 1 has 101 tokens, over this reader's maximum of 100"),
+])
+def test_bad_contexts_raise_clear_errors(reader, bad, message):
+    with pytest.raises(ValueError, match=message):
+        reader.write(bad)
+
+
+def test_bad_questions_raise_clear_errors(reader):
+    mem = reader.write(["!ab:cd!|", "!ef:gh!|"])
+    with pytest.raises(ValueError, match="one question per memory"):
+        reader.answer(mem, ["?!ab:"])
+    with pytest.raises(ValueError, match="question 1 is too long"):
+        reader.answer(mem, ["?!ab:", "a" * 120], max_new_tokens=8)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        reader.answer(mem, ["?!ab:", "?!ef:"], max_new_tokens=0)
+
+
+def test_nan_write_is_reported_with_every_memory_kept(reader):
+    """A NaN in one sample (here a corrupted embedding row for 'z') flags that sample only; none is lost."""
+    with torch.no_grad():
+        reader.lm.get_input_embeddings().weight[reader.tokenizer.convert_tokens_to_ids("z")] = float("nan")
+    with pytest.raises(NonFiniteWriteError) as err:
+        reader.write(["!ab:cd!|", "!zz:gh!|", "!ef:gh!|"])
+    assert err.value.bad == [1] and len(err.value.memories) == 3
+    assert torch.isfinite(err.value.memories.tensor[[0, 2]]).all()
+    with pytest.raises(ValueError, match="NaN/inf"):
+        reader.answer(err.value.memories, ["?!ab:", "?!zz:", "?!ef:"])

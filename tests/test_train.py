@@ -1,0 +1,103 @@
+"""Meta-training: a tiny reader learns to answer from memory; resume continues exactly; attention paths."""
+
+import json
+
+import pytest
+import torch
+
+from gradmem.attention import attention_path, check_attention
+from gradmem.read import read_teacher_forced
+from gradmem.tasks.kv import KVTask, exact_match
+from gradmem.train import TrainConfig, Trainer, meta_step
+from gradmem.write import write_memory
+from conftest import make_reader
+
+
+def tiny_config(arch: str, write_steps: int, max_steps: int, **optim) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "model": {"arch": arch, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "max_positions": 128},
+        "memory": {"num_memory": 4, "write_steps": write_steps, "write_lr": 0.5},
+        "task": {"pairs": 1},
+        "optim": {"batch_size": 32, "lr": 2e-3, "warmup_steps": 20, "max_steps": max_steps, **optim},
+        "run": {"log_every": 50, "eval_every": 0, "eval_samples": 256, "save_every": 0},
+    })
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_reader_answers_from_memory_far_above_no_context(arch, tmp_path):
+    gradmem = Trainer(tiny_config(arch, write_steps=2, max_steps=150), tmp_path / "gradmem")
+    gradmem.fit()
+    no_context = Trainer(tiny_config(arch, write_steps=0, max_steps=150), tmp_path / "no_context")
+    no_context.fit()  # K = 0: memory stays M0, so nothing of the context reaches the READ
+    em = gradmem.evaluate([2])[2]["em"]
+    em_none = no_context.evaluate([0])[0]["em"]
+    assert em > 0.8, em  # chance is 1/3844
+    assert em_none < 0.05, em_none
+    # the exported reader answers greedily, from memory alone
+    from gradmem import Reader
+
+    reader = Reader.from_pretrained(tmp_path / "gradmem" / "reader")
+    exs = KVTask(1).examples(64, seed=[7, 7])
+    answers = reader.answer(reader.write([e.context for e in exs]), [e.query for e in exs], max_new_tokens=4)
+    assert sum(exact_match(a, e.target) for a, e in zip(answers, exs)) / len(exs) > 0.8, answers[:8]
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = tiny_config("llama", write_steps=2, max_steps=6, batch_size=8)
+    cfg.run.save_every = 2
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit()
+    interrupted = Trainer(cfg, tmp_path / "resumed")
+    interrupted.fit(max_steps=4)
+    resumed = Trainer(cfg, tmp_path / "resumed")
+    resumed.fit(resume=True)
+    assert resumed.step == 6
+    for (name, a), b in zip(straight.reader.state_dict().items(), resumed.reader.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 6
+    steps = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+    ckpts = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000004", "step_00000006"]  # keep_checkpoints = 2, no temporary left behind
+
+
+def test_meta_step_reports_metrics_and_reaches_every_parameter():
+    reader = make_reader("llama")
+    cfg = tiny_config("llama", 2, 1)
+    batch = KVTask(2).batch(8, 0, reader.tokenizer)
+    loss, metrics = meta_step(reader, batch, cfg.optim, steps=2, lr=0.5)
+    loss.backward()
+    assert {"loss", "read_loss", "write_loss_first", "write_loss_last", "em", "token_acc"} <= set(metrics)
+    missing = [n for n, p in reader.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == [], missing
+
+
+@pytest.mark.parametrize("path", ["sdpa", "sdpa_flash", "sdpa_efficient", "flash_attention_2"])
+def test_second_order_training_refuses_fused_attention(path):
+    cfg = tiny_config("llama", 2, 1, attention=path)
+    with pytest.raises(ValueError, match="cannot be used for second-order meta-training"):
+        cfg.validate()
+    tiny_config("llama", 2, 1, attention=path, write_mode="first_order").validate()  # first order may use them
+    with pytest.raises(ValueError, match="unknown attention path"):
+        check_attention("fast_please", second_order=False)
+
+
+def test_math_paths_agree_on_second_order_gradients():
+    reader = make_reader("llama")
+    batch = KVTask(2).batch(4, 0, reader.tokenizer)
+    grads = {}
+    for path in ("eager", "sdpa_math"):
+        reader.zero_grad(set_to_none=True)
+        with attention_path(reader.lm, path):
+            out = write_memory(reader, batch.ctx_ids, batch.ctx_mask, 2, 0.5, mode="second_order")
+            read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask).loss.mean().backward()
+        grads[path] = {n: p.grad.clone() for n, p in reader.named_parameters() if p.grad is not None}
+    for name, g in grads["eager"].items():
+        assert torch.allclose(g, grads["sdpa_math"][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_config_rejects_typos():
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"optim": {"learning_rate": 1e-3}})
+    with pytest.raises(ValueError, match="unknown config sections"):
+        TrainConfig.from_dict({"optimizer": {}})
