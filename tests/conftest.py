@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports Ray (it reads these at import): bind 127.0.0.1 only, no token auth, no usage stats.
+os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+
 import pytest
 import torch
 
@@ -13,7 +18,9 @@ ARCHS = ("llama", "gpt2")
 
 # Tiny models gain nothing from a second OpenMP thread, and two spinning threads on a shared 2-core machine
 # (Ray workers, a second process) slow every small op down by an order of magnitude.
-torch.set_num_threads(1)
+from gradmem.runtime import configure_cpu
+
+configure_cpu(threads=1)
 
 
 def make_reader(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **memory) -> Reader:
@@ -46,3 +53,54 @@ def kv_batch(reader):
     from gradmem.tasks.kv import UNSCORED
 
     return examples, collate(examples, reader.tokenizer, unscored=UNSCORED)
+
+
+# ------------------------------------------------------------------------------------------ real services
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import s3server
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the whole session, with a bucket `gradmem-test`."""
+    server = s3server.start()
+    server.filesystem().create_dir("gradmem-test")
+    yield server
+    server.stop()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A real local Ray cluster (`ray start --head` on 127.0.0.1, with the job server) shared by the session.
+
+    4 logical CPUs on this 2-core machine, so that readers, writers and trainers are not starved. The S3
+    credentials are in its environment, as a cluster's nodes would have them."""
+    import ray
+
+    dashboard = _port()
+    env = {**os.environ, **s3.env, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update(s3.env)
+    gcs = _port()
+    subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+                    "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the daemons inherit these: never a pipe
+    address = f"127.0.0.1:{gcs}"
+    ray.init(address=address)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    ray.shutdown()
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,1 @@
+"""Ray glue around the ``gradmem`` core: Ray Train meta-training, Ray Data compression, Ray Serve serving."""
