@@ -121,13 +121,19 @@ class Reader(nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """Hash of weights and config; recomputed only after a parameter changed in place (an optimizer step)."""
-        key = tuple(t._version for t in self.state_dict().values())
-        if self._fingerprint is None or self._fingerprint[0] != key:
+        """Hash of weights and config.
+
+        Cached only while the reader is frozen (the serving and writing state). A trainable reader recomputes
+        it on every access: optimizers and ZeRO write weights through flat buffers that do not bump the
+        parameters' version counters, so no cheap key can tell that they changed."""
+        frozen = not any(p.requires_grad for p in self.parameters())
+        key = tuple(t._version for t in self.state_dict().values()) if frozen else None
+        if key is None or self._fingerprint is None or self._fingerprint[0] != key:
             value = checkpoint.compute_fingerprint(
                 self.state_dict(), self.lm.config.to_dict(), self.config.to_dict(), self.tokenizer.get_vocab()
             )
-            self._fingerprint = (key, value)
+            self._fingerprint = (key, value) if key is not None else None
+            return value
         return self._fingerprint[1]
 
     # ------------------------------------------------------------------ shapes

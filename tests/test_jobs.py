@@ -1,4 +1,4 @@
-"""The entrypoints run as users run them: a subprocess, a config file, flags."""
+"""The entrypoints run as users run them: a subprocess, a config file, flags, `ray job submit`."""
 
 import json
 import subprocess
@@ -8,31 +8,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def run(args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
-def test_train_then_evaluate_then_resume(tmp_path):
-    out = tmp_path / "run"
-    run("jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml", "--output", str(out), "--max-steps", "10")
-    assert (out / "reader" / "model.safetensors").is_file()
-    assert (out / "checkpoints" / "step_00000010").is_dir()
-    proc = run("jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml", "--output", str(out), "--max-steps", "12", "--resume")
-    assert "resumed from" in proc.stderr and "step 12/12" in proc.stderr
+def test_train_on_ray_then_evaluate(ray_cluster, tmp_path):
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]}
+    out = tmp_path / "reader"
+    run(["jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml", "--num-workers", "2", "--max-steps", "10",
+         "--storage", str(tmp_path / "runs"), "--name", "plain-dp", "--output", str(out)], env=env)
+    assert (out / "model.safetensors").is_file() and (tmp_path / "runs" / "plain-dp" / "step_00000010").is_dir()
     report = tmp_path / "eval.json"
-    proc = run("jobs/evaluate.py", "--reader", str(out / "reader"), "--pairs", "1", "--steps", "0,2", "--samples", "64",
-               "--json", str(report))
+    proc = run(["jobs/evaluate.py", "--reader", str(out), "--pairs", "1", "--steps", "0,2", "--samples", "64",
+                "--json", str(report)])
     data = json.loads(report.read_text())
     assert set(data["results"]) == {"0", "2"} and 0 <= data["results"]["2"]["em"] <= 1
     assert "exact match" in proc.stdout
 
 
+def test_ray_job_submit(ray_cluster, tmp_path):
+    """`ray job submit --working-dir . -- python jobs/train.py ...` against a running cluster, as in the README."""
+    env = {**ray_cluster["env"], "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard"],
+           "--working-dir", ".", "--", "python", "jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml",
+           "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json", "--max-steps", "20",
+           "--storage", str(tmp_path / "runs"), "--name", "submitted"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout and (tmp_path / "runs" / "submitted" / "step_00000020" / "reader").is_dir()
+
+
 def test_bad_config_fails_fast(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {attention: sdpa_flash}\n")
-    proc = subprocess.run([sys.executable, "jobs/train.py", "--config", str(bad), "--output", str(tmp_path / "x")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "jobs/train.py", "--config", str(bad)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode != 0 and "second-order meta-training" in proc.stderr
+    proc = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml", "--deepspeed",
+                           "jobs/configs/ds_zero3.json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "ZeRO stage 3 is not supported" in proc.stderr
