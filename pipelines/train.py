@@ -268,12 +268,15 @@ def worker_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
         metrics["grad_norm"] = engine.step()
         step += 1
+        if step == start_step + 1:  # throughput counts from here: the first step pays for warm-up
+            started, start_step = time.perf_counter(), step
         window.append(metrics)
         report: dict[str, float] = {}
         if step % run.log_every == 0 or step == cfg.optim.max_steps:
             elapsed = time.perf_counter() - started
             report = all_reduce_mean({k: sum(m[k] for m in window) / len(window) for k in window[0]})
-            report["samples_per_s"] = (step - start_step) * micro * engine.accumulation * world / max(elapsed, 1e-9)
+            if step > start_step:
+                report["samples_per_s"] = (step - start_step) * micro * engine.accumulation * world / max(elapsed, 1e-9)
             window = []
         if run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
             per_rank = max(1, run.eval_samples // world)
