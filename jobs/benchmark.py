@@ -20,7 +20,7 @@ import statistics
 import time
 
 import _common  # noqa: F401
-from _common import setup_logging
+from _common import bar_plot, setup_logging
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="write a PNG of the figures here")
     args = parser.parse_args(argv)
     setup_logging("WARNING")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, K = 2, m = 8, d = 128")
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.plot:
+        labels = ["naive"] + [f"ours ({p})" for p in ("eager", "sdpa_math", "sdpa")]
+        bar_plot(args.plot, labels, [results["inference"][k] for k in ("naive", "eager", "sdpa_math", "sdpa")],
+                 "contexts / s", f"inference write, N = 16, batch {args.batch_size}, K = 2 ({results['threads']} threads)")
     return results
 
 

@@ -18,7 +18,7 @@ import os
 import tempfile
 
 import _common  # noqa: F401
-from _common import ROOT, setup_logging
+from _common import ROOT, bar_plot, setup_logging
 
 from gradmem.train import TrainConfig
 from pipelines.train import DistributedConfig, fit
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="write a PNG of the figures here")
     args = parser.parse_args(argv)
     setup_logging("WARNING")
     import ray
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"pairs": args.pairs, "batch_size": args.batch_size, "steps": args.steps, "samples_per_s": results}, f, indent=2)
+    if args.plot:
+        bar_plot(args.plot, list(results), list(results.values()), "samples / s",
+                 f"meta-training throughput, key-value N = {args.pairs}, global batch {args.batch_size}")
     return results
 
 
