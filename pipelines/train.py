@@ -258,7 +258,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     mem, run = engine.reader.config, cfg.run
     engine.reader.train()
     window: list[dict[str, float]] = []
-    started, start_step = time.perf_counter(), step
+    started, start_step, timing = time.perf_counter(), step, False
     while step < cfg.optim.max_steps:
         for micro_step in range(engine.accumulation):
             batch = task.batch(micro, [cfg.optim.seed, rank, step, micro_step], engine.reader.tokenizer).to(device)
@@ -268,8 +268,8 @@ def worker_loop(config: dict[str, Any]) -> None:
             engine.backward(loss)
         metrics["grad_norm"] = engine.step()
         step += 1
-        if step == start_step + 1:  # throughput counts from here: the first step pays for warm-up
-            started, start_step = time.perf_counter(), step
+        if not timing:  # throughput counts from here: the first step pays for warm-up
+            started, start_step, timing = time.perf_counter(), step, True
         window.append(metrics)
         report: dict[str, float] = {}
         if step % run.log_every == 0 or step == cfg.optim.max_steps:
