@@ -54,8 +54,12 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    """``kv``: key-value examples generated on the fly. ``file``: examples with ``context``, ``query`` and
+    ``target`` fields read from jsonl or Parquet (local or s3://) by Ray Data (distributed training only)."""
+
     name: str = "kv"
-    pairs: int = 8
+    pairs: int = 8  # kv: pairs per context
+    path: str | None = None  # file: a file, a directory or a glob of .jsonl / .parquet
 
 
 @dataclass
@@ -114,8 +118,10 @@ class TrainConfig:
         check_attention(o.attention, second_order)
         if o.batch_size < 1 or o.max_steps < 0 or o.warmup_steps < 0:
             raise ValueError("optim.batch_size must be >= 1; max_steps and warmup_steps >= 0")
-        if self.task.name != "kv":
-            raise ValueError(f"task {self.task.name!r} is not available yet (kv only)")
+        if self.task.name not in ("kv", "file"):
+            raise ValueError(f"task {self.task.name!r} is not available (kv, file)")
+        if self.task.name == "file" and not self.task.path:
+            raise ValueError("task file needs task.path (jsonl or Parquet with context, query, target)")
         if self.model.arch not in ("llama", "gpt2"):
             raise ValueError(f"model.arch must be llama or gpt2, got {self.model.arch!r}")
 
@@ -232,6 +238,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike):
         cfg.validate()
+        if cfg.task.name != "kv":
+            raise ValueError("the single-process Trainer generates key-value data; train on files with "
+                             "jobs/train.py (Ray Data feeds the workers)")
         self.cfg = cfg
         self.output = Path(output_dir)
         self.task = build_task(cfg.task)

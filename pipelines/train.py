@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gradmem.data import Example, collate
 from gradmem.reader import Reader
 from gradmem.runtime import configure_cpu
 from gradmem.train import TrainConfig, build_reader, build_task, evaluate, meta_step, warmup_constant
@@ -221,7 +222,7 @@ def setup(config: dict[str, Any], rank: int, world: int, device: torch.device):
     """Config, task, engine and per-worker micro-batch size: the same on every worker."""
     configure_cpu(config["threads"])
     cfg = TrainConfig.from_dict(config["train"])
-    task = build_task(cfg.task)
+    task = build_task(cfg.task) if cfg.task.name == "kv" else None  # file tasks arrive through Ray Data
     reader = build_reader(cfg).to(device)  # same model.seed on every rank: identical initial weights
     params = [p for p in reader.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -256,12 +257,16 @@ def worker_loop(config: dict[str, Any]) -> None:
         logger.info("rank %d resumed at step %d", rank, step)
 
     mem, run = engine.reader.config, cfg.run
+    file_batches = shard_batches(micro, engine.reader.tokenizer) if task is None else None
     engine.reader.train()
     window: list[dict[str, float]] = []
     started, start_step, timing = time.perf_counter(), step, False
     while step < cfg.optim.max_steps:
         for micro_step in range(engine.accumulation):
-            batch = task.batch(micro, [cfg.optim.seed, rank, step, micro_step], engine.reader.tokenizer).to(device)
+            if file_batches is not None:
+                batch = next(file_batches).to(device)
+            else:
+                batch = task.batch(micro, [cfg.optim.seed, rank, step, micro_step], engine.reader.tokenizer).to(device)
             loss, metrics = meta_step(engine.reader, batch, cfg.optim, mem.write_steps, mem.write_lr)
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {step}: {metrics}")
@@ -278,7 +283,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             if step > start_step:
                 report["samples_per_s"] = (step - start_step) * micro * engine.accumulation * world / max(elapsed, 1e-9)
             window = []
-        if run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
+        if task is not None and run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
             per_rank = max(1, run.eval_samples // world)
             result = evaluate(engine.reader, task, per_rank, [mem.write_steps], mem.write_lr,
                               seed=("eval", rank), batch_size=run.eval_batch_size)[mem.write_steps]
@@ -299,6 +304,37 @@ def worker_loop(config: dict[str, Any]) -> None:
                 ray.train.report(report)
             # ---------------------------------------------------------------------------------------------
     check_replicas(engine.reader, rank)
+
+
+def shard_batches(micro: int, tokenizer):
+    """Endless batches of this worker's Ray Data shard (``get_dataset_shard``: disjoint across workers)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    while True:
+        empty = True
+        for rows in shard.iter_batches(batch_size=micro, batch_format="pandas", drop_last=True):
+            empty = False
+            yield collate([Example(str(c), str(q), str(t)) for c, q, t in zip(rows["context"], rows["query"], rows["target"])],
+                          tokenizer)
+        if empty:
+            raise ValueError(f"this worker's shard of the training files holds fewer than {micro} examples")
+
+
+def read_examples(path: str, s3_endpoint: str | None = None):
+    """A Ray Dataset of examples from jsonl or Parquet files (local or s3://), checked for the needed columns."""
+    import ray.data
+
+    from pipelines.storage import resolve
+
+    store = resolve(path, s3_endpoint)
+    parquet = path.rstrip("/").endswith(".parquet") or "parquet" in path.rsplit("/", 1)[-1]
+    reader = ray.data.read_parquet if parquet else ray.data.read_json
+    dataset = reader(store.path, filesystem=store.filesystem)
+    missing = {"context", "query", "target"} - set(dataset.schema().names)
+    if missing:
+        raise ValueError(f"{path}: training files need the columns context, query, target; missing {sorted(missing)}")
+    return dataset
 
 
 def check_replicas(reader: Reader, rank: int) -> None:
@@ -367,8 +403,10 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
     if existing.type != pafs.FileType.NotFound and not resume:
         raise FileExistsError(f"run {dcfg.storage}/{dcfg.name} already exists: pass --resume to continue it, or "
                               "choose another --name")
+    datasets = {"train": read_examples(cfg.task.path, dcfg.s3_endpoint)} if cfg.task.name == "file" else None
     trainer = TorchTrainer(
         loop,
+        datasets=datasets,
         train_loop_config={"train": cfg.to_dict(), "deepspeed": dcfg.deepspeed, "threads": dcfg.threads_per_worker,
                            **(extra or {})},
         torch_config=TorchConfig(backend="nccl" if dcfg.use_gpu else "gloo"),

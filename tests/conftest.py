@@ -56,10 +56,11 @@ def kv_batch(reader):
 
 
 # ------------------------------------------------------------------------------------------ real services
-import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import s3server
@@ -96,12 +97,33 @@ def ray_cluster(s3):
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ.update(s3.env)
     gcs = _port()
+    temp_dir = tempfile.mkdtemp(prefix="gm-ray-")  # this cluster's own: teardown stops it and nothing else
     subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # the daemons inherit these: never a pipe
+                    "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # daemons inherit these: no pipes
     address = f"127.0.0.1:{gcs}"
     ray.init(address=address)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     ray.shutdown()
-    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop the processes of the cluster that uses ``temp_dir`` (``ray stop`` would stop every cluster here)."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+            procs.append(proc)
+            procs.extend(proc.children(recursive=True))
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+    shutil.rmtree(temp_dir, ignore_errors=True)

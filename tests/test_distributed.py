@@ -128,3 +128,34 @@ def test_existing_run_needs_resume(ray_cluster, tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):
         pt.fit(probe_config(), pt.DistributedConfig(storage=str(tmp_path / "runs"), name="taken"))
+
+
+def _write_jsonl(fs, path, rows):
+    with fs.open_output_stream(path) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def test_training_files_on_s3_arrive_through_ray_data(ray_cluster, s3, tmp_path):
+    fs = s3.filesystem()
+    rows = [{"context": e.context, "query": e.query, "target": e.target} for e in KVTask(1).examples(96, seed=5)]
+    _write_jsonl(fs, "gradmem-test/data/train.jsonl", rows)
+    cfg = probe_config()
+    cfg.task.name, cfg.task.path = "file", "s3://gradmem-test/data/train.jsonl"
+    cfg.optim.max_steps, cfg.run.log_every = 6, 3
+    result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path), name="files",
+                                              s3_endpoint=s3.endpoint), output=tmp_path / "reader")
+    assert result.error is None and result.metrics["step"] == 6
+    assert 0 < result.metrics["loss"] < 100
+    assert Reader.from_pretrained(tmp_path / "reader").num_memory == 4
+
+    _write_jsonl(fs, "gradmem-test/bad/train.jsonl", [{"context": "x", "question": "y"}])
+    cfg.task.path = "s3://gradmem-test/bad/train.jsonl"
+    with pytest.raises(ValueError, match="missing"):
+        pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path), name="bad", s3_endpoint=s3.endpoint))
+
+
+def test_ranks_and_steps_draw_distinct_key_value_batches():
+    cfg = probe_config()
+    task = KVTask(2)
+    seen = [tuple(task.examples(4, [cfg.optim.seed, rank, step, 0])) for rank in range(2) for step in range(3)]
+    assert len(set(seen)) == len(seen)
