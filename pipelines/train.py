@@ -281,7 +281,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - started
             report = all_reduce_mean({k: sum(m[k] for m in window) / len(window) for k in window[0]})
             if step > start_step:
-                report["samples_per_s"] = (step - start_step) * micro * engine.accumulation * world / max(elapsed, 1e-9)
+                steps_per_s = (step - start_step) / max(elapsed, 1e-9)
+                report["samples_per_s"] = steps_per_s * micro * engine.accumulation * world
+                report["eta_s"] = (cfg.optim.max_steps - step) / steps_per_s
             window = []
         if task is not None and run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
             per_rank = max(1, run.eval_samples // world)

@@ -1,0 +1,119 @@
+"""The memory record: one Arrow row per written context, stored as Parquet, readable without Ray or pickle.
+
+Columns
+    memory_id        content hash of (reader fingerprint, write steps, write lr, context token ids): a rerun
+                     with the same reader and settings produces the same id, so it can skip what exists
+    doc_id           the caller's id; chunk: the chunk's index within its document (0 when not chunked)
+    memory           the (m, d) memory as Arrow's canonical fixed-shape tensor extension (arrow.fixed_shape_tensor)
+    n_context_tokens, write_steps, write_lr, write_losses (loss before each step, then after the last),
+    recon_accuracy   teacher-forced reconstruction accuracy of the final memory; write_time_s per context
+Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint.
+
+``to_table`` builds the table from ``Memories``; ``from_table`` loads it back into ``Memories`` and refuses a
+table written by another reader or in another format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradmem.memory import Memories, WriteStats
+
+RECORD_FORMAT_VERSION = 1
+_META = "gradmem."
+
+
+def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int]) -> str:
+    """Content address of a memory: same reader, settings and tokens -> same id, in any process."""
+    digest = hashlib.sha256(json.dumps([fingerprint, int(steps), float(lr)]).encode())
+    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
+    fields = [
+        pa.field("memory_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("memory", pa.fixed_shape_tensor(pa.float32(), [m, d]), nullable=False),
+        pa.field("n_context_tokens", pa.int32(), nullable=False),
+        pa.field("write_steps", pa.int32(), nullable=False),
+        pa.field("write_lr", pa.float64(), nullable=False),
+        pa.field("write_losses", pa.list_(pa.float32()), nullable=False),
+        pa.field("recon_accuracy", pa.float32(), nullable=False),
+        pa.field("write_time_s", pa.float64(), nullable=False),
+    ]
+    metadata = {"format_version": RECORD_FORMAT_VERSION, "m": m, "d": d, "dtype": "float32",
+                "reader_fingerprint": fingerprint}
+    return pa.schema(fields, metadata={f"{_META}{k}": str(v) for k, v in metadata.items()})
+
+
+def to_table(
+    memories: Memories, doc_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
+    write_time_s: Sequence[float] | float = 0.0, chunks: Sequence[int] | None = None,
+) -> pa.Table:
+    """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id)."""
+    n = len(memories)
+    if not (len(doc_ids) == len(token_ids) == n):
+        raise ValueError(f"need one doc_id and one token list per memory: {n} memories, {len(doc_ids)} ids, "
+                         f"{len(token_ids)} token lists")
+    _, m, d = memories.tensor.shape
+    times = [float(write_time_s)] * n if isinstance(write_time_s, (int, float)) else [float(t) for t in write_time_s]
+    tensor = memories.tensor.detach().to(torch.float32).cpu().numpy()  # (B, m, d)
+    columns = {
+        "memory_id": [memory_id(memories.fingerprint, memories.steps, memories.lr, t) for t in token_ids],
+        "doc_id": [str(x) for x in doc_ids],
+        "chunk": list(chunks) if chunks is not None else [0] * n,
+        "memory": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(tensor)),
+        "n_context_tokens": memories.stats.n_tokens.tolist(),
+        "write_steps": [memories.steps] * n,
+        "write_lr": [memories.lr] * n,
+        "write_losses": memories.stats.losses.float().tolist(),
+        "recon_accuracy": memories.stats.accuracy.float().tolist(),
+        "write_time_s": times,
+    }
+    sch = schema(m, d, memories.fingerprint)
+    return pa.table([pa.array(columns[f.name], type=f.type) if f.name != "memory" else columns["memory"] for f in sch],
+                    schema=sch)
+
+
+def table_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, str]:
+    sch = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    raw = sch.metadata or {}
+    return {k.decode()[len(_META):]: v.decode() for k, v in raw.items() if k.decode().startswith(_META)}
+
+
+def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[str], Memories]:
+    """Doc ids and ``Memories`` from a record table. With ``fingerprint``, refuse records of another reader."""
+    meta = table_metadata(table)
+    if not meta:
+        raise ValueError("not a GradMem memory table: its schema carries no gradmem.* metadata")
+    if meta.get("format_version") != str(RECORD_FORMAT_VERSION):
+        raise ValueError(f"memory record format {meta.get('format_version')!r} is not supported "
+                         f"(expected {RECORD_FORMAT_VERSION})")
+    written_by = meta["reader_fingerprint"]
+    if fingerprint is not None and written_by != fingerprint:
+        raise ValueError(f"these memories were written by reader {written_by}, not by this reader ({fingerprint})")
+    missing = {"doc_id", "memory", "write_steps", "write_lr", "write_losses", "recon_accuracy", "n_context_tokens"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"malformed memory table: missing columns {sorted(missing)}")
+    steps, lrs = set(table.column("write_steps").to_pylist()), set(table.column("write_lr").to_pylist())
+    if len(steps) > 1 or len(lrs) > 1:
+        raise ValueError(f"one Memories object holds one write setting; this table mixes steps {steps} and lr {lrs}")
+    memory = table.column("memory").combine_chunks().to_numpy_ndarray()  # (B, m, d)
+    if memory.shape[1:] != (int(meta["m"]), int(meta["d"])):
+        raise ValueError(f"memory shape {memory.shape[1:]} does not match the metadata ({meta['m']}, {meta['d']})")
+    stats = WriteStats(
+        losses=torch.tensor(table.column("write_losses").to_pylist(), dtype=torch.float32),
+        accuracy=torch.tensor(table.column("recon_accuracy").to_pylist(), dtype=torch.float32),
+        n_tokens=torch.tensor(table.column("n_context_tokens").to_pylist()),
+    )
+    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by,
+                        steps.pop() if steps else 0, lrs.pop() if lrs else 0.0)
+    return table.column("doc_id").to_pylist(), memories
