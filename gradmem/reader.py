@@ -59,6 +59,7 @@ class Reader(nn.Module):
             self.mem_proj = nn.Linear(d, d, bias=False, dtype=dtype)
             nn.init.eye_(self.mem_proj.weight)
         self._fingerprint: tuple[tuple[int, ...], str] | None = None
+        self._compiled_base: nn.Module | None = None
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -119,6 +120,20 @@ class Reader(nn.Module):
         self.requires_grad_(False)
         return self
 
+    def compile(self, **options) -> "Reader":
+        """Compile the backbone with ``torch.compile`` (dynamic shapes) for WRITEs and teacher-forced READs.
+
+        Fuses the element-wise work (norms, rotary, activations) that dominates small models on CPU; measured
+        1.4x on inference writes here, after a one-off compile of tens of seconds: worth it for batch jobs,
+        not for a handful of writes. Only for frozen readers: compiled graphs have no double backward, so a
+        trainable reader refuses. Greedy answers keep the eager model (their KV cache changes shape each step).
+        """
+        if any(p.requires_grad for p in self.parameters()):
+            raise ValueError("compile() is for frozen readers (inference writes); second-order meta-training "
+                             "needs a double backward that compiled graphs do not have. Call freeze() first.")
+        self._compiled_base = torch.compile(self.lm.base_model, dynamic=True, **options)
+        return self
+
     @property
     def fingerprint(self) -> str:
         """Hash of weights and config.
@@ -168,7 +183,8 @@ class Reader(nn.Module):
         """Last hidden states of ``[M; ids]``: (B, m, d), (B, L) -> (B, m + L, d). No mask: inputs are right-padded."""
         tokens = self.lm.get_input_embeddings()(ids)  # (B, L, d)
         embeds = torch.cat([self.project(memory).to(tokens.dtype), tokens], dim=1)  # (B, m + L, d)
-        return self.lm.base_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        base = self._compiled_base if self._compiled_base is not None else self.lm.base_model
+        return base(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
     @staticmethod
     def token_losses(

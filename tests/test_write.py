@@ -6,6 +6,7 @@ import torch
 from gradmem.attention import attention_path
 from gradmem.read import read_teacher_forced
 from gradmem.write import write_memory
+from gradmem.tasks.kv import KVTask
 from conftest import make_reader
 
 
@@ -107,3 +108,17 @@ def test_unknown_mode_refused(reader, kv_batch):
     _, batch = kv_batch
     with pytest.raises(ValueError, match="unknown write mode"):
         write_memory(reader, batch.ctx_ids, batch.ctx_mask, 1, 0.5, mode="third_order")
+
+
+def test_compiled_inference_writes_match_eager():
+    reader = make_reader("llama").freeze()
+    from gradmem.data import collate
+
+    batch = collate([ex for n in (1, 3, 5) for ex in KVTask(n).examples(1, seed=n)], reader.tokenizer)
+    eager = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps=2, lr=0.5, mode="inference")
+    reader.compile()
+    compiled = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps=2, lr=0.5, mode="inference")
+    assert (compiled.memory - eager.memory).abs().max() < 1e-5
+    assert torch.allclose(compiled.losses, eager.losses, atol=1e-5)
+    with pytest.raises(ValueError, match="frozen readers"):
+        make_reader("llama").compile()
