@@ -8,7 +8,6 @@ of the token embeddings; the loops that train and evaluate it live elsewhere.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from pathlib import Path

@@ -32,7 +32,7 @@ from gradmem.data import Batch
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
 from gradmem.tasks.kv import KVTask, kv_tokenizer
-from gradmem.write import WRITE_MODES, write_memory
+from gradmem.write import write_memory
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from gradmem import MemoryConfig, Reader
 from gradmem.attention import attention_path
-from gradmem.read import read_teacher_forced
 from gradmem.tasks.kv import KVTask, kv_tokenizer
 from gradmem.train import ModelConfig, OptimConfig, build_backbone_config, meta_step
 from gradmem.write import write_memory

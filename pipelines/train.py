@@ -31,10 +31,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
@@ -42,6 +43,7 @@ from gradmem.data import Example, collate
 from gradmem.reader import Reader
 from gradmem.runtime import configure_cpu
 from gradmem.train import TrainConfig, build_reader, build_task, evaluate, meta_step, warmup_constant
+from pipelines.storage import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +220,7 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
 
 
-def setup(config: dict[str, Any], rank: int, world: int, device: torch.device):
+def setup(config: dict[str, Any], world: int, device: torch.device):
     """Config, task, engine and per-worker micro-batch size: the same on every worker."""
     configure_cpu(config["threads"])
     cfg = TrainConfig.from_dict(config["train"])
@@ -249,7 +251,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     resume_from = ray.train.get_checkpoint()
     # ------------------------------------------------------------------------------------------------
-    cfg, task, engine, micro = setup(config, rank, world, device)
+    cfg, task, engine, micro = setup(config, world, device)
     step = 0
     if resume_from is not None:
         with resume_from.as_directory() as directory:
@@ -327,8 +329,6 @@ def read_examples(path: str, s3_endpoint: str | None = None):
     """A Ray Dataset of examples from jsonl or Parquet files (local or s3://), checked for the needed columns."""
     import ray.data
 
-    from pipelines.storage import resolve
-
     store = resolve(path, s3_endpoint)
     parquet = path.rstrip("/").endswith(".parquet") or "parquet" in path.rsplit("/", 1)[-1]
     reader = ray.data.read_parquet if parquet else ray.data.read_json
@@ -362,7 +362,7 @@ def gradient_check_loop(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cfg, task, engine, micro = setup(config, rank, world, ray.train.torch.get_device())
+    cfg, task, engine, micro = setup(config, world, ray.train.torch.get_device())
     batch = task.batch(micro, [cfg.optim.seed, rank, 0, 0], engine.reader.tokenizer)
     loss, _ = meta_step(engine.reader, batch, cfg.optim, engine.reader.config.write_steps, engine.reader.config.write_lr)
     engine.backward(loss)
@@ -393,15 +393,10 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.storage import resolve
-
     cfg.validate()
     dcfg.validate()
     store = resolve(dcfg.storage, dcfg.s3_endpoint)
-    run_path = f"{store.path}/{dcfg.name}"
-    existing = store.filesystem.get_file_info(run_path)
-    import pyarrow.fs as pafs
-
+    existing = store.filesystem.get_file_info(f"{store.path}/{dcfg.name}")
     if existing.type != pafs.FileType.NotFound and not resume:
         raise FileExistsError(f"run {dcfg.storage}/{dcfg.name} already exists: pass --resume to continue it, or "
                               "choose another --name")
