@@ -12,6 +12,7 @@ latest checkpoint with the same step, optimizer and scheduler state. Not support
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -212,8 +213,6 @@ def evaluate(
 
 def hash_seed(value: Any) -> int:
     """A stable integer seed from any JSON-able value (Python's hash() is salted per process)."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(json.dumps(value).encode()).digest()[:8], "little")
 
 

@@ -158,3 +158,26 @@ def test_ranks_and_steps_draw_distinct_key_value_batches():
     task = KVTask(2)
     seen = [tuple(task.examples(4, [cfg.optim.seed, rank, step, 0])) for rank in range(2) for step in range(3)]
     assert len(set(seen)) == len(seen)
+
+
+def test_ray_restores_a_killed_worker_from_the_latest_checkpoint(ray_cluster, tmp_path):
+    """--max-failures: a Ray Train worker is SIGKILLed after a checkpoint; Ray restarts the group, which resumes
+    from that checkpoint and finishes, with the step count continuing."""
+    from ray.util.state import list_actors
+
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
+    storage, name = tmp_path / "runs", "restored"
+    job = _job(["--config", "jobs/configs/kv_tiny.yaml", "--num-workers", "2", "--max-steps", "300",
+                "--max-failures", "1", "--storage", str(storage), "--name", name], env)
+    fs, deadline = pafs.LocalFileSystem(), time.time() + 300
+    while time.time() < deadline and job.poll() is None and not _checkpoints(fs, str(storage / name)):
+        time.sleep(1)
+    workers = list_actors(address=ray_cluster["address"], detail=True,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    log, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, log[-4000:]
+    resumed = [int(line.rsplit("resumed at step", 1)[1].split()[0]) for line in log.splitlines() if "resumed at step" in line]
+    assert resumed and min(resumed) >= 100, log[-3000:]  # kv_tiny checkpoints every 100 steps
+    assert "step_00000300" in _checkpoints(fs, str(storage / name))
