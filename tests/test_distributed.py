@@ -89,6 +89,18 @@ def _checkpoints(fs: pafs.FileSystem, path: str) -> list[str]:
     return sorted(r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", []))
 
 
+def _wait_for_no_training_workers(address: str, timeout: float = 120) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if not alive:
+            return
+        time.sleep(1)
+    raise AssertionError(f"training workers still alive {timeout}s after their driver was killed")
+
+
 def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path):
     """2 workers, DeepSpeed ZeRO-2, gloo; checkpoints on SeaweedFS; the job is killed after a checkpoint,
     resumed with the step count continuing, and exports a reader that answers from memory."""
@@ -106,9 +118,11 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     assert found, f"no checkpoint appeared on S3; job output:\n{first.stdout.read() if first.poll() is not None else ''}"
     os.killpg(first.pid, signal.SIGKILL)  # the driver dies; Ray tears its workers down
     first.wait(timeout=60)
+    _wait_for_no_training_workers(ray_cluster["address"])  # as an operator would before restarting
 
     output = tmp_path / "reader"
-    second = _job([*common, "--max-steps", "150", "--resume", "--output", str(output)], env)
+    # --max-failures as in production: a worker lost to the machine (not to our code) restarts from a checkpoint
+    second = _job([*common, "--max-steps", "150", "--resume", "--max-failures", "2", "--output", str(output)], env)
     log, _ = second.communicate(timeout=600)
     assert second.returncode == 0, log[-4000:]
     resumed = [int(line.rsplit("resumed at step", 1)[1].split()[0]) for line in log.splitlines() if "resumed at step" in line]
