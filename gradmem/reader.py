@@ -8,7 +8,6 @@ of the token embeddings; the loops that train and evaluate it live elsewhere.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +25,6 @@ from gradmem.data import pad, tokenize
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
 from gradmem.read import greedy_generate, per_sample_mean
 from gradmem.write import write_memory
-
-logger = logging.getLogger(__name__)
 
 INFERENCE_ATTENTION = "sdpa"  # first-order writes and answers may use PyTorch's fastest kernels
 
@@ -58,7 +55,7 @@ class Reader(nn.Module):
             self.mem_proj = nn.Linear(d, d, bias=False, dtype=dtype)
             nn.init.eye_(self.mem_proj.weight)
         self._fingerprint: tuple[tuple[int, ...], str] | None = None
-        self._compiled_base: nn.Module | None = None
+        self._compiled_forward = None  # a compiled function, not a module: it must not enter state_dict
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -130,7 +127,7 @@ class Reader(nn.Module):
         if any(p.requires_grad for p in self.parameters()):
             raise ValueError("compile() is for frozen readers (inference writes); second-order meta-training "
                              "needs a double backward that compiled graphs do not have. Call freeze() first.")
-        self._compiled_base = torch.compile(self.lm.base_model, dynamic=True, **options)
+        self._compiled_forward = torch.compile(self.lm.base_model.forward, dynamic=True, **options)
         return self
 
     @property
@@ -182,8 +179,8 @@ class Reader(nn.Module):
         """Last hidden states of ``[M; ids]``: (B, m, d), (B, L) -> (B, m + L, d). No mask: inputs are right-padded."""
         tokens = self.lm.get_input_embeddings()(ids)  # (B, L, d)
         embeds = torch.cat([self.project(memory).to(tokens.dtype), tokens], dim=1)  # (B, m + L, d)
-        base = self._compiled_base if self._compiled_base is not None else self.lm.base_model
-        return base(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        forward = self._compiled_forward or self.lm.base_model
+        return forward(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
     @staticmethod
     def token_losses(

@@ -116,7 +116,9 @@ def test_compiled_inference_writes_match_eager():
 
     batch = collate([ex for n in (1, 3, 5) for ex in KVTask(n).examples(1, seed=n)], reader.tokenizer)
     eager = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps=2, lr=0.5, mode="inference")
+    keys, fingerprint = list(reader.state_dict()), reader.fingerprint
     reader.compile()
+    assert list(reader.state_dict()) == keys and reader.fingerprint == fingerprint  # same reader, same memories
     compiled = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps=2, lr=0.5, mode="inference")
     assert (compiled.memory - eager.memory).abs().max() < 1e-5
     assert torch.allclose(compiled.losses, eager.losses, atol=1e-5)
