@@ -50,11 +50,13 @@ def greedy_generate(
     queries: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop_ids: set[int],
+    head: "torch.nn.Module | None" = None,
 ) -> list[list[int]]:
     """Greedy decoding after ``[M; Q]`` with a KV cache.
 
     Prompts are left-padded so every sample's next token sits in the last column; position ids count from the
-    first real position, so a padded sample sees exactly the positions it would see alone.
+    first real position, so a padded sample sees exactly the positions it would see alone. ``head`` replaces
+    the LM head (the write head, to check what a memory reconstructs); queries may then be empty.
     """
     batch, m, _ = memory.shape
     device = memory.device
@@ -70,11 +72,19 @@ def greedy_generate(
         mask[i, width - seq.shape[0] :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
-    out = reader.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    model = reader.lm if head is None else reader.lm.base_model
+
+    def next_token(out) -> torch.Tensor:  # (B,)
+        if head is None:
+            return out.logits[:, -1].argmax(-1)
+        return head(out.last_hidden_state[:, -1]).argmax(-1)
+
+    extra = {"logits_to_keep": 1} if head is None else {}
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for step in range(max_new_tokens):
-        next_ids = out.logits[:, -1].argmax(-1)  # (B,)
+        next_ids = next_token(out)  # (B,)
         for i, tok in enumerate(next_ids.tolist()):
             if not done[i]:
                 generated[i].append(tok)
@@ -83,7 +93,7 @@ def greedy_generate(
             break
         mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, T + step + 1)
         positions = positions[:, -1:] + 1  # (B, 1)
-        out = reader.lm(
+        out = model(
             input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
             cache=out.cache, use_cache=True,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from gradmem import checkpoint
 from gradmem.attention import attention_path
@@ -25,6 +26,32 @@ from gradmem.data import pad, tokenize
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
 from gradmem.read import greedy_generate, per_sample_mean
 from gradmem.write import write_memory
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """What a pipeline must know of a reader without loading its weights (driver processes, validation tasks)."""
+
+    fingerprint: str
+    num_memory: int  # m
+    d_model: int  # d
+    max_context_tokens: int
+    write_steps: int  # defaults of the WRITE
+    write_lr: float
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "ReaderSpec":
+        """Read from a reader directory's config.json (the fingerprint stored by ``save_pretrained``)."""
+        section = checkpoint.read_section(path)
+        memory = MemoryConfig.from_dict(section["memory"])
+        backbone = AutoConfig.from_pretrained(path)
+        d = backbone.get_text_config().hidden_size
+        limit = min(memory.max_context_tokens, max_positions(backbone) - memory.num_memory)
+        return cls(section["fingerprint"], memory.num_memory, d, limit, memory.write_steps, memory.write_lr)
+
+
+def max_positions(config: PretrainedConfig) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 1 << 30)
 
 INFERENCE_ATTENTION = "sdpa"  # first-order writes and answers may use PyTorch's fastest kernels
 
@@ -162,13 +189,17 @@ class Reader(nn.Module):
 
     @property
     def max_positions(self) -> int:
-        cfg = self.lm.config
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
+        return max_positions(self.lm.config)
 
     @property
     def max_context_tokens(self) -> int:
         """Longest context a WRITE accepts: the config's limit, and [M; C] must fit the backbone's positions."""
         return min(self.config.max_context_tokens, self.max_positions - self.num_memory)
+
+    @property
+    def spec(self) -> "ReaderSpec":
+        return ReaderSpec(self.fingerprint, self.num_memory, self.d_model, self.max_context_tokens,
+                          self.config.write_steps, self.config.write_lr)
 
     # ------------------------------------------------------------------ tensor-level pieces
     def project(self, memory: torch.Tensor) -> torch.Tensor:
@@ -221,12 +252,7 @@ class Reader(nn.Module):
             if not text.strip():
                 raise ValueError(f"context {i} is empty: there is nothing to write")
         ids = tokenize(self.tokenizer, contexts)
-        limit = self.max_context_tokens
-        for i, seq in enumerate(ids):
-            if not seq:
-                raise ValueError(f"context {i} has no tokens: there is nothing to write")
-            if len(seq) > limit:
-                raise ValueError(f"context {i} has {len(seq)} tokens, over this reader's maximum of {limit}")
+        self.check_tokens(ids)
         return ids
 
     def write(
@@ -237,19 +263,35 @@ class Reader(nn.Module):
 
         Contexts are grouped by length into batches of ``batch_size`` to pad little; the result keeps the
         input order. Raises ``NonFiniteWriteError`` (carrying every memory) if any write produced NaN/inf."""
+        return self.write_tokens(self.encode_contexts(contexts), steps, lr, batch_size, attention)
+
+    def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
+        """A clear ValueError for any empty or over-long token list (what ``encode_contexts`` checks on text)."""
+        limit = self.max_context_tokens
+        for i, seq in enumerate(ids):
+            if len(seq) == 0:
+                raise ValueError(f"context {i} has no tokens: there is nothing to write")
+            if len(seq) > limit:
+                raise ValueError(f"context {i} has {len(seq)} tokens, over this reader's maximum of {limit}")
+
+    def write_tokens(
+        self, ids: Sequence[Sequence[int]], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
+        attention: str = INFERENCE_ATTENTION,
+    ) -> Memories:
+        """``write`` on token ids already produced by this reader's tokenizer (batch jobs tokenize upstream)."""
         steps = self.config.write_steps if steps is None else int(steps)
         lr = self.config.write_lr if lr is None else float(lr)
-        ids = self.encode_contexts(contexts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.check_tokens(ids)
         n = len(ids)
         tensor = torch.zeros(n, self.num_memory, self.d_model, dtype=self.memory.dtype)
         losses = torch.zeros(n, steps + 1)
         accuracy = torch.zeros(n)
-        order = sorted(range(n), key=lambda i: len(ids[i]))
         pad_id = self.tokenizer.pad_token_id or 0
         with attention_path(self.lm, attention):
-            for start in range(0, n, batch_size):
-                chunk = order[start : start + batch_size]
-                ctx_ids, ctx_mask = pad([ids[i] for i in chunk], pad_id)
+            for chunk in length_buckets(ids, batch_size):
+                ctx_ids, ctx_mask = pad([list(ids[i]) for i in chunk], pad_id)
                 out = write_memory(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference")
                 tensor[chunk] = out.memory.detach().cpu()
                 losses[chunk] = out.losses.float().cpu()
@@ -260,6 +302,26 @@ class Reader(nn.Module):
         if bad:
             raise NonFiniteWriteError(bad, memories)
         return memories
+
+    def reconstruct(self, memories: Memories, ids: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+        """(B,) free-running reconstruction accuracy: decode ``len(ids[i])`` tokens greedily from memory ``i``
+        alone with the write head and count the positions that equal the context.
+
+        Stricter than the teacher-forced accuracy in the write statistics (one early mistake derails the
+        rest), so it tells whether a memory really holds its context. Costs one decoding step per token."""
+        if len(memories) != len(ids):
+            raise ValueError(f"need one token list per memory: {len(memories)} memories, {len(ids)} token lists")
+        head = self.write_head if self.write_head is not None else self.lm.get_output_embeddings()
+        accuracy = torch.zeros(len(ids))
+        with attention_path(self.lm, INFERENCE_ATTENTION):
+            for chunk in length_buckets(ids, batch_size):
+                memory = memories.tensor[chunk].to(self.device, self.memory.dtype)  # (b, m, d)
+                longest = max(len(ids[i]) for i in chunk)
+                outs = greedy_generate(self, memory, [[] for _ in chunk], longest, stop_ids=set(), head=head)
+                for i, out in zip(chunk, outs):
+                    target = list(ids[i])
+                    accuracy[i] = sum(a == b for a, b in zip(out, target)) / len(target)
+        return accuracy
 
     def answer(
         self, memories: Memories, questions: Sequence[str], max_new_tokens: int = 16, batch_size: int = 64,
@@ -303,3 +365,9 @@ class Reader(nn.Module):
         for stop in self.config.answer_stop:
             text = text.split(stop, 1)[0]
         return text
+
+
+def length_buckets(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length), so a batch pads little."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

@@ -3,14 +3,20 @@
 Columns
     memory_id        content hash of (reader fingerprint, write steps, write lr, context token ids): a rerun
                      with the same reader and settings produces the same id, so it can skip what exists
-    doc_id           the caller's id; chunk: the chunk's index within its document (0 when not chunked)
+    doc_id           the caller's id; chunk, n_chunks: the chunk's index within its document and the document's
+                     chunk count (0 and 1 when not chunked)
     memory           the (m, d) memory as Arrow's canonical fixed-shape tensor extension (arrow.fixed_shape_tensor)
     n_context_tokens, write_steps, write_lr, write_losses (loss before each step, then after the last),
-    recon_accuracy   teacher-forced reconstruction accuracy of the final memory; write_time_s per context
+    recon_accuracy   teacher-forced reconstruction accuracy of the final memory
+    recon_greedy     free-running (greedy) reconstruction accuracy with the write head; null when not measured
+    write_time_s     seconds of WRITE per context (a batch's time shared by its contexts)
 Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint.
 
 ``to_table`` builds the table from ``Memories``; ``from_table`` loads it back into ``Memories`` and refuses a
 table written by another reader or in another format version.
+
+The errors table (``error_table``) sits beside the memories: one row per input that did not become a memory,
+with a reason code from ``ERROR_REASONS``, a message and an excerpt, so a batch job never drops an input.
 """
 
 from __future__ import annotations
@@ -41,12 +47,14 @@ def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
         pa.field("memory_id", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("chunk", pa.int32(), nullable=False),
+        pa.field("n_chunks", pa.int32(), nullable=False),
         pa.field("memory", pa.fixed_shape_tensor(pa.float32(), [m, d]), nullable=False),
         pa.field("n_context_tokens", pa.int32(), nullable=False),
         pa.field("write_steps", pa.int32(), nullable=False),
         pa.field("write_lr", pa.float64(), nullable=False),
         pa.field("write_losses", pa.list_(pa.float32()), nullable=False),
         pa.field("recon_accuracy", pa.float32(), nullable=False),
+        pa.field("recon_greedy", pa.float32(), nullable=True),
         pa.field("write_time_s", pa.float64(), nullable=False),
     ]
     metadata = {"format_version": RECORD_FORMAT_VERSION, "m": m, "d": d, "dtype": "float32",
@@ -57,6 +65,7 @@ def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
 def to_table(
     memories: Memories, doc_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
     write_time_s: Sequence[float] | float = 0.0, chunks: Sequence[int] | None = None,
+    n_chunks: Sequence[int] | None = None, recon_greedy: Sequence[float] | None = None,
 ) -> pa.Table:
     """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id)."""
     n = len(memories)
@@ -70,12 +79,14 @@ def to_table(
         "memory_id": [memory_id(memories.fingerprint, memories.steps, memories.lr, t) for t in token_ids],
         "doc_id": [str(x) for x in doc_ids],
         "chunk": list(chunks) if chunks is not None else [0] * n,
+        "n_chunks": list(n_chunks) if n_chunks is not None else [1] * n,
         "memory": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(tensor)),
         "n_context_tokens": memories.stats.n_tokens.tolist(),
         "write_steps": [memories.steps] * n,
         "write_lr": [memories.lr] * n,
         "write_losses": memories.stats.losses.float().tolist(),
         "recon_accuracy": memories.stats.accuracy.float().tolist(),
+        "recon_greedy": [float(x) for x in recon_greedy] if recon_greedy is not None else [None] * n,
         "write_time_s": times,
     }
     sch = schema(m, d, memories.fingerprint)
@@ -117,3 +128,45 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
     memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by,
                         steps.pop() if steps else 0, lrs.pop() if lrs else 0.0)
     return table.column("doc_id").to_pylist(), memories
+
+
+# ---------------------------------------------------------------------------------------------- errors
+ERROR_REASONS = {
+    "empty": "the text is empty or only whitespace: there is nothing to write",
+    "too_long": "the text has more tokens than the reader accepts (use --chunk to split it)",
+    "malformed": "the record cannot be parsed or lacks an id or a text",
+    "not_text": "the text is not a string (or not UTF-8)",
+    "duplicate_id": "another record earlier in the input has the same id",
+    "non_finite": "the WRITE produced NaN or inf",
+}
+
+
+def error_schema(fingerprint: str) -> pa.Schema:
+    fields = [
+        pa.field("error_id", pa.string(), nullable=False),
+        pa.field("doc_id", pa.string()),
+        pa.field("chunk", pa.int32()),
+        pa.field("n_chunks", pa.int32()),
+        pa.field("source", pa.string(), nullable=False),  # file:line (jsonl), file#row (Parquet) or file (.txt)
+        pa.field("reason", pa.string(), nullable=False),  # a key of ERROR_REASONS
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("excerpt", pa.string()),
+    ]
+    metadata = {"format_version": RECORD_FORMAT_VERSION, "kind": "errors", "reader_fingerprint": fingerprint}
+    return pa.schema(fields, metadata={f"{_META}{k}": str(v) for k, v in metadata.items()})
+
+
+def error_id(source: str, doc_id: str | None, chunk: int | None, reason: str) -> str:
+    """Stable id of an error row, so a rerun recognises the errors it already recorded."""
+    return hashlib.sha256(json.dumps([source, doc_id, chunk, reason]).encode()).hexdigest()[:32]
+
+
+def error_table(rows: Sequence[dict], fingerprint: str) -> pa.Table:
+    """Rows with source, reason, message and optionally doc_id, chunk, n_chunks, excerpt."""
+    sch = error_schema(fingerprint)
+    for row in rows:
+        if row["reason"] not in ERROR_REASONS:
+            raise ValueError(f"unknown error reason {row['reason']!r}; known: {sorted(ERROR_REASONS)}")
+    full = [{"error_id": error_id(r["source"], r.get("doc_id"), r.get("chunk"), r["reason"]),
+             **{f.name: r.get(f.name) for f in sch if f.name != "error_id"}} for r in rows]
+    return pa.Table.from_pylist(full, schema=sch)

@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:  # `python jobs/x.py` from a checkout (or a Ray wo
 
 if "RAY_ADDRESS" not in os.environ:  # a local Ray started by a job binds 127.0.0.1 only (read at Ray's import)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster of this one job
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -47,3 +47,33 @@ def resolve(uri: str, s3_endpoint: str | None = None) -> Storage:
     if "://" in uri:
         raise ValueError(f"{uri!r}: only local paths and s3:// locations are supported")
     return Storage(uri, str(Path(uri).expanduser().resolve()), pafs.LocalFileSystem())
+
+
+def local_dir(uri: str, s3_endpoint: str | None = None, skip_suffixes: tuple[str, ...] = ()) -> str:
+    """A local directory with the contents of ``uri``: the path itself when local, else a per-process cached
+    download (readers on S3 reach every actor this way). ``skip_suffixes`` leaves files out (weights, when a
+    task needs only the tokenizer)."""
+    store = resolve(uri, s3_endpoint)
+    if not store.is_s3:
+        return store.path
+    key = (uri, s3_endpoint, skip_suffixes)
+    if key not in _DOWNLOADS:
+        import tempfile
+
+        target = tempfile.mkdtemp(prefix="gradmem-dir-")
+        selector = pafs.FileSelector(store.path, recursive=True)
+        infos = [i for i in store.filesystem.get_file_info(selector) if i.type == pafs.FileType.File]
+        if not infos:
+            raise FileNotFoundError(f"{uri}: no files there")
+        for info in infos:
+            if info.base_name.endswith(skip_suffixes) and skip_suffixes:
+                continue
+            dest = Path(target) / info.path[len(store.path) :].lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(dest), source_filesystem=store.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+        _DOWNLOADS[key] = target
+    return _DOWNLOADS[key]
+
+
+_DOWNLOADS: dict[tuple, str] = {}

@@ -1,0 +1,268 @@
+"""Batch compression: parsing and validation in-process, then the Ray Data job on a real local Ray with a
+real S3-compatible server (SeaweedFS), including a kill and restart."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gradmem import Reader, records
+from gradmem.store import MemoryStore
+from gradmem.tasks.kv import KVTask, exact_match
+from conftest import make_reader
+from pipelines.compress import _PARSED, CompressConfig, InputFile, compress, parse, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- no Ray
+def _parse(name: str, kind: str, data: bytes) -> list[dict]:
+    f = InputFile(3, f"/x/{name}", kind, name)
+    return parse(pa.table({"bytes": [data], "path": [f.path]}), {f.path: f}).to_pylist()
+
+
+def test_jsonl_records_keep_their_line_and_every_bad_line_a_reason():
+    lines = [{"id": "a", "text": "hello"}, "{oops", [1, 2], {"text": "no id"}, {"id": "b"}, {"id": "c", "text": None},
+             {"id": 7, "text": "int ids are fine"}, {"id": True, "text": "bool ids are not"}, {"id": "", "text": "x"}]
+    data = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines).encode() + b"\n"
+    rows = _parse("part.jsonl", "jsonl", data)
+    assert [r["source"] for r in rows] == [f"part.jsonl:{i}" for i in range(1, 10)]
+    assert [r["reason"] for r in rows] == [None, "malformed", "malformed", "malformed", "malformed", "not_text", None,
+                                           "malformed", "malformed"]
+    assert rows[6]["doc_id"] == "7" and rows[0]["text"] == "hello"
+    assert rows[0]["order"] == (3 << 32) and rows[6]["order"] == (3 << 32) | 6
+    assert "{oops" in rows[1]["excerpt"]
+
+
+def test_parquet_and_text_files():
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", None, "c"], "text": ["x", "y", None]}), sink)
+    rows = _parse("p.parquet", "parquet", sink.getvalue())
+    assert [(r["source"], r["reason"]) for r in rows] == [("p.parquet#0", None), ("p.parquet#1", "malformed"),
+                                                          ("p.parquet#2", "not_text")]
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), sink)
+    (row,) = _parse("q.parquet", "parquet", sink.getvalue())
+    assert row["reason"] == "malformed" and "text" in row["message"]
+    (row,) = _parse("r.parquet", "parquet", b"not parquet at all")
+    assert row["reason"] == "malformed" and "unreadable" in row["message"]
+    (row,) = _parse("sub/doc 1.txt", "txt", "café".encode())
+    assert row["doc_id"] == "sub/doc 1" and row["text"] == "café"
+    (row,) = _parse("bin.txt", "txt", b"\xff\xfe\x00")
+    assert row["reason"] == "not_text"
+
+
+def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
+    reader = Reader.from_pretrained(kv_reader_dir)
+    spec = reader.spec
+    ctx = KVTask(1).examples(1, seed=0)[0].context  # 8 characters = 8 tokens
+    long_text = ctx * 40  # 320 tokens > max_context_tokens
+    batch = pa.Table.from_pylist([
+        {"order": 0, "source": "f:1", "doc_id": "a", "text": ctx},
+        {"order": 1, "source": "f:2", "doc_id": "b", "text": "  \n"},
+        {"order": 2, "source": "f:3", "doc_id": "c", "text": long_text},
+        {"order": 3, "source": "f:4", "doc_id": "a", "text": ctx + ctx},
+        {"order": 4, "source": "f:5", "doc_id": None, "text": None, "reason": "malformed", "message": "bad"},
+    ], schema=_PARSED)
+    kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5,
+                  duplicates={"a": (0, "f:1")}, existing_ref=(set(), set()))
+    rows = prepare(batch, chunk=False, **kwargs).to_pylist()
+    assert [(r["doc_id"], r["reason"]) for r in rows] == [("a", None), ("b", "empty"), ("c", "too_long"),
+                                                          ("a", "duplicate_id"), (None, "malformed")]
+    assert rows[0]["token_ids"] == reader.encode_contexts([ctx])[0]
+    assert rows[0]["memory_id"] == records.memory_id(spec.fingerprint, 2, 0.5, rows[0]["token_ids"])
+
+    chunked = [r for r in prepare(batch, chunk=True, **kwargs).to_pylist() if r["doc_id"] == "c"]
+    limit = spec.max_context_tokens
+    assert [(r["chunk"], r["n_chunks"]) for r in chunked] == [(i, 4) for i in range(4)]  # 320 tokens, 100 a chunk
+    assert sum(len(r["token_ids"]) for r in chunked) == 320 and all(len(r["token_ids"]) <= limit for r in chunked)
+
+    done = {("a", 0, rows[0]["memory_id"])}, {records.error_id("f:2", "b", None, "empty")}
+    again = prepare(batch, chunk=False, **{**kwargs, "existing_ref": done}).to_pylist()
+    assert [(r["doc_id"], r["reason"]) for r in again] == [("c", "too_long"), ("a", "duplicate_id"), (None, "malformed")]
+
+
+def test_store_parts_are_content_named_and_atomic(tmp_path):
+    reader = make_reader("llama")
+    store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
+    mem = reader.write(["!ab:cd!|", "!ef:gh!|"])
+    table = records.to_table(mem, ["x", "y"], reader.encode_contexts(["!ab:cd!|", "!ef:gh!|"]))
+    first = store.write_part("memories", table)
+    assert store.write_part("memories", table) == first  # the same rows land on the same name
+    assert store.parts("memories") == [first] and store.write_part("memories", table.slice(0, 0)) is None
+    (tmp_path / "store" / "memories" / ".tmp-unfinished.parquet").write_bytes(b"half")  # what a crash leaves
+    assert store.parts("memories") == [first]
+    assert store.read("memories", ["doc_id"]).column("doc_id").to_pylist() == ["x", "y"]
+    store.write_manifest({"inputs": 2})
+    assert store.manifest() == {"inputs": 2} and not list((tmp_path / "store").glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------------------------------------- on Ray + S3
+BAD = {  # doc id -> (text or raw line, expected reason)
+    "empty": ("", "empty"), "blank": ("   \n\t", "empty"), "long": ("!ab:cd!|" * 40, "too_long"),
+    "number": (12345, "not_text"), "nan": ("!ab:cd!#|", "non_finite"),  # '#' is <unk>, poisoned below
+}
+
+
+def _corpus(fs, prefix: str, n: int) -> tuple[list, dict]:
+    """n good KV documents over three jsonl shards and a Parquet file, plus one bad record of every kind."""
+    exs = KVTask(1).examples(n, seed=[11, 5])
+    docs = [(f"doc-{i:04d}", e) for i, e in enumerate(exs)]
+    lines = [json.dumps({"id": d, "text": e.context}) for d, e in docs[: n - 40]]
+    lines += [json.dumps({"id": k, "text": t}) for k, (t, _) in BAD.items()]
+    late = ["{this is not json", json.dumps({"text": "no id"}), json.dumps({"id": "notext"}),
+            json.dumps({"id": "doc-0001", "text": "!zz:zz!|"})]  # a duplicate id, later in the input
+    for s in range(3):
+        with fs.open_output_stream(f"{prefix}/shard-{s}.jsonl") as f:
+            f.write(("\n".join(lines[s::3]) + "\n").encode())
+    with fs.open_output_stream(f"{prefix}/zz-late.jsonl") as f:  # sorts after every other file
+        f.write("\n".join(late).encode())  # no final newline: the last record still counts
+    lines += late
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": [d for d, _ in docs[n - 40:]], "text": [e.context for _, e in docs[n - 40:]]}), sink)
+    with fs.open_output_stream(f"{prefix}/tail.parquet") as f:
+        f.write(sink.getvalue())
+    with fs.open_output_stream(f"{prefix}/_SUCCESS") as f:  # a marker file: skipped, not an input
+        f.write(b"")
+    return docs, {"inputs": len(lines) + 40, "errors": len(BAD) + 4}
+
+
+def _poisoned_reader(src: Path, dst: Path) -> Reader:
+    """The trained reader with the <unk> embedding set to NaN: any text with a character outside the KV alphabet
+    makes a NaN WRITE (a corrupted checkpoint in miniature), everything else writes as before."""
+    reader = Reader.from_pretrained(src, trainable=True)
+    unk = reader.tokenizer.unk_token_id
+    with torch.no_grad():
+        reader.lm.get_input_embeddings().weight[unk] = float("nan")
+    reader.save_pretrained(dst)
+    return Reader.from_pretrained(dst)
+
+
+def _store_tables(fs, root: str):
+    store = MemoryStore(fs, root)
+    return store, store.read("memories"), store.read("errors")
+
+
+def test_s3_to_s3_every_record_accounted_for_memories_match_and_answer(ray_cluster, s3, kv_reader_dir, tmp_path):
+    fs = s3.filesystem()
+    prefix, out = f"gradmem-test/corpus-{time.time_ns()}", f"gradmem-test/memories-{time.time_ns()}"
+    docs, expected = _corpus(fs, prefix, n=240)
+    reader = _poisoned_reader(kv_reader_dir, tmp_path / "reader")
+    cfg = CompressConfig(reader=str(tmp_path / "reader"), input=f"s3://{prefix}", output=f"s3://{out}",
+                         batch_size=16, actors=2, s3_endpoint=s3.endpoint)
+    manifest = compress(cfg)
+    assert manifest["complete"] and manifest["inputs"] == expected["inputs"]
+    assert manifest["memories"] == len(docs) and manifest["errors"] == expected["errors"]
+    assert manifest["error_reasons"] == {"empty": 2, "too_long": 1, "not_text": 1, "non_finite": 1, "malformed": 3,
+                                         "duplicate_id": 1}
+    assert manifest["reader_fingerprint"] == reader.fingerprint
+
+    store, mem, err = _store_tables(fs, out)
+    by_reason = {r["reason"]: r for r in err.to_pylist()}
+    assert by_reason["duplicate_id"]["doc_id"] == "doc-0001" and "shard-" in by_reason["duplicate_id"]["message"]
+    assert by_reason["non_finite"]["doc_id"] == "nan"
+    assert sorted(mem.column("doc_id").to_pylist()) == [d for d, _ in docs]  # each good document exactly once
+
+    ids, memories = records.from_table(mem, reader.fingerprint)
+    texts = dict((d, e.context) for d, e in docs)
+    local = reader.write([texts[i] for i in ids])  # the same documents, in-process, other batches
+    torch.testing.assert_close(memories.tensor, local.tensor, atol=1e-4, rtol=1e-4)
+    assert mem.column("memory_id").to_pylist() == records.to_table(local, ids, reader.encode_contexts(
+        [texts[i] for i in ids])).column("memory_id").to_pylist()
+    assert all(0 <= g <= 1 for g in mem.column("recon_greedy").to_pylist())
+    questions = {d: (e.query, e.target) for d, e in docs}
+    answers = reader.answer(memories, [questions[i][0] for i in ids], max_new_tokens=4)
+    em = sum(exact_match(a, questions[i][1]) for a, i in zip(answers, ids)) / len(ids)
+    assert em > 0.8, em
+
+    # the same command again: nothing new, nothing lost
+    parts = store.parts("memories") + store.parts("errors")
+    again = compress(cfg)
+    assert again["this_run"]["memories"] == 0 and again["this_run"]["errors"] == 0 and again["complete"]
+    assert store.parts("memories") + store.parts("errors") == parts
+
+
+def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reader_dir, tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("!ab:cd!|")
+    out = tmp_path / "out"
+    assert compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out)))["complete"]
+    with pytest.raises(ValueError, match="steps=2, lr=0.5; this run uses .* steps=3"):
+        compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), steps=3))
+    make_reader("llama").save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="Use another --output"):
+        compress(CompressConfig(reader=str(tmp_path / "other"), input=str(corpus), output=str(out)))
+
+
+def test_chunked_documents_become_ordered_memories(ray_cluster, kv_reader_dir, tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    exs = KVTask(1).examples(30, seed=[2, 2])
+    (corpus / "docs.jsonl").write_text("\n".join(json.dumps({"id": f"d{i}", "text": e.context * (1 + 10 * (i % 3))})
+                                                 for i, e in enumerate(exs)))  # 8, 88 and 168 tokens
+    out = tmp_path / "out"
+    manifest = compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), chunk=True))
+    assert manifest["complete"] and manifest["errors"] == 0 and manifest["extra_chunks"] == 10
+    mem = MemoryStore(pafs.LocalFileSystem(), str(out)).read("memories", ["doc_id", "chunk", "n_chunks", "n_context_tokens"])
+    rows = sorted(mem.to_pylist(), key=lambda r: (int(r["doc_id"][1:]), r["chunk"]))
+    assert [(r["doc_id"], r["chunk"], r["n_chunks"], r["n_context_tokens"]) for r in rows if r["doc_id"] == "d2"] == \
+        [("d2", 0, 2, 100), ("d2", 1, 2, 68)]
+    assert manifest["memories"] == 30 + 10 and manifest["inputs"] == 30
+
+
+def _wait_for_no_writers(address: str, timeout: float = 60) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        alive = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]) if "MemoryWriter" in a.class_name]
+        if not alive:
+            return
+        time.sleep(0.5)
+    raise AssertionError("writer actors still alive after their driver was killed")
+
+
+def test_killed_job_restarts_and_ends_with_every_document_exactly_once(ray_cluster, s3, kv_reader_dir, tmp_path):
+    fs = s3.filesystem()
+    prefix, out = f"gradmem-test/corpus-{time.time_ns()}", f"gradmem-test/memories-{time.time_ns()}"
+    docs, expected = _corpus(fs, prefix, n=400)
+    env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "jobs/compress.py", "--reader", str(kv_reader_dir), "--input", f"s3://{prefix}",
+           "--output", f"s3://{out}", "--s3-endpoint", s3.endpoint, "--batch-size", "4", "--steps", "12"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    store = MemoryStore(fs, out)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None and not store.parts("memories"):
+        time.sleep(0.05)
+    assert first.poll() is None, f"the job ended before it could be killed:\n{first.stdout.read()[-3000:]}"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    _wait_for_no_writers(ray_cluster["address"])
+    good = sorted([d for d, _ in docs] + ["nan"])  # this reader is not poisoned: "nan" writes fine here
+    written = store.read("memories", ["doc_id"]).num_rows
+    assert 0 < written < len(good) and store.manifest() is None  # killed half-way
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["complete"] and summary["inputs"] == expected["inputs"], summary
+    manifest = store.manifest()
+    assert manifest["this_run"]["memories"] == len(good) - written  # only the missing ones were written
+    ids = store.read("memories", ["doc_id"]).column("doc_id").to_pylist()
+    assert sorted(ids) == good  # no duplicates, no gaps
+    err = store.read("errors", ["doc_id", "reason"])
+    assert err.num_rows == expected["errors"] - 1 and manifest["duplicates"] == 0
