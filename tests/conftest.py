@@ -106,16 +106,17 @@ def ray_cluster(s3):
     ray.init(address=address)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     ray.shutdown()
-    _stop_cluster(temp_dir)
+    _stop_cluster(temp_dir, address)
 
 
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop the processes of the cluster that uses ``temp_dir`` (``ray stop`` would stop every cluster here)."""
+def _stop_cluster(temp_dir: str, address: str) -> None:
+    """Stop the processes of the cluster that uses ``temp_dir`` or its GCS ``address`` (the client server names
+    only the latter); ``ray stop`` would stop every cluster on the machine."""
     import psutil
 
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in proc.info["cmdline"] or []):
+        if any(temp_dir in part or part.endswith(f"={address}") for part in proc.info["cmdline"] or []):
             procs.append(proc)
             procs.extend(proc.children(recursive=True))
     for proc in procs:

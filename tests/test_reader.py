@@ -114,3 +114,22 @@ def test_nan_write_is_reported_with_every_memory_kept(reader):
     assert torch.isfinite(err.value.memories.tensor[[0, 2]]).all()
     with pytest.raises(ValueError, match="NaN/inf"):
         reader.answer(err.value.memories, ["?!ab:", "?!zz:", "?!ef:"])
+
+
+def test_write_tokens_is_write_on_token_ids_and_reconstruct_decodes_freely(reader):
+    texts = ["!ab:cd!|", "!ef:gh!!ij:kl!|", "!mn:op!|"]
+    ids = reader.encode_contexts(texts)
+    mem = reader.write(texts)
+    torch.testing.assert_close(reader.write_tokens(ids).tensor, mem.tensor)
+    with pytest.raises(ValueError, match="has no tokens"):
+        reader.write_tokens([ids[0], []])
+    batched = reader.reconstruct(mem, ids)
+    alone = torch.cat([reader.reconstruct(mem[i], [ids[i]]) for i in range(len(ids))])
+    torch.testing.assert_close(batched, alone)
+    # by hand, for the second context: greedy tokens from [M; generated so far] through the write head
+    memory, target, out = mem.tensor[1:2], ids[1], []
+    with torch.no_grad():
+        for _ in target:
+            hidden = reader.hidden(memory, torch.tensor([out], dtype=torch.long).reshape(1, -1))  # (1, m + t, d)
+            out.append(int(reader.write_head(hidden[:, -1]).argmax(-1)))
+    assert batched[1].item() == pytest.approx(sum(a == b for a, b in zip(out, target)) / len(target))

@@ -1,0 +1,132 @@
+"""Throughput of batch compression, every figure beside its baseline from the same run.
+
+    python jobs/benchmark_compress.py                       # about 4 minutes on 2 CPU cores
+    python jobs/benchmark_compress.py --docs 2048 --json docs/results/benchmark_compress.json \
+        --plot docs/results/benchmark_compress.png
+
+Reader: the paper's key-value reader (4 layers, d = 128, 8 memory vectors, K = 2; weights untrained, which
+does not change the cost). Corpus: key-value contexts with N = 16 pairs (113 tokens). Cells:
+- in-process batched writes (``Reader.write_tokens``, batch 64) against a per-document loop (batch 1);
+- the Ray Data pipeline (jobs/compress.py's code, a local Ray, jsonl in, Parquet out) with 1 and 2 writer
+  actors of one thread each, against in-process batched writes on one thread: the pipeline's overhead;
+- bytes per memory (float32 (m, d), and the Parquet bytes actually stored) against the KV cache the same
+  context would occupy if it were kept instead (fp32 keys and values of every layer).
+Machines are shared and noisy: read the ratios. The greedy reconstruction check is off in every cell (it is a
+separate cost: one decoding step per context token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401
+from _common import ROOT, bar_plot, setup_logging
+
+import torch
+
+from gradmem.runtime import configure_cpu
+from gradmem.tasks.kv import KVTask
+
+
+def reader_dir(path: Path) -> Path:
+    from benchmark import paper_reader
+
+    paper_reader().freeze().save_pretrained(path)
+    return path
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=1024, help="corpus size for the batched and Ray cells")
+    parser.add_argument("--loop-docs", type=int, default=128, help="documents for the per-document loop")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    setup_logging()
+    configure_cpu(threads=1)  # one thread, as each writer actor gets
+    from gradmem import Reader
+
+    work = Path(tempfile.mkdtemp(prefix="gm-bench-compress-"))
+    path = reader_dir(work / "reader")
+    reader = Reader.from_pretrained(path)
+    exs = KVTask(args.pairs).examples(args.docs, seed=[0, 0])
+    texts = [e.context for e in exs]
+    ids = reader.encode_contexts(texts)
+    results: dict = {"docs": args.docs, "context_tokens": len(ids[0]), "m": reader.num_memory, "d": reader.d_model,
+                     "steps": reader.config.write_steps}
+
+    reader.write_tokens(ids[:64], batch_size=64)  # warm-up
+    start = time.perf_counter()
+    reader.write_tokens(ids, batch_size=64)
+    results["inprocess_batched_ctx_s"] = rate(len(ids), time.perf_counter() - start)
+    start = time.perf_counter()
+    for seq in ids[: args.loop_docs]:
+        reader.write_tokens([seq], batch_size=1)
+    results["inprocess_loop_ctx_s"] = rate(args.loop_docs, time.perf_counter() - start)
+
+    import ray
+
+    from pipelines.compress import CompressConfig, compress
+
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for shard in range(8):
+        with open(corpus / f"shard-{shard}.jsonl", "w") as f:
+            for i in range(shard, len(texts), 8):
+                f.write(json.dumps({"id": f"d{i}", "text": texts[i]}) + "\n")
+    ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    for actors in (1, 2):
+        out = work / f"out-{actors}"
+        manifest = compress(CompressConfig(reader=str(path), input=str(corpus), output=str(out), batch_size=64,
+                                           actors=actors, greedy_check=False, progress_every_s=30))
+        assert manifest["complete"] and manifest["memories"] == args.docs, manifest
+        run = manifest["this_run"]
+        results[f"ray_{actors}_actor_ctx_s"] = rate(args.docs, run["write_pass_s"])
+        results[f"ray_{actors}_actor_end_to_end_ctx_s"] = rate(args.docs, run["wall_s"])
+        stored = sum(p.stat().st_size for p in (out / "memories").glob("part-*.parquet"))
+        results["parquet_bytes_per_memory"] = stored / args.docs
+    ray.shutdown()
+
+    cfg = reader.lm.config
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    results["memory_bytes"] = reader.num_memory * reader.d_model * 4
+    results["kv_cache_bytes"] = 2 * cfg.num_hidden_layers * kv_heads * head_dim * len(ids[0]) * 4
+    ratios = {
+        "batched_over_loop": results["inprocess_batched_ctx_s"] / results["inprocess_loop_ctx_s"],
+        "ray_1_actor_over_inprocess": results["ray_1_actor_ctx_s"] / results["inprocess_batched_ctx_s"],
+        "ray_2_actors_over_1": results["ray_2_actor_ctx_s"] / results["ray_1_actor_ctx_s"],
+        "kv_cache_over_memory_bytes": results["kv_cache_bytes"] / results["memory_bytes"],
+        "kv_cache_over_parquet_bytes": results["kv_cache_bytes"] / results["parquet_bytes_per_memory"],
+    }
+    results["ratios"] = ratios
+    results["torch"] = torch.__version__
+    results["cpus"] = os.cpu_count()
+    for k, v in results.items():
+        if k != "ratios":
+            print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
+    for k, v in ratios.items():
+        print(f"ratio {k:34s} {v:.3g}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        labels = ["in-process loop", "in-process batched", "Ray 1 actor", "Ray 2 actors"]
+        values = [results["inprocess_loop_ctx_s"], results["inprocess_batched_ctx_s"], results["ray_1_actor_ctx_s"],
+                  results["ray_2_actor_ctx_s"]]
+        bar_plot(args.plot, labels, values, "contexts / s",
+                 f"Compression throughput (N={args.pairs}, {len(ids[0])} tokens, K={results['steps']}, CPU)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
