@@ -98,3 +98,49 @@ class MemoryStore:
             return None
         with self.fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
+
+
+# ---------------------------------------------------------------------------------------------- lookups
+class MemoryIndex:
+    """Where each memory lives: memory_id -> entry and (doc_id, chunk) -> memory_id, over the store's parts.
+
+    ``refresh`` reads only parts it has not seen (a few small columns each), so a service can call it when an
+    id is unknown and pick up what a batch job or another replica wrote since. A (doc_id, chunk) written twice
+    with different content keeps the first part's memory (parts are listed in name order) and is counted in
+    ``conflicts``."""
+
+    def __init__(self, store: MemoryStore):
+        self.store = store
+        self.by_id: dict[str, dict[str, Any]] = {}
+        self.by_doc: dict[tuple[str, int], str] = {}
+        self.parts: set[str] = set()
+        self.conflicts = 0
+
+    def refresh(self) -> int:
+        """Index new parts; returns how many memories were added."""
+        from gradmem import records
+
+        added = 0
+        for part in self.store.parts("memories"):
+            if part in self.parts:
+                continue
+            table = pq.read_table(part, filesystem=self.store.fs, columns=["memory_id", "doc_id", "chunk", "n_chunks"])
+            fingerprint = records.table_metadata(table).get("reader_fingerprint", "")
+            for row in table.to_pylist():
+                added += self.add({**row, "part": part, "fingerprint": fingerprint})
+            self.parts.add(part)
+        return added
+
+    def add(self, entry: dict[str, Any]) -> int:
+        key = (entry["doc_id"], entry["chunk"])
+        known = self.by_doc.get(key)
+        if known is not None and known != entry["memory_id"]:
+            self.conflicts += 1
+            return 0
+        new = entry["memory_id"] not in self.by_id
+        self.by_id.setdefault(entry["memory_id"], entry)
+        self.by_doc[key] = entry["memory_id"]
+        return int(new)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
