@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   train a small key-value reader, evaluate it, answer queries from memories it wrote
+#   make demo   the whole product on a local Ray: train (Ray Train + DeepSpeed), compress (Ray Data), serve (Ray Serve), query over HTTP
 #   make test   the whole test suite
 # Both create .venv on first use (CPU torch 2.13.0 from local disk, everything pinned by constraints.txt).
 

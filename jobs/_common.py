@@ -30,6 +30,15 @@ def setup_logging(level: str = "INFO") -> None:
     hf_logging.disable_progress_bar()  # per-shard bars on every checkpoint drown the progress log
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local service)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, title: str) -> None:
     """A bar chart PNG of a benchmark's figures (matplotlib, headless)."""
     import matplotlib

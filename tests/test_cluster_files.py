@@ -49,3 +49,22 @@ def test_runtime_env_and_deepspeed_configs_parse():
     for path in sorted((ROOT / "jobs/configs").glob("ds_zero*.json")):
         config = json.loads(path.read_text())
         assert config["train_micro_batch_size_per_gpu"] >= 1 and "stage" in config["zero_optimization"]
+
+
+def test_rayservice_manifest_matches_serves_schema_and_builds_our_config():
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serve import ServeConfig
+
+    manifest = yaml.safe_load((ROOT / "cluster/rayservice.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, attr = app.import_path.split(":")
+    import importlib
+
+    assert callable(getattr(importlib.import_module(module), attr))
+    ServeConfig(**app.args).validate()  # the args are exactly our config's fields
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus >= app.args["gpus_per_replica"]
