@@ -160,7 +160,9 @@ def test_s3_to_s3_every_record_accounted_for_memories_match_and_answer(ray_clust
     prefix, out = f"gradmem-test/corpus-{time.time_ns()}", f"gradmem-test/memories-{time.time_ns()}"
     docs, expected = _corpus(fs, prefix, n=240)
     reader = _poisoned_reader(kv_reader_dir, tmp_path / "reader")
-    cfg = CompressConfig(reader=str(tmp_path / "reader"), input=f"s3://{prefix}", output=f"s3://{out}",
+    pafs.copy_files(str(tmp_path / "reader"), f"{prefix}-reader", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)  # the reader too comes from S3: every actor downloads it
+    cfg = CompressConfig(reader=f"s3://{prefix}-reader", input=f"s3://{prefix}", output=f"s3://{out}",
                          batch_size=16, actors=2, s3_endpoint=s3.endpoint)
     manifest = compress(cfg)
     assert manifest["complete"] and manifest["inputs"] == expected["inputs"]
