@@ -8,9 +8,9 @@ A reader directory is a Hugging Face model directory plus two things:
     tokenizer.json ...   the tokenizer
 
 Nothing is pickled: weights are safetensors, settings are JSON. The fingerprint is a SHA-256 over every weight
-(name, dtype, shape, bytes), the memory structure, the backbone config (less fields that only describe how it
-was saved) and the tokenizer vocabulary; every memory carries it, and a reader refuses memories whose
-fingerprint differs from its own.
+(name, dtype, shape, bytes), the memory structure (and the method, for the baselines), the backbone config
+(less fields that only describe how it was saved) and the tokenizer vocabulary; every memory carries it, and a
+reader refuses memories whose fingerprint differs from its own.
 """
 
 from __future__ import annotations
@@ -52,9 +52,13 @@ def compute_fingerprint(
     vocab: Mapping[str, int],
 ) -> str:
     digest = hashlib.sha256()
+    memory = {k: memory_config[k] for k in STRUCTURAL_MEMORY_KEYS}
+    method = memory_config.get("method", "gradmem")
+    if method != "gradmem":  # a baseline's memories mean something else; GradMem fingerprints stay as they were
+        memory["method"] = method
     header = {
         "format": FORMAT_VERSION,
-        "memory": {k: memory_config[k] for k in STRUCTURAL_MEMORY_KEYS},
+        "memory": memory,
         "backbone": backbone_identity(backbone_config),
         "vocab": sorted(vocab.items()),
     }

@@ -10,6 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# How a reader turns a context into memory and reads it back (see gradmem/methods.py):
+#   gradmem       the paper's method: m vectors written by K SGD steps on the reconstruction loss
+#   rmt           forward-only writes: K passes of [M; C; M], the trailing m hidden states become M
+#   full_context  upper bound: the READ sees the context itself, [C; Q]
+#   no_context    lower bound: the READ sees the query alone, [Q]
+METHODS = ("gradmem", "rmt", "full_context", "no_context")
+
 
 @dataclass
 class MemoryConfig:
@@ -22,8 +29,11 @@ class MemoryConfig:
     write_lr: float = 0.04  # alpha: inner-loop step size
     max_context_tokens: int = 1024  # longest context a WRITE accepts
     answer_stop: list[str] = field(default_factory=list)  # extra stop strings for greedy answers (besides EOS)
+    method: str = "gradmem"  # one of METHODS; training, writing and reading all dispatch on it
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
         if self.num_memory < 1:
             raise ValueError(f"num_memory must be >= 1, got {self.num_memory}")
         if self.write_steps < 0:

@@ -1,4 +1,8 @@
-"""READ: answer from ``[M; Q]`` alone, by teacher forcing (training, metrics) or greedily (serving)."""
+"""READ: answer from ``[M; Q]`` alone, by teacher forcing (training, metrics) or greedily (serving).
+
+``M`` is whatever ``gradmem.methods.read_prefix`` makes of the memory for the reader's method: m projected
+vectors (gradmem, rmt), the context's own embeddings (full_context) or nothing (no_context).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from gradmem import methods
 
 if TYPE_CHECKING:
     from gradmem.reader import Reader
@@ -20,20 +27,50 @@ class ReadOutput:
 
 def read_teacher_forced(
     reader: "Reader",
-    memory: torch.Tensor,  # (B, m, d)
+    memory: torch.Tensor,  # (B, P, d) as written (P = m for gradmem and rmt)
     read_ids: torch.Tensor,  # (B, L) query then target, right-padded
     target_mask: torch.Tensor,  # (B, L)
     score_mask: torch.Tensor | None = None,  # (B, L) subset of target_mask counted by exact match
+    lengths: torch.Tensor | None = None,  # (B,) real memory rows (WriteOutput.lengths); full_context needs it
 ) -> ReadOutput:
     batch = read_ids.shape[0]
-    m = memory.shape[1]
-    hidden = reader.hidden(memory, read_ids[:, :-1])[:, m - 1 :]  # (B, L, d): position m-1+t predicts token t
+    prefix, prefix_len = methods.read_prefix(reader, memory, lengths)  # (B, P, d), (B,)
+    hidden = prefixed_hidden(reader, prefix, prefix_len, read_ids, target_mask)  # (B, L, d): row t predicts token t
     ce, correct, rows = reader.token_losses(hidden, read_ids, target_mask, reader.lm.get_output_embeddings())
     loss = per_sample_mean(ce, rows, batch)
     token_accuracy = per_sample_mean(correct.float().detach(), rows, batch)
     scored = (score_mask if score_mask is not None else target_mask)[target_mask.bool()].bool()  # (n,)
     wrong = torch.zeros(batch, device=ce.device).index_add_(0, rows, (scored & ~correct).float())
     return ReadOutput(loss=loss, token_accuracy=token_accuracy, exact_match=(wrong == 0).float())
+
+
+def prefixed_hidden(
+    reader: "Reader",
+    prefix: torch.Tensor,  # (B, P, d) input embeddings
+    lengths: torch.Tensor,  # (B,) real prefix rows per sample
+    ids: torch.Tensor,  # (B, L) right-padded
+    target_mask: torch.Tensor,  # (B, L) tokens that will be scored
+) -> torch.Tensor:
+    """(B, L, d): row t is the last hidden state at the position that predicts ``ids[:, t]`` after the prefix.
+
+    When every sample has the whole prefix (gradmem, rmt) it is one concatenation. Otherwise each sample is packed
+    as ``[prefix_i[:n_i]; ids_i]`` and only then right-padded, so no pad ever precedes a real token and no
+    attention mask is needed. Token 0 has no predecessor when the prefix is empty (no_context): it must not be
+    scored (the query always comes first)."""
+    batch, slots, d = prefix.shape
+    tokens = reader.lm.get_input_embeddings()(ids[:, :-1])  # (B, L - 1, d); the last token predicts nothing
+    prefix = prefix.to(tokens.dtype)
+    if slots > 0 and bool((lengths == slots).all()):
+        hidden = reader.last_hidden(torch.cat([prefix, tokens], dim=1))  # (B, P + L - 1, d)
+        return hidden[:, slots - 1 :]  # (B, L, d): position P-1+t predicts token t
+    if bool((target_mask[:, 0].bool() & (lengths == 0)).any()):
+        raise ValueError("a READ with no prefix cannot score its first token (nothing predicts it): "
+                         "every query needs at least one token")
+    seqs = [torch.cat([prefix[i, :n], tokens[i]]) for i, n in enumerate(lengths.tolist())]  # (n_i + L - 1, d)
+    hidden = reader.last_hidden(pad_sequence(seqs, batch_first=True))  # (B, max n_i + L - 1, d)
+    index = lengths[:, None] - 1 + torch.arange(ids.shape[1], device=lengths.device)  # (B, L) predicting position
+    gathered = hidden.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # (B, L, d)
+    return gathered.masked_fill((index < 0).unsqueeze(-1), 0.0)  # token 0 after an empty prefix: never scored
 
 
 def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
@@ -46,7 +83,8 @@ def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, batch: int) -> tor
 @torch.no_grad()
 def greedy_generate(
     reader: "Reader",
-    memory: torch.Tensor,  # (B, m, d)
+    prefix: torch.Tensor,  # (B, P, d) READ prefix in input-embedding space (methods.read_prefix)
+    lengths: torch.Tensor,  # (B,) real prefix rows per sample
     queries: Sequence[Sequence[int]],
     max_new_tokens: int,
     stop_ids: set[int],
@@ -58,16 +96,18 @@ def greedy_generate(
     first real position, so a padded sample sees exactly the positions it would see alone. ``head`` replaces
     the LM head (the write head, to check what a memory reconstructs); queries may then be empty.
     """
-    batch, m, _ = memory.shape
-    device = memory.device
+    batch = prefix.shape[0]
+    device = prefix.device
     embed = reader.lm.get_input_embeddings()
-    prefix = reader.project(memory)  # (B, m, d)
-    width = m + max(len(q) for q in queries)
+    n_prefix = lengths.tolist()
+    width = max(n + len(q) for n, q in zip(n_prefix, queries))
+    if min(n + len(q) for n, q in zip(n_prefix, queries)) == 0:
+        raise ValueError("cannot answer from an empty prompt: with no memory rows the question needs a token")
     embeds = torch.zeros(batch, width, prefix.shape[-1], dtype=embed.weight.dtype, device=device)  # (B, T, d)
     mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # (B, T)
     for i, q in enumerate(queries):
         q_embeds = embed(torch.as_tensor(list(q), dtype=torch.long, device=device))  # (|q|, d)
-        seq = torch.cat([prefix[i].to(embeds.dtype), q_embeds], dim=0)  # (m + |q|, d)
+        seq = torch.cat([prefix[i, : n_prefix[i]].to(embeds.dtype), q_embeds], dim=0)  # (n_i + |q|, d)
         embeds[i, width - seq.shape[0] :] = seq
         mask[i, width - seq.shape[0] :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)

@@ -2,7 +2,9 @@
 
 A reader writes a context into m prefix vectors by test-time gradient descent (``gradmem.write``) and answers
 queries from those vectors alone (``gradmem.read``). Like the RMT ``MemoryCell``, it only adds memory in front
-of the token embeddings; the loops that train and evaluate it live elsewhere.
+of the token embeddings; the loops that train and evaluate it live elsewhere. ``config.method`` swaps in a
+baseline (RMT forward writes, full context, no context) behind the same ``write`` / ``answer``: the choice is
+made in ``gradmem.methods`` only.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from gradmem import checkpoint
+from gradmem import checkpoint, methods
 from gradmem.attention import attention_path
 from gradmem.config import MemoryConfig
 from gradmem.data import pad, tokenize
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
 from gradmem.read import greedy_generate, per_sample_mean
-from gradmem.write import write_memory
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,9 @@ class Reader(nn.Module):
 
     @property
     def max_context_tokens(self) -> int:
-        """Longest context a WRITE accepts: the config's limit, and [M; C] must fit the backbone's positions."""
-        return min(self.config.max_context_tokens, self.max_positions - self.num_memory)
+        """Longest context a WRITE accepts: the config's limit, and [M; C] ([M; C; M] for RMT) must fit the
+        backbone's positions."""
+        return min(self.config.max_context_tokens, self.max_positions - methods.write_overhead(self))
 
     @property
     def spec(self) -> "ReaderSpec":
@@ -210,6 +212,10 @@ class Reader(nn.Module):
         """Last hidden states of ``[M; ids]``: (B, m, d), (B, L) -> (B, m + L, d). No mask: inputs are right-padded."""
         tokens = self.lm.get_input_embeddings()(ids)  # (B, L, d)
         embeds = torch.cat([self.project(memory).to(tokens.dtype), tokens], dim=1)  # (B, m + L, d)
+        return self.last_hidden(embeds)
+
+    def last_hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states (after its final norm): (B, T, d) input embeddings -> (B, T, d)."""
         forward = self._compiled_forward or self.lm.base_model
         return forward(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
@@ -262,7 +268,8 @@ class Reader(nn.Module):
         """Write each context into its own memory (inference mode: first-order, weights untouched).
 
         Contexts are grouped by length into batches of ``batch_size`` to pad little; the result keeps the
-        input order. Raises ``NonFiniteWriteError`` (carrying every memory) if any write produced NaN/inf."""
+        input order. Raises ``NonFiniteWriteError`` (carrying every memory) if any write produced NaN/inf.
+        The memory's rows and statistics depend on the method (``gradmem.methods``)."""
         return self.write_tokens(self.encode_contexts(contexts), steps, lr, batch_size, attention)
 
     def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
@@ -285,15 +292,17 @@ class Reader(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.check_tokens(ids)
         n = len(ids)
-        tensor = torch.zeros(n, self.num_memory, self.d_model, dtype=self.memory.dtype)
+        tensor = torch.zeros(n, methods.memory_slots(self), self.d_model, dtype=self.memory.dtype)  # (n, P, d)
         losses = torch.zeros(n, steps + 1)
         accuracy = torch.zeros(n)
         pad_id = self.tokenizer.pad_token_id or 0
         with attention_path(self.lm, attention):
             for chunk in length_buckets(ids, batch_size):
                 ctx_ids, ctx_mask = pad([list(ids[i]) for i in chunk], pad_id)
-                out = write_memory(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference")
-                tensor[chunk] = out.memory.detach().cpu()
+                out = methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference")
+                tensor[chunk, : out.memory.shape[1]] = out.memory.detach().cpu()  # full_context: rows past L stay 0
+                if losses.shape[1] != out.losses.shape[1]:  # methods without a loss trajectory record none
+                    losses = torch.zeros(n, out.losses.shape[1])
                 losses[chunk] = out.losses.float().cpu()
                 accuracy[chunk] = out.accuracy.float().cpu()
         n_tokens = torch.tensor([len(s) for s in ids])
@@ -315,9 +324,10 @@ class Reader(nn.Module):
         accuracy = torch.zeros(len(ids))
         with attention_path(self.lm, INFERENCE_ATTENTION):
             for chunk in length_buckets(ids, batch_size):
-                memory = memories.tensor[chunk].to(self.device, self.memory.dtype)  # (b, m, d)
+                memory = memories.tensor[chunk].to(self.device, self.memory.dtype)  # (b, P, d)
+                prefix, n_rows = methods.read_prefix(self, memory, memories.stats.n_tokens[chunk])
                 longest = max(len(ids[i]) for i in chunk)
-                outs = greedy_generate(self, memory, [[] for _ in chunk], longest, stop_ids=set(), head=head)
+                outs = greedy_generate(self, prefix, n_rows, [[] for _ in chunk], longest, stop_ids=set(), head=head)
                 for i, out in zip(chunk, outs):
                     target = list(ids[i])
                     accuracy[i] = sum(a == b for a, b in zip(out, target)) / len(target)
@@ -327,7 +337,8 @@ class Reader(nn.Module):
         self, memories: Memories, questions: Sequence[str], max_new_tokens: int = 16, batch_size: int = 64,
         attention: str = INFERENCE_ATTENTION,
     ) -> list[str]:
-        """Greedy answers to ``questions[i]`` from ``memories[i]`` alone (the context is never seen)."""
+        """Greedy answers to ``questions[i]`` from ``memories[i]`` alone (the context is never seen, except by the
+        full-context bound, whose memory is the context)."""
         if memories.fingerprint != self.fingerprint:
             raise ValueError(f"these memories were written by reader {memories.fingerprint}, not by this reader "
                              f"({self.fingerprint}); rewrite them with this reader")
@@ -343,9 +354,10 @@ class Reader(nn.Module):
             if not isinstance(q, str):
                 raise ValueError(f"question {i} is a {type(q).__name__}, not a string")
         q_ids = tokenize(self.tokenizer, questions)
+        n_prefix = methods.prefix_lengths(self, memories.tensor, memories.stats.n_tokens).tolist()
         for i, q in enumerate(q_ids):
-            if self.num_memory + len(q) + max_new_tokens > self.max_positions:
-                raise ValueError(f"question {i} is too long: {len(q)} tokens + {self.num_memory} memory + "
+            if n_prefix[i] + len(q) + max_new_tokens > self.max_positions:
+                raise ValueError(f"question {i} is too long: {len(q)} tokens + {n_prefix[i]} memory + "
                                  f"{max_new_tokens} new tokens exceed {self.max_positions} positions")
         stop_ids = {self.tokenizer.eos_token_id} - {None}
         for s in self.config.answer_stop:
@@ -355,8 +367,9 @@ class Reader(nn.Module):
         answers: list[str] = []
         with attention_path(self.lm, attention):
             for start in range(0, len(q_ids), batch_size):
-                memory = memories.tensor[start : start + batch_size].to(self.device, self.memory.dtype)
-                for ids in greedy_generate(self, memory, q_ids[start : start + batch_size], max_new_tokens, stop_ids):
+                memory = memories.tensor[start : start + batch_size].to(self.device, self.memory.dtype)  # (b, P, d)
+                prefix, n_rows = methods.read_prefix(self, memory, memories.stats.n_tokens[start : start + batch_size])
+                for ids in greedy_generate(self, prefix, n_rows, q_ids[start : start + batch_size], max_new_tokens, stop_ids):
                     answers.append(self._decode_answer(ids))
         return answers
 

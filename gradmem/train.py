@@ -3,6 +3,8 @@
 ``meta_step`` is the unit every trainer calls (this single-process ``Trainer`` now, the Ray Train + DeepSpeed
 loop later): WRITE (second order by default), READ, outer loss = mean READ loss + ``aux_write_loss`` x the last
 inner step's write loss. It returns the loss with its graph; the caller owns backward and the optimizer.
+The reader's ``config.method`` (GradMem or a baseline, see ``gradmem.methods``) decides what WRITE and READ do;
+nothing here branches on it.
 
 ``Trainer`` follows a fixed lifecycle: validate the config and fail fast, set up (reader, AdamW, warm-up
 schedule), train (clip, step, log progress, evaluate, checkpoint), export the reader, and resume from the
@@ -27,13 +29,13 @@ import torch
 import yaml
 from transformers import GPT2Config, LlamaConfig
 
+from gradmem import methods
 from gradmem.attention import attention_path, check_attention
 from gradmem.config import MemoryConfig, from_dict
 from gradmem.data import Batch
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
 from gradmem.tasks.kv import KVTask, kv_tokenizer
-from gradmem.write import write_memory
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,8 @@ class TrainConfig:
         o = self.optim
         if o.write_mode not in ("second_order", "first_order"):
             raise ValueError(f"optim.write_mode must be second_order or first_order, got {o.write_mode!r}")
-        second_order = o.write_mode == "second_order" and self.memory.write_steps > 0 and o.second_order_steps != 0
+        second_order = (self.memory.method in methods.SECOND_ORDER_METHODS and o.write_mode == "second_order"
+                        and self.memory.write_steps > 0 and o.second_order_steps != 0)
         check_attention(o.attention, second_order)
         if o.batch_size < 1 or o.max_steps < 0 or o.warmup_steps < 0:
             raise ValueError("optim.batch_size must be >= 1; max_steps and warmup_steps >= 0")
@@ -161,11 +164,11 @@ def build_reader(cfg: TrainConfig) -> Reader:
 def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Outer loss of one batch, with its graph through the WRITE; metrics as floats."""
     with attention_path(reader.lm, optim.attention):
-        out = write_memory(
+        out = methods.write(
             reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode=optim.write_mode,
             second_order_steps=optim.second_order_steps, final_stats=False, keep_last_loss=optim.aux_write_loss > 0,
         )
-        read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask)
+        read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask, out.lengths)
         loss = read.loss.mean()
         if out.last_step_loss is not None:
             loss = loss + optim.aux_write_loss * out.last_step_loss
@@ -198,11 +201,13 @@ def evaluate(
                 n = min(batch_size, samples - start)
                 batch = task.batch(n, seed_seq + [i], reader.tokenizer).to(reader.device)
                 with attention_path(reader.lm, "sdpa"):
-                    out = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
-                    read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask)
+                    out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
+                    read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask,
+                                               out.lengths)
                 totals["em"] += float(read.exact_match.sum())
                 totals["token_acc"] += float(read.token_accuracy.sum())
-                totals["write_loss"] += float(out.losses[:, -1].sum())
+                # methods with no write loss (the bounds) report NaN rather than a made-up number
+                totals["write_loss"] += float(out.losses[:, -1].sum()) if out.losses.shape[1] else float("nan")
                 totals["write_acc"] += float(out.accuracy.sum())
                 done += n
             results[steps] = {k: v / done for k, v in totals.items()}
@@ -223,7 +228,7 @@ def warmup_constant(warmup_steps: int):
 
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Single-process meta-training of a GradMem reader on a task.
+    """Single-process meta-training of a reader (GradMem or a baseline: ``memory.method``) on a task.
 
     Output directory layout::
 

@@ -32,6 +32,7 @@ class WriteOutput:
     losses: torch.Tensor  # (B, K) or (B, K + 1): write loss before each step, then after the last (if computed)
     accuracy: torch.Tensor | None  # (B,) teacher-forced reconstruction accuracy of the final memory
     last_step_loss: torch.Tensor | None  # scalar with graph: mean write loss of the last step (auxiliary loss)
+    lengths: torch.Tensor | None = None  # (B,) real memory rows when they vary by sample (full_context); None: all
 
 
 def write_memory(

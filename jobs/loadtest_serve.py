@@ -75,13 +75,15 @@ def model_latency(reader, memories, contexts: list[str], questions: list[str], b
     q_ids = tokenize(reader.tokenizer, questions[:batch])
     full = [c + q for c, q in zip(tokenize(reader.tokenizer, contexts[:batch]), q_ids)]
     empty = torch.zeros(batch, 0, reader.d_model)  # (B, 0, d): no memory, the context is in the prompt
-    memory = memories.tensor[:batch]
+    prefix = reader.project(memories.tensor[:batch])  # (B, m, d)
+    m_rows = torch.full((batch,), reader.num_memory)
+    no_rows = torch.zeros(batch, dtype=torch.long)
 
     from benchmark import timed
 
     with torch.no_grad():
-        from_memory = timed(lambda: greedy_generate(reader, memory, q_ids, 4, set()), repeats)
-        with_context = timed(lambda: greedy_generate(reader, empty, full, 4, set()), repeats)
+        from_memory = timed(lambda: greedy_generate(reader, prefix, m_rows, q_ids, 4, set()), repeats)
+        with_context = timed(lambda: greedy_generate(reader, empty, no_rows, full, 4, set()), repeats)
     return {"from_memory_ms": 1000 * from_memory, "full_context_ms": 1000 * with_context,
             "full_context_over_memory": with_context / from_memory}
 

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
 
-from gradmem import Memories, NonFiniteWriteError, Reader, WriteStats, records
+from gradmem import Memories, NonFiniteWriteError, Reader, WriteStats, methods, records
 from gradmem.data import tokenize
 from gradmem.store import MemoryIndex, MemoryStore
 from pipelines.storage import local_dir, resolve
@@ -228,20 +228,22 @@ class GradMemService:
 
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _answer_batch(self, items: list[tuple[torch.Tensor, str, int]]) -> list[str]:
+    async def _answer_batch(self, items: list[tuple[torch.Tensor, int, str, int]]) -> list[str]:
         """One greedy pass for the questions of many requests, each over its own memory (m, d)."""
         async with self.lock:
             return await asyncio.to_thread(self._answer_now, items)
 
-    def _answer_now(self, items: list[tuple[torch.Tensor, str, int]]) -> list[str]:
+    def _answer_now(self, items: list[tuple[torch.Tensor, int, str, int]]) -> list[str]:
+        """items: (memory (P, d), context tokens, question, max new tokens)."""
         out: list[str | None] = [None] * len(items)
-        for budget in sorted({n for _, _, n in items}):  # requests asking for different lengths: one pass each
-            picked = [i for i, (_, _, n) in enumerate(items) if n == budget]
-            tensor = torch.stack([items[i][0] for i in picked])  # (b, m, d)
+        for budget in sorted({item[3] for item in items}):  # requests asking for different lengths: one pass each
+            picked = [i for i, item in enumerate(items) if item[3] == budget]
+            tensor = torch.stack([items[i][0] for i in picked])  # (b, P, d)
             b = len(picked)
-            memories = Memories(tensor, WriteStats(torch.zeros(b, 1), torch.zeros(b), torch.zeros(b)), self.fingerprint,
+            n_tokens = torch.tensor([items[i][1] for i in picked])  # full_context readers need the real rows
+            memories = Memories(tensor, WriteStats(torch.zeros(b, 1), torch.zeros(b), n_tokens), self.fingerprint,
                                 0, 0.0)
-            for i, answer in zip(picked, self.reader.answer(memories, [items[i][1] for i in picked], budget,
+            for i, answer in zip(picked, self.reader.answer(memories, [items[i][2] for i in picked], budget,
                                                             batch_size=len(picked))):
                 out[i] = answer
         return out  # type: ignore[return-value]
@@ -262,15 +264,17 @@ class GradMemService:
         budget = body.max_new_tokens or self.cfg.default_new_tokens
         if budget > self.cfg.max_new_tokens:
             raise ApiError(413, f"max_new_tokens {budget} is over this service's limit of {self.cfg.max_new_tokens}")
-        room = self.reader.max_positions - self.reader.num_memory - budget
+        entry = self._entry(body.memory_id, body.doc_id, body.chunk)
+        tensor, meta = self.cache.get(entry)
+        if not torch.isfinite(tensor).all():
+            raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
+        n_tokens = meta["n_context_tokens"]
+        rows = int(methods.prefix_lengths(self.reader, tensor[None], torch.tensor([n_tokens]))[0])
+        room = self.reader.max_positions - rows - budget
         for q_ids in tokenize(self.reader.tokenizer, body.questions):  # checked here: one bad question must not
             if len(q_ids) > room:  # fail a batch shared with other requests
                 raise ApiError(413, f"a question has {len(q_ids)} tokens: with {budget} new tokens at most {room} fit")
-        entry = self._entry(body.memory_id, body.doc_id, body.chunk)
-        tensor, _ = self.cache.get(entry)
-        if not torch.isfinite(tensor).all():
-            raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
-        answers = await asyncio.gather(*(self._answer_batch((tensor, q, budget)) for q in body.questions))
+        answers = await asyncio.gather(*(self._answer_batch((tensor, n_tokens, q, budget)) for q in body.questions))
         return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=self.fingerprint,
                              answers=list(answers))
 
