@@ -240,7 +240,7 @@ class Trainer:
     Data batches are a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
     """
 
-    def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike):
+    def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, device: str | torch.device = "cpu"):
         cfg.validate()
         if cfg.task.name != "kv":
             raise ValueError("the single-process Trainer generates key-value data; train on files with "
@@ -248,7 +248,7 @@ class Trainer:
         self.cfg = cfg
         self.output = Path(output_dir)
         self.task = build_task(cfg.task)
-        self.reader = build_reader(cfg)
+        self.reader = build_reader(cfg).to(device)  # before the optimizer, so its state lives on the device too
         params = [p for p in self.reader.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
@@ -285,7 +285,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         loaded = Reader.from_pretrained(path, trainable=True)
         self.reader.load_state_dict(loaded.state_dict())
-        state = torch.load(path / "optimizer.pt", weights_only=True)
+        state = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.reader.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = json.loads((path / "trainer_state.json").read_text())["step"]

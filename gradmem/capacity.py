@@ -1,0 +1,549 @@
+"""The capacity benchmark: how many key-value pairs each method's memory holds (issue 3).
+
+For every (method, N) cell of a ``CapacityConfig`` the same backbone (architecture and init seed) is trained
+on key-value retrieval with N pairs through the ordinary ``Trainer`` with the same training budget, then
+evaluated on held-out samples with every WRITE step count in ``eval_steps`` (gradmem and rmt; the bounds once).
+
+Output directory::
+
+    cells/<method>_N<N>.json    one finished cell, written atomically the moment it finishes
+    runs/<method>_N<N>/         the cell's Trainer directory (metrics.jsonl, reader/; checkpoints while training)
+    results.json                all cells + config + git commit + wall time + torch version (after every cell)
+    results.md                  the tables, with the paper's figures beside ours
+    capacity.png                EM vs N per method; EM vs K_eval per trained method at the largest N
+
+Resume: a cell whose json exists is skipped (its config must equal the current one, else we refuse rather
+than mix two configurations in one table). A cell that was interrupted while training continues from its
+Trainer's latest checkpoint (``run.save_every``) with the same step, optimizer and data; one interrupted while
+evaluating re-evaluates. A run directory left by a different cell config is wiped and trained from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gradmem.config import METHODS
+from gradmem.train import TrainConfig, Trainer, evaluate
+
+logger = logging.getLogger(__name__)
+
+TRAINED_METHODS = ("gradmem", "rmt")  # methods whose WRITE has a step count worth sweeping at evaluation
+BASE_SECTIONS = ("model", "memory", "task", "optim", "run")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# ---------------------------------------------------------------------------------------------- the paper
+# Exact match % from ../shared/GRADMEM.md (key-value retrieval, 8 memory vectors of 128), verbatim with their
+# "~". Key: (method, K trained, N) -> {K_eval: EM, "best": best over K_eval 0..30}. Bounds have K trained None
+# and a single figure under K_eval None. The first table's "GradMem K=5" column is read as trained and
+# evaluated with K = 5 (its N = 96 figure, 88.4, is the K train 5 / K eval 5 entry of the second table).
+PAPER_EM: dict[tuple[str, int | None, int], dict[int | str | None, str]] = {
+    ("full_context", None, 16): {None: "~100"},
+    ("full_context", None, 32): {None: "~100"},
+    ("full_context", None, 64): {None: "~96.3"},
+    ("full_context", None, 96): {None: "~98.7"},
+    ("rmt", 1, 16): {1: "45.5"},
+    ("rmt", 1, 32): {1: "44.2"},
+    ("rmt", 1, 64): {1: "19.3"},
+    ("rmt", 1, 96): {1: "12.9"},
+    ("gradmem", 1, 16): {1: "~96.4"},
+    ("gradmem", 1, 32): {1: "86.9", 2: "92.3", 3: "96.7", 4: "97.7", 5: "98.1", "best": "98.3"},
+    ("gradmem", 1, 64): {1: "58.6"},
+    ("gradmem", 1, 96): {1: "~32.6"},
+    ("gradmem", 2, 32): {1: "65.1", 2: "98.2", 3: "99.2", 4: "99.7", 5: "99.6", "best": "99.8"},
+    ("gradmem", 2, 64): {1: "31.8", 2: "72.8", 3: "81.5", 4: "89.9", 5: "89.9", "best": "93.9"},
+    ("gradmem", 5, 16): {5: "~100"},
+    ("gradmem", 5, 32): {5: "~99.8"},
+    ("gradmem", 5, 64): {5: "~99.1"},
+    ("gradmem", 5, 96): {1: "8.6", 2: "22.3", 3: "39.8", 4: "62.0", 5: "88.4", "best": "95.8"},
+}
+
+
+def paper_figure(method: str, k_train: int | None, pairs: int, k_eval: int | str | None) -> str | None:
+    """The paper's EM % for this cell and K_eval (``"best"``: best over K_eval), or None where it gives none.
+
+    The paper's memory is 8 vectors of 128; a figure is shown beside ours whatever our m and d are, so the
+    reader must check the config before comparing."""
+    figures = PAPER_EM.get((method, k_train if method in TRAINED_METHODS else None, pairs), {})
+    return figures.get(k_eval if method in TRAINED_METHODS else None)
+
+
+# ---------------------------------------------------------------------------------------------- configs
+@dataclass
+class MethodSpec:
+    """One row of the benchmark: a named method with its training WRITE steps and optional overrides.
+
+    ``write_lr`` may be one value or a mapping N -> value (the paper's alpha depends on N). ``max_steps`` and
+    ``overrides`` (nested TrainConfig sections, e.g. ``{optim: {lr: 0.001}}``) change this method's cells only;
+    a budget that differs between methods is logged as a warning, since the comparison assumes equal budgets."""
+
+    name: str
+    method: str
+    write_steps: int | None = None  # K trained; None: the base memory.write_steps (irrelevant for the bounds)
+    write_lr: float | dict[int, float] | None = None  # None: the base memory.write_lr
+    max_steps: int | None = None  # None: the base optim.max_steps
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trained_steps(self) -> bool:
+        """Whether the WRITE step count means anything for this method (gradmem, rmt)."""
+        return self.method in TRAINED_METHODS
+
+
+@dataclass
+class CapacityConfig:
+    """A base TrainConfig (``base``: its sections as a dict) and the grid of methods x pairs to run."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    pairs: list[int] = field(default_factory=list)
+    methods: list[MethodSpec] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=lambda: [1, 2])
+    eval_samples: int = 1000
+    eval_batch_size: int | None = None  # None: the base run.eval_batch_size
+    eval_seed: int = 0  # held-out stream: evaluation batches come from ("capacity-eval", eval_seed, N, i)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CapacityConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a capacity config is a mapping, got {type(data).__name__}")
+        grid = {"pairs", "methods", "eval_steps", "eval_samples", "eval_batch_size", "eval_seed"}
+        unknown = sorted(set(data) - grid - set(BASE_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown capacity config keys {unknown}; known: {sorted(grid | set(BASE_SECTIONS))}")
+        methods = data.get("methods")
+        if not isinstance(methods, list):
+            raise ValueError("capacity config needs `methods:`, a list of {name, method, write_steps, ...}")
+        specs = []
+        for i, entry in enumerate(methods):
+            if not isinstance(entry, dict):
+                raise ValueError(f"methods[{i}] must be a mapping, got {entry!r}")
+            names = {"name", "method", "write_steps", "write_lr", "max_steps", "overrides"}
+            extra = sorted(set(entry) - names)
+            if extra:
+                raise ValueError(f"methods[{i}]: unknown keys {extra}; known: {sorted(names)}")
+            if "name" not in entry or "method" not in entry:
+                raise ValueError(f"methods[{i}] needs a `name` and a `method` (one of {METHODS}), got {entry}")
+            specs.append(MethodSpec(**entry))
+        cfg = cls(
+            base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None},
+            pairs=data.get("pairs"), methods=specs,
+            **{k: data[k] for k in ("eval_steps", "eval_samples", "eval_batch_size", "eval_seed") if k in data},
+        )
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "CapacityConfig":
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as its YAML would say it (base sections at the top level)."""
+        data = {**copy.deepcopy(self.base), **asdict(self)}
+        del data["base"]
+        return data
+
+    def validate(self) -> None:
+        """Fail before any training: every cell's TrainConfig is built and validated here."""
+        if not isinstance(self.pairs, list) or not self.pairs:
+            raise ValueError("capacity config needs `pairs:`, a non-empty list of pair counts N (e.g. [2, 4])")
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.pairs) or len(set(self.pairs)) != len(self.pairs):
+            raise ValueError(f"pairs must be distinct positive integers, got {self.pairs}")
+        if not self.methods:
+            raise ValueError("capacity config needs at least one entry under `methods:`")
+        names = [spec.name for spec in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        for spec in self.methods:
+            if not isinstance(spec.name, str) or not NAME_PATTERN.match(spec.name):
+                raise ValueError(f"method name {spec.name!r} must be letters, digits, '_', '.', '-' (it names files)")
+            if spec.method not in METHODS:
+                raise ValueError(f"methods entry {spec.name!r}: unknown method {spec.method!r}; choose one of {METHODS}")
+            if isinstance(spec.write_lr, dict):
+                missing = sorted(set(self.pairs) - set(spec.write_lr))
+                if missing:
+                    raise ValueError(f"methods entry {spec.name!r}: write_lr has no value for N = {missing}")
+            if not isinstance(spec.overrides, dict):
+                raise ValueError(f"methods entry {spec.name!r}: overrides must be a mapping of config sections")
+        if not isinstance(self.eval_steps, list) or not self.eval_steps or any(
+                not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in self.eval_steps):
+            raise ValueError(f"eval_steps must be a non-empty list of integers >= 0, got {self.eval_steps}")
+        if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be an integer >= 1, got {self.eval_samples}")
+        for spec in self.methods:
+            for pairs in self.pairs:
+                cfg = self.cell_config(spec, pairs)
+                cfg.validate()
+                if cfg.task.name != "kv":
+                    raise ValueError("the capacity benchmark runs on the key-value task (task.name: kv)")
+                longest = 2 * cfg.memory.num_memory + 7 * pairs + 1 + 9  # RMT's [M; C; M], or [M; Q; Y] + slack
+                if longest > cfg.model.max_positions or 7 * pairs + 1 > cfg.memory.max_context_tokens:
+                    raise ValueError(f"N = {pairs} needs model.max_positions >= {longest} and memory.max_context_tokens"
+                                     f" >= {7 * pairs + 1}; got {cfg.model.max_positions}, {cfg.memory.max_context_tokens}")
+
+    # -- the cells
+    def cell_config(self, spec: MethodSpec, pairs: int) -> TrainConfig:
+        """The TrainConfig of one cell: base, then the method's overrides, then its method, K, alpha, budget, N."""
+        data = deep_merge(self.base, spec.overrides)
+        memory = data.setdefault("memory", {})
+        memory["method"] = spec.method
+        if spec.write_steps is not None:
+            memory["write_steps"] = spec.write_steps
+        if spec.write_lr is not None:
+            memory["write_lr"] = spec.write_lr[pairs] if isinstance(spec.write_lr, dict) else spec.write_lr
+        if spec.max_steps is not None:
+            data["optim"] = {**(data.get("optim") or {}), "max_steps": spec.max_steps}
+        data["task"] = {**(data.get("task") or {}), "pairs": pairs}
+        return TrainConfig.from_dict(data)
+
+    def eval_steps_for(self, spec: MethodSpec, cfg: TrainConfig) -> list[int]:
+        """K_eval list of a cell: the sweep (plus the trained K) for gradmem/rmt; the trained K alone for the bounds
+        (their WRITE ignores K, so one evaluation says everything)."""
+        if not spec.trained_steps:
+            return [cfg.memory.write_steps]
+        return sorted(set(self.eval_steps) | {cfg.memory.write_steps})
+
+    def cells(self) -> list[tuple[MethodSpec, int]]:
+        """N-major order: every method at the smallest N first, so a partial table is already a comparison."""
+        return [(spec, pairs) for pairs in self.pairs for spec in self.methods]
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``extra`` merged in, mappings recursively."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def cell_name(spec: MethodSpec, pairs: int) -> str:
+    return f"{spec.name}_N{pairs}"
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers and restarts never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def jsonable(obj: Any) -> Any:
+    """JSON-native copy: NaN and inf become None (json would write non-standard NaN, and NaN != NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, str) else k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def git_commit(root: Path) -> dict[str, Any]:
+    """HEAD of the checkout at ``root`` and whether the tree had uncommitted changes (None outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip() != ""
+        return {"commit": head, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def device_name(device: str) -> str:
+    """What ran the cells, for the record (timings only compare on the same kind)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+def run_cell(cfg: CapacityConfig, spec: MethodSpec, pairs: int, output: Path, index: int, total: int,
+             device: str = "cpu") -> dict[str, Any]:
+    """Train one (method, N) cell (continuing from its Trainer checkpoint if one matches), evaluate, return its result."""
+    name = cell_name(spec, pairs)
+    train_cfg = cfg.cell_config(spec, pairs)
+    run_dir = output / "runs" / name
+    resolved = train_cfg.to_dict()
+    previous = run_dir / "config.yaml"
+    if previous.exists() and yaml.safe_load(previous.read_text()) != resolved:
+        logger.warning("cell %s: %s was trained with another config; starting it from scratch", name, run_dir)
+        shutil.rmtree(run_dir)
+    o = train_cfg.optim
+    logger.info("cell %d/%d %s (method %s, K train %s, write lr %g, N %d): training %d steps x batch %d = %d samples, "
+                "model seed %d, data seed %d", index, total, name, spec.method,
+                train_cfg.memory.write_steps if spec.trained_steps else "-", train_cfg.memory.write_lr, pairs,
+                o.max_steps, o.batch_size, o.max_steps * o.batch_size, train_cfg.model.seed, o.seed)
+    started = time.perf_counter()
+    trainer = Trainer(train_cfg, run_dir, device=device)
+    trainer.fit(resume=True)
+    train_s = time.perf_counter() - started
+
+    steps = cfg.eval_steps_for(spec, train_cfg)
+    logger.info("cell %d/%d %s: evaluating K_eval %s on %d held-out samples", index, total, name, steps, cfg.eval_samples)
+    started = time.perf_counter()
+    batch_size = cfg.eval_batch_size or train_cfg.run.eval_batch_size
+    scores = evaluate(trainer.reader, trainer.task, cfg.eval_samples, steps, train_cfg.memory.write_lr,
+                      seed=["capacity-eval", cfg.eval_seed, pairs], batch_size=batch_size)
+    eval_s = time.perf_counter() - started
+
+    k_train = train_cfg.memory.write_steps if spec.trained_steps else None
+    trained_em = scores[train_cfg.memory.write_steps]["em"]
+    best_k = max(steps, key=lambda k: (scores[k]["em"], -k))  # ties go to the fewer steps
+    cell = {
+        "cell": name, "name": spec.name, "method": spec.method, "pairs": pairs, "k_train": k_train,
+        "write_lr": train_cfg.memory.write_lr, "num_memory": train_cfg.memory.num_memory,
+        "hidden_size": train_cfg.model.hidden_size,
+        "budget": {"max_steps": o.max_steps, "batch_size": o.batch_size, "train_samples": o.max_steps * o.batch_size,
+                   "trained_steps": trainer.step},
+        "em_trained": trained_em, "best_k_eval": best_k, "em_best": scores[best_k]["em"],
+        "eval": {str(k): scores[k] for k in steps}, "eval_samples": cfg.eval_samples,
+        "paper": {"trained": paper_figure(spec.method, k_train, pairs, k_train),
+                  "best": paper_figure(spec.method, k_train, pairs, "best"),
+                  "k_eval": {str(k): paper_figure(spec.method, k_train, pairs, k) for k in steps}},
+        "train_wall_s": train_s, "eval_wall_s": eval_s,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cell_config": cell_fingerprint(cfg, spec, pairs),
+    }
+    return jsonable(cell)
+
+
+def cell_fingerprint(cfg: CapacityConfig, spec: MethodSpec, pairs: int) -> dict[str, Any]:
+    """Everything that decides a cell's numbers: a finished cell is reused only if this is unchanged."""
+    train_cfg = cfg.cell_config(spec, pairs)
+    return jsonable({"train": train_cfg.to_dict(), "eval_steps": cfg.eval_steps_for(spec, train_cfg),
+                     "eval_samples": cfg.eval_samples, "eval_seed": cfg.eval_seed})
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int | None = None,
+                 command: list[str] | None = None, repo_root: str | os.PathLike | None = None,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Run every cell not already finished under ``output``; write the results after each. Returns results.json's dict.
+
+    ``max_steps`` overrides every method's training budget (smoke runs); it is part of the cells' config, so
+    cells finished with another budget are refused rather than mixed in."""
+    if max_steps is not None:
+        cfg = copy.deepcopy(cfg)
+        for spec in cfg.methods:
+            spec.max_steps = max_steps
+        cfg.validate()
+    output = Path(output)
+    (output / "cells").mkdir(parents=True, exist_ok=True)
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = time.perf_counter()
+    log_budgets(cfg)
+
+    cells = cfg.cells()
+    results: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec, pairs in cells:
+        name = cell_name(spec, pairs)
+        path = output / "cells" / f"{name}.json"
+        if path.exists():
+            done = json.loads(path.read_text())
+            if done.get("cell_config") != cell_fingerprint(cfg, spec, pairs):
+                raise ValueError(f"{path} was produced by a different config than this one; use another --output "
+                                 f"or delete that file to retrain the cell")
+            results[name] = done
+        else:
+            todo.append((spec, pairs))
+    if results:
+        logger.info("resuming: %d/%d cells already finished under %s (skipped: %s)", len(results), len(cells),
+                    output, ", ".join(results))
+    meta = {"command": command, "started_at": started_at, "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(), "device": device_name(device), **git_commit(Path(repo_root) if repo_root else Path.cwd())}
+
+    finished_here: list[float] = []
+    for spec, pairs in todo:
+        index = cells.index((spec, pairs)) + 1
+        cell_started = time.perf_counter()
+        cell = run_cell(cfg, spec, pairs, output, index, len(cells), device=device)
+        write_json_atomic(output / "cells" / f"{cell['cell']}.json", cell)
+        shutil.rmtree(output / "runs" / cell["cell"] / "checkpoints", ignore_errors=True)  # reader/ stays
+        results[cell["cell"]] = cell
+        finished_here.append(time.perf_counter() - cell_started)
+        left = len(todo) - len(finished_here)
+        elapsed = time.perf_counter() - started
+        eta = sum(finished_here) / len(finished_here) * left  # crude: cells differ in cost by method and N
+        logger.info("cell %d/%d %s done: EM %.3f at K %s, best %.3f at K %s | %d/%d cells done, elapsed %.0fs, "
+                    "eta %.0fs", index, len(cells), cell["cell"], cell["em_trained"], cell["k_train"], cell["em_best"],
+                    cell["best_k_eval"], len(results), len(cells), elapsed, eta)
+        write_results(cfg, output, results, meta, time.perf_counter() - started)
+    summary = write_results(cfg, output, results, meta, time.perf_counter() - started)
+    logger.info("capacity benchmark: %d/%d cells in %s (this run %.0fs)", len(results), len(cells), output,
+                time.perf_counter() - started)
+    return summary
+
+
+def log_budgets(cfg: CapacityConfig) -> None:
+    """Log each method's training budget; warn when they differ (the comparison assumes the same budget)."""
+    budgets = {}
+    for spec in cfg.methods:
+        train_cfg = cfg.cell_config(spec, cfg.pairs[0])
+        budgets[spec.name] = (train_cfg.optim.max_steps, train_cfg.optim.batch_size)
+        logger.info("budget %s: %d steps x batch %d per cell (N in %s), backbone %s d=%d layers=%d seed %d, m=%d",
+                    spec.name, *budgets[spec.name], cfg.pairs, train_cfg.model.arch, train_cfg.model.hidden_size,
+                    train_cfg.model.num_layers, train_cfg.model.seed, train_cfg.memory.num_memory)
+    if len(set(budgets.values())) > 1:
+        logger.warning("training budgets differ between methods: %s", budgets)
+
+
+def write_results(cfg: CapacityConfig, output: Path, cells: dict[str, dict[str, Any]], meta: dict[str, Any],
+                  wall_s: float) -> dict[str, Any]:
+    """results.json, results.md and capacity.png from the cells finished so far (each file replaced atomically)."""
+    ordered = [cells[cell_name(s, n)] for s, n in cfg.cells() if cell_name(s, n) in cells]
+    summary = jsonable({
+        **meta, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": wall_s, "cells_wall_s": sum(c["train_wall_s"] + c["eval_wall_s"] for c in ordered),
+        "complete": len(ordered) == len(cfg.cells()), "config": cfg.to_dict(), "cells": ordered,
+    })
+    write_json_atomic(output / "results.json", summary)
+    write_atomic(output / "results.md", render_markdown(cfg, summary))
+    plot(cfg, summary, output / "capacity.png")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
+    """Two tables: EM per method and N (trained K, best K_eval, paper), and EM per K_eval for gradmem/rmt."""
+    cells = {c["cell"]: c for c in summary["cells"]}
+    first = cfg.cell_config(cfg.methods[0], cfg.pairs[0])
+    m, d = first.memory.num_memory, first.model.hidden_size
+    command = " ".join(summary.get("command") or []) or "-"
+    status = "complete" if summary["complete"] else f"INCOMPLETE: {len(cells)}/{len(cfg.cells())} cells"
+    lines = [
+        "# Capacity: exact match (%) on key-value retrieval",
+        "",
+        f"- command: `{command}` ({status})",
+        f"- commit: {summary.get('commit') or '-'}{' (with uncommitted changes)' if summary.get('dirty') else ''}",
+        (f"- wall time: {summary['cells_wall_s']:.0f} s over all cells (this invocation {summary['wall_time_s']:.0f} s); "
+         f"{summary.get('device', '-')}, {summary.get('threads', '-')} torch threads, torch {summary['torch_version']}"),
+        (f"- backbone: {first.model.arch}, {first.model.num_layers} layers, d = {d}, from scratch (seed {first.model.seed}); "
+         f"memory of gradmem and rmt: {m} vectors x {d}"),
+        f"- evaluation: {cfg.eval_samples} held-out samples per cell and K_eval",
+        "",
+        ("Each cell: EM at the trained K / best EM over K_eval (@K), then the paper's figures for the same "
+         "method, trained K and N (8 vectors of 128; `-`: the paper gives none)."),
+        "",
+        "| method | K train | budget | " + " | ".join(f"N = {n}" for n in cfg.pairs) + " |",
+        "|---|---|---|" + "---|" * len(cfg.pairs),
+    ]
+    for spec in cfg.methods:
+        row = []
+        budget = "-"
+        k = "-"
+        for pairs in cfg.pairs:
+            c = cells.get(cell_name(spec, pairs))
+            if c is None:
+                row.append("(not run)")
+                continue
+            budget = f"{c['budget']['max_steps']} x {c['budget']['batch_size']}"
+            k = str(c["k_train"]) if c["k_train"] is not None else "-"
+            paper = c["paper"]["trained"] or "-"
+            if c["k_train"] is None:
+                row.append(f"{_pct(c['em_trained'])} (paper {paper})")
+            else:
+                best = c["paper"]["best"]
+                row.append(f"{_pct(c['em_trained'])} / {_pct(c['em_best'])} @K{c['best_k_eval']} "
+                           f"(paper {paper}{' / ' + best if best else ''})")
+        lines.append(f"| {spec.name} ({spec.method}) | {k} | {budget} | " + " | ".join(row) + " |")
+
+    ks = sorted({int(k) for c in cells.values() if c["k_train"] is not None for k in c["eval"]})
+    if ks:
+        lines += ["", "EM (%) by WRITE steps at evaluation (K_eval); the paper's figure in brackets where it gives one.",
+                  "", "| method | K train | N | " + " | ".join(f"K_eval {k}" for k in ks) + " |",
+                  "|---|---|---|" + "---|" * len(ks)]
+        for spec in cfg.methods:
+            for pairs in cfg.pairs:
+                c = cells.get(cell_name(spec, pairs))
+                if c is None or c["k_train"] is None:
+                    continue
+                row = []
+                for k in ks:
+                    score = c["eval"].get(str(k))
+                    paper = c["paper"]["k_eval"].get(str(k))
+                    text = "-" if score is None else _pct(score["em"])
+                    text = f"**{text}**" if k == c["k_train"] else text
+                    row.append(text + (f" [{paper}]" if paper else ""))
+                lines.append(f"| {spec.name} | {c['k_train']} | {pairs} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cfg: CapacityConfig, summary: dict[str, Any], path: Path) -> None:
+    """Two panels: EM vs N per method (solid: trained K, dotted: best K_eval); EM vs K_eval at the largest N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {c["cell"]: c for c in summary["cells"]}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    largest = max((c["pairs"] for c in cells.values()), default=cfg.pairs[-1])
+    k_ticks: set[int] = set()
+    for i, spec in enumerate(cfg.methods):
+        color = colors[i % len(colors)]
+        done = [cells[cell_name(spec, n)] for n in cfg.pairs if cell_name(spec, n) in cells]
+        if not done:
+            continue
+        xs = [c["pairs"] for c in done]
+        left.plot(xs, [100 * c["em_trained"] for c in done], "o-", color=color, label=spec.name)
+        if spec.trained_steps:
+            left.plot(xs, [100 * c["em_best"] for c in done], ":", color=color, alpha=0.8)
+        c = cells.get(cell_name(spec, largest))
+        if c is None:
+            continue
+        if spec.trained_steps:
+            ks = sorted(int(k) for k in c["eval"])
+            k_ticks.update(ks)
+            right.plot(ks, [100 * c["eval"][str(k)]["em"] for k in ks], "o-", color=color, label=f"{spec.name} (K train {c['k_train']})")
+            right.plot([c["k_train"]], [100 * c["em_trained"]], "s", color=color, markersize=10, fillstyle="none")
+        else:
+            right.axhline(100 * c["em_trained"], color=color, linestyle="--", label=spec.name)
+    left.set_xscale("log", base=2)
+    left.set_xticks(cfg.pairs, [str(n) for n in cfg.pairs])
+    left.set_xlabel("pairs N")
+    left.set_ylabel("exact match %")
+    left.set_ylim(-3, 103)
+    left.set_title("EM vs N (solid: trained K; dotted: best K_eval)", fontsize=10)
+    left.legend(fontsize=8)
+    if k_ticks:
+        right.set_xticks(sorted(k_ticks))
+    right.set_xlabel("WRITE steps at evaluation (K_eval)")
+    right.set_ylabel("exact match %")
+    right.set_ylim(-3, 103)
+    right.set_title(f"EM vs K_eval at N = {largest} (square: trained K)", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
