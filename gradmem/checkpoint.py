@@ -70,6 +70,14 @@ def compute_fingerprint(
     return "gm1-" + digest.hexdigest()[:32]
 
 
+def is_reader_dir(path: str | os.PathLike) -> bool:
+    """True for a reader directory (config.json with a "gradmem" section); False for a plain model directory."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: {config_file} is missing")
+    return isinstance(json.loads(config_file.read_text()).get(CONFIG_SECTION), dict)
+
+
 def read_section(path: str | os.PathLike) -> dict[str, Any]:
     """The "gradmem" section of a reader directory's config.json, with a clear error if it is not a reader."""
     config_file = Path(path) / "config.json"

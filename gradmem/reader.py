@@ -96,6 +96,22 @@ class Reader(nn.Module):
         return cls(lm, tokenizer, config or MemoryConfig())
 
     @classmethod
+    def from_language_model(
+        cls, path: str | os.PathLike, config: MemoryConfig | None = None, dtype: str | torch.dtype = "auto",
+        attention: str = "sdpa",
+    ) -> "Reader":
+        """A fresh reader around a plain local Hugging Face causal LM directory (e.g. jobs/prepare_model.py's
+        output): the pretrained backbone and its tokenizer, a new M0, write head and memory projection.
+
+        Only local files are read (``local_files_only``); seed torch first for a reproducible M0."""
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, use_safetensors=True,
+                                                   local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None:  # pads only fill masked positions; any id will do
+            tokenizer.pad_token = tokenizer.eos_token
+        return cls(lm, tokenizer, config or MemoryConfig())
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, trainable: bool = False, device: str | torch.device = "cpu") -> "Reader":
         """Load a reader directory written by ``save_pretrained``. Nothing is unpickled.
 

@@ -29,24 +29,36 @@ import torch
 import yaml
 from transformers import GPT2Config, LlamaConfig
 
-from gradmem import methods
+from gradmem import checkpoint, methods
 from gradmem.attention import attention_path, check_attention
 from gradmem.config import MemoryConfig, from_dict
 from gradmem.data import Batch
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
+from gradmem.tasks import babi, squad
+from gradmem.tasks.dataset import ExampleSet
 from gradmem.tasks.kv import KVTask, kv_tokenizer
+from gradmem.tasks.words import word_tokenizer
 
 logger = logging.getLogger(__name__)
+
+TASKS = ("kv", "file", "babi", "squad")
+DTYPES = ("float32", "bfloat16", "float16")
+Task = KVTask | ExampleSet  # what Trainer and evaluate draw batches from
 
 
 # ---------------------------------------------------------------------------------------------- configs
 @dataclass
 class ModelConfig:
-    """The backbone: a from-scratch Llama or GPT-2 sized here, or a local Hugging Face directory (``pretrained``)."""
+    """The backbone: a from-scratch Llama or GPT-2 sized here, or a local Hugging Face directory (``pretrained``).
+
+    ``pretrained`` is either a reader directory (training continues from it, memory settings included) or a plain
+    causal LM directory such as jobs/prepare_model.py writes (wrapped into a fresh reader with ``memory``; the
+    size fields here are then ignored)."""
 
     arch: str = "llama"  # llama | gpt2 (ignored when pretrained is set)
-    pretrained: str | None = None  # a reader directory to continue from
+    pretrained: str | None = None  # a reader directory, or a plain Hugging Face causal LM directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights (bf16 backbones train in bf16 directly)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -58,11 +70,24 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     """``kv``: key-value examples generated on the fly. ``file``: examples with ``context``, ``query`` and
-    ``target`` fields read from jsonl or Parquet (local or s3://) by Ray Data (distributed training only)."""
+    ``target`` fields read from jsonl or Parquet (local or s3://) by Ray Data (distributed training only).
+    ``babi``: bAbI stories (gradmem/tasks/babi.py). ``squad``: SQuAD v1.1, dev set split by article
+    (gradmem/tasks/squad.py). For babi and squad, training batches are drawn from the train split and evaluation
+    walks the validation split; a reader trained from scratch gets a word-level tokenizer built from the train
+    split (gradmem/tasks/words.py)."""
 
-    name: str = "kv"
+    name: str = "kv"  # kv | file | babi | squad
     pairs: int = 8  # kv: pairs per context
-    path: str | None = None  # file: a file, a directory or a glob of .jsonl / .parquet
+    path: str | None = None  # file: a file, a directory or a glob of .jsonl / .parquet; babi: the
+    # tasks_1-20_v1-2 directory; squad: dev-v1.1.json (babi, squad: None = the shared data directory)
+    tasks: list[str] = field(default_factory=lambda: ["qa1"])  # babi: qa1 .. qa20 (pooled)
+    babi_set: str = "en-10k"  # babi: en (1k train questions per task) | en-10k (10k; the paper's; no qa3 here)
+    variant: str = "c_qa"  # squad: c_qa | cq_a | qc_a
+    validation_fraction: float = 0.1  # babi: of the train file's stories; squad: of the articles
+    test_fraction: float = 0.1  # squad: of the articles (babi's test split is the released test file)
+    split_seed: int = 0  # babi, squad: the permutation that carves the splits
+    answer_eos: bool = True  # babi, squad: append EOS to targets (trained, not scored) so answers stop
+    vocab_min_count: int = 1  # babi, squad, from scratch: words seen fewer times in train become <unk>
 
 
 @dataclass
@@ -122,17 +147,50 @@ class TrainConfig:
         check_attention(o.attention, second_order)
         if o.batch_size < 1 or o.max_steps < 0 or o.warmup_steps < 0:
             raise ValueError("optim.batch_size must be >= 1; max_steps and warmup_steps >= 0")
-        if self.task.name not in ("kv", "file"):
-            raise ValueError(f"task {self.task.name!r} is not available (kv, file)")
-        if self.task.name == "file" and not self.task.path:
+        t = self.task
+        if t.name not in TASKS:
+            raise ValueError(f"task {t.name!r} is not available {TASKS}")
+        if t.name == "file" and not t.path:
             raise ValueError("task file needs task.path (jsonl or Parquet with context, query, target)")
+        if t.name == "babi":
+            unknown = [name for name in t.tasks if name not in babi.TASK_NAMES]
+            if not t.tasks or unknown:
+                raise ValueError(f"task.tasks must name bAbI tasks qa1 .. qa20, got {t.tasks}")
+            if t.babi_set not in babi.SETS:
+                raise ValueError(f"task.babi_set must be one of {babi.SETS}, got {t.babi_set!r}")
+        if t.name == "squad" and t.variant not in squad.VARIANTS:
+            raise ValueError(f"task.variant must be one of {squad.VARIANTS}, got {t.variant!r}")
+        if not (0 <= t.validation_fraction < 1 and 0 <= t.test_fraction < 1
+                and t.validation_fraction + t.test_fraction < 1):
+            raise ValueError("task.validation_fraction and task.test_fraction must be in [0, 1) and leave training data")
         if self.model.arch not in ("llama", "gpt2"):
             raise ValueError(f"model.arch must be llama or gpt2, got {self.model.arch!r}")
+        if self.model.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.model.dtype!r}")
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build_task(cfg: TaskConfig) -> KVTask:
+def build_task(cfg: TaskConfig, split: str = "train") -> Task:
+    """The task's ``split`` (train | validation | test). Key-value data has no splits: the evaluation draws
+    from its own seeds instead. ``file`` tasks have none here (Ray Data feeds them to the workers)."""
+    if cfg.name == "babi":
+        return babi.babi_task(cfg.tasks, split, cfg.babi_set, cfg.path, cfg.validation_fraction, cfg.split_seed,
+                              cfg.answer_eos)
+    if cfg.name == "squad":
+        return squad.squad_task(cfg.variant, split, cfg.path, cfg.validation_fraction, cfg.test_fraction,
+                                cfg.split_seed, cfg.answer_eos)
+    if cfg.name == "file":
+        raise ValueError("file tasks are read by Ray Data in the distributed trainer (jobs/train.py), not built here")
     return KVTask(pairs=cfg.pairs)
+
+
+def build_tokenizer(cfg: TaskConfig, train_task: Task | None = None):
+    """The tokenizer of a from-scratch reader: characters for key-value data, words of the train split for
+    bAbI and SQuAD (``train_task`` saves loading it twice)."""
+    if cfg.name in ("kv", "file"):
+        return kv_tokenizer()
+    task = train_task if train_task is not None else build_task(cfg, "train")
+    return word_tokenizer(task.texts(), min_count=cfg.vocab_min_count)
 
 
 def build_backbone_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
@@ -149,15 +207,21 @@ def build_backbone_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
     )
 
 
-def build_reader(cfg: TrainConfig) -> Reader:
-    """A trainable reader: from a reader directory, or a from-scratch backbone with the task's tokenizer."""
-    if cfg.model.pretrained:
-        return Reader.from_pretrained(cfg.model.pretrained, trainable=True).train()
-    tokenizer = kv_tokenizer()
+def build_reader(cfg: TrainConfig, train_task: Task | None = None) -> Reader:
+    """A trainable reader: from a reader directory, around a plain pretrained LM directory (fresh memory
+    parameters, ``cfg.memory``), or a from-scratch backbone with the task's tokenizer."""
+    dtype = getattr(torch, cfg.model.dtype)
+    kv_stop = ["|"] if cfg.task.name in ("kv", "file") else []  # other tasks end their answers with EOS
+    memory = MemoryConfig.from_dict({**cfg.memory.to_dict(), "answer_stop": cfg.memory.answer_stop or kv_stop})
     torch.manual_seed(cfg.model.seed)
+    if cfg.model.pretrained:
+        if checkpoint.is_reader_dir(cfg.model.pretrained):
+            return Reader.from_pretrained(cfg.model.pretrained, trainable=True).train()
+        logger.info("wrapping the language model %s into a new reader", cfg.model.pretrained)
+        return Reader.from_language_model(cfg.model.pretrained, memory, dtype=dtype).train()
+    tokenizer = build_tokenizer(cfg.task, train_task)
     backbone = build_backbone_config(cfg.model, len(tokenizer), tokenizer)
-    memory = MemoryConfig.from_dict({**cfg.memory.to_dict(), "answer_stop": cfg.memory.answer_stop or ["|"]})
-    return Reader.from_config(backbone, tokenizer, memory).train()
+    return Reader.from_config(backbone, tokenizer, memory).to(dtype).train()
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -185,21 +249,30 @@ def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: 
 
 @torch.no_grad()
 def evaluate(
-    reader: Reader, task: KVTask, samples: int, steps_list: list[int], lr: float, seed: Any = ("eval", 0),
-    batch_size: int = 128,
+    reader: Reader, task: Task, samples: int, steps_list: list[int], lr: float, seed: Any = ("eval", 0),
+    batch_size: int = 128, start: int = 0,
 ) -> dict[int, dict[str, float]]:
-    """Exact match, token accuracy and final write loss on held-out examples for each number of WRITE steps."""
+    """Exact match (teacher-forced), token accuracy and final write loss on held-out examples for each number of
+    WRITE steps. Key-value examples come from ``seed``; a fixed dataset (bAbI, SQuAD: pass its validation or
+    test split) is walked in order from ``start``, at most ``samples`` examples, each counted once."""
     was_training = reader.training
     reader.eval()
     results: dict[int, dict[str, float]] = {}
     seed_seq = [hash_seed(seed)]
+    if isinstance(task, ExampleSet):
+        samples = max(0, min(samples, len(task) - start))
+    if samples < 1:
+        raise ValueError(f"nothing to evaluate: {samples} samples (start {start})")
     try:
         for steps in steps_list:
             totals = {"em": 0.0, "token_acc": 0.0, "write_loss": 0.0, "write_acc": 0.0}
             done = 0
-            for i, start in enumerate(range(0, samples, batch_size)):
-                n = min(batch_size, samples - start)
-                batch = task.batch(n, seed_seq + [i], reader.tokenizer).to(reader.device)
+            for i, offset in enumerate(range(0, samples, batch_size)):
+                n = min(batch_size, samples - offset)
+                if isinstance(task, ExampleSet):
+                    batch = task.ordered_batch(start + offset, n, reader.tokenizer).to(reader.device)
+                else:
+                    batch = task.batch(n, seed_seq + [i], reader.tokenizer).to(reader.device)
                 with attention_path(reader.lm, "sdpa"):
                     out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
                     read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask,
@@ -242,13 +315,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, device: str | torch.device = "cpu"):
         cfg.validate()
-        if cfg.task.name != "kv":
-            raise ValueError("the single-process Trainer generates key-value data; train on files with "
-                             "jobs/train.py (Ray Data feeds the workers)")
+        if cfg.task.name == "file":
+            raise ValueError("the single-process Trainer generates or loads its data (kv, babi, squad); train on "
+                             "files with jobs/train.py (Ray Data feeds the workers)")
         self.cfg = cfg
         self.output = Path(output_dir)
-        self.task = build_task(cfg.task)
-        self.reader = build_reader(cfg).to(device)  # before the optimizer, so its state lives on the device too
+        self.task = build_task(cfg.task, "train")
+        self.eval_task = build_task(cfg.task, "validation") if isinstance(self.task, ExampleSet) else self.task
+        self.reader = build_reader(cfg, self.task).to(device)  # before the optimizer: its state lives there too
         params = [p for p in self.reader.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
@@ -298,8 +372,8 @@ class Trainer:
 
     def evaluate(self, steps_list: list[int] | None = None) -> dict[int, dict[str, float]]:
         mem = self.reader.config
-        return evaluate(self.reader, self.task, self.cfg.run.eval_samples, steps_list or [mem.write_steps], mem.write_lr,
-                        batch_size=self.cfg.run.eval_batch_size)
+        return evaluate(self.reader, self.eval_task, self.cfg.run.eval_samples, steps_list or [mem.write_steps],
+                        mem.write_lr, batch_size=self.cfg.run.eval_batch_size)
 
     def fit(self, max_steps: int | None = None, resume: bool = False) -> Path:
         """Train to ``max_steps`` (default: the config's), evaluating and checkpointing; export the final reader."""

@@ -10,7 +10,9 @@ Every worker runs the core's ``gradmem.train.meta_step`` (second order through t
 
 The Ray-specific lines are fenced off in ``worker_loop``; everything else is ordinary PyTorch. Batches for the
 key-value task are generated on each worker from ``(seed, rank, step, micro-step)``, so no two ranks ever see
-the same samples and a resumed run sees exactly the batches it would have seen.
+the same samples and a resumed run sees exactly the batches it would have seen; bAbI and SQuAD batches are drawn
+from their train split by the same seeds (with replacement), and each rank evaluates its own slice of the
+validation split.
 
 Checkpoints (reported with ``ray.train.report`` and persisted by Ray to the storage path, local or S3)::
 
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from gradmem.data import Example, collate
 from gradmem.reader import Reader
 from gradmem.runtime import configure_cpu
+from gradmem.tasks.dataset import ExampleSet
 from gradmem.train import TrainConfig, build_reader, build_task, evaluate, meta_step, warmup_constant
 from pipelines.storage import resolve
 
@@ -224,8 +227,8 @@ def setup(config: dict[str, Any], world: int, device: torch.device):
     """Config, task, engine and per-worker micro-batch size: the same on every worker."""
     configure_cpu(config["threads"])
     cfg = TrainConfig.from_dict(config["train"])
-    task = build_task(cfg.task) if cfg.task.name == "kv" else None  # file tasks arrive through Ray Data
-    reader = build_reader(cfg).to(device)  # same model.seed on every rank: identical initial weights
+    task = build_task(cfg.task) if cfg.task.name != "file" else None  # file tasks arrive through Ray Data
+    reader = build_reader(cfg, task).to(device)  # same model.seed on every rank: identical initial weights
     params = [p for p in reader.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.optim.warmup_steps))
@@ -260,6 +263,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     mem, run = engine.reader.config, cfg.run
     file_batches = shard_batches(micro, engine.reader.tokenizer) if task is None else None
+    eval_task = None
     engine.reader.train()
     window: list[dict[str, float]] = []
     started, start_step, timing = time.perf_counter(), step, False
@@ -289,8 +293,12 @@ def worker_loop(config: dict[str, Any]) -> None:
             window = []
         if task is not None and run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
             per_rank = max(1, run.eval_samples // world)
-            result = evaluate(engine.reader, task, per_rank, [mem.write_steps], mem.write_lr,
-                              seed=("eval", rank), batch_size=run.eval_batch_size)[mem.write_steps]
+            if eval_task is None:  # built once: a fixed dataset's validation split (key-value: the same generator)
+                eval_task = build_task(cfg.task, "validation") if isinstance(task, ExampleSet) else task
+            if isinstance(eval_task, ExampleSet):  # each rank takes its own slice of the validation split
+                per_rank = max(1, min(run.eval_samples, len(eval_task)) // world)
+            result = evaluate(engine.reader, eval_task, per_rank, [mem.write_steps], mem.write_lr,
+                              seed=("eval", rank), batch_size=run.eval_batch_size, start=rank * per_rank)[mem.write_steps]
             report.update(all_reduce_mean({f"eval_{k}": v for k, v in result.items()}))
         save = (run.save_every and step % run.save_every == 0) or step == cfg.optim.max_steps
         if report or save:
@@ -375,7 +383,8 @@ def gradient_check_loop(config: dict[str, Any]) -> None:
 
 def reference_gradients(cfg: TrainConfig, world: int, micro: int) -> dict[str, torch.Tensor]:
     """Single-process gradients of the mean outer loss over the batches ``world`` ranks would draw."""
-    task, reader = build_task(cfg.task), build_reader(cfg)
+    task = build_task(cfg.task)
+    reader = build_reader(cfg, task)
     for rank in range(world):
         batch = task.batch(micro, [cfg.optim.seed, rank, 0, 0], reader.tokenizer)
         loss, _ = meta_step(reader, batch, cfg.optim, reader.config.write_steps, reader.config.write_lr)

@@ -1,0 +1,99 @@
+"""Tasks over a fixed list of examples (bAbI, SQuAD) behind the interface ``KVTask`` set: ``examples(n, seed)``
+and ``batch(n, seed, tokenizer)``.
+
+Training batches are drawn with replacement by ``np.random.default_rng(seed)``, so a batch is a pure function of
+(seed, rank, step) exactly as for generated key-value data, and a resumed run sees the batches it would have
+seen. Evaluation walks the split in order instead (``ordered``), so every example counts once.
+
+Targets get the tokenizer's end-of-sequence token appended when the batch is built (``answer_eos``): the READ
+then learns where an answer ends, which greedy answers need (``Reader.answer`` stops at EOS). That token is in
+the READ loss but not in exact match, which counts the answer's own tokens only, as the paper does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from gradmem.data import Batch, Example, collate
+
+if TYPE_CHECKING:
+    from gradmem.reader import Reader
+
+# prediction, gold answers -> metric name -> value in [0, 1]
+Metric = Callable[[str, Sequence[str]], dict[str, float]]
+
+
+class ExampleSet:
+    """One split of a fixed dataset: the examples, each with its gold answers, and the task's metric."""
+
+    def __init__(self, name: str, examples: Sequence[Example], golds: Sequence[Sequence[str]], metric: Metric,
+                 answer_eos: bool = True):
+        if len(examples) != len(golds):
+            raise ValueError(f"{name}: {len(examples)} examples but {len(golds)} gold answer lists")
+        if not examples:
+            raise ValueError(f"{name}: no examples")
+        self.name = name
+        self.items: tuple[Example, ...] = tuple(examples)
+        self.golds: tuple[tuple[str, ...], ...] = tuple(tuple(g) for g in golds)
+        self.metric = metric
+        self.answer_eos = answer_eos
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return f"ExampleSet({self.name!r}, {len(self)} examples)"
+
+    def examples(self, n: int, seed: int | Sequence[int]) -> list[Example]:
+        """``n`` examples drawn with replacement by ``np.random.default_rng(seed)`` (the training stream)."""
+        rng = np.random.default_rng(seed)
+        return [self.items[i] for i in rng.integers(0, len(self.items), size=n)]
+
+    def ordered(self, start: int, n: int) -> list[Example]:
+        """Examples ``start`` .. ``start + n - 1`` in split order (evaluation)."""
+        return list(self.items[start : start + n])
+
+    def collate(self, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase) -> Batch:
+        eos = tokenizer.eos_token if self.answer_eos else None
+        if eos is None:
+            return collate(examples, tokenizer)
+        ended = [Example(e.context, e.query, e.target + eos) for e in examples]
+        return collate(ended, tokenizer, unscored=(eos,))
+
+    def batch(self, n: int, seed: int | Sequence[int], tokenizer: PreTrainedTokenizerBase) -> Batch:
+        return self.collate(self.examples(n, seed), tokenizer)
+
+    def ordered_batch(self, start: int, n: int, tokenizer: PreTrainedTokenizerBase) -> Batch:
+        return self.collate(self.ordered(start, n), tokenizer)
+
+    def texts(self) -> Iterator[str]:
+        """Every context, query and target: what a word-level tokenizer is built from."""
+        for e in self.items:
+            yield e.context
+            yield e.query
+            yield e.target
+
+    def score(self, predictions: Sequence[str], start: int = 0) -> dict[str, float]:
+        """Mean of the task's metric over ``predictions`` for the examples from ``start`` on."""
+        if start + len(predictions) > len(self):
+            raise ValueError(f"{len(predictions)} predictions from {start} overrun the {len(self)} examples")
+        totals: dict[str, float] = {}
+        for i, prediction in enumerate(predictions):
+            for key, value in self.metric(prediction, self.golds[start + i]).items():
+                totals[key] = totals.get(key, 0.0) + value
+        return {k: v / max(1, len(predictions)) for k, v in totals.items()}
+
+
+def evaluate_generated(
+    reader: "Reader", task: ExampleSet, samples: int, steps: int | None = None, lr: float | None = None,
+    max_new_tokens: int = 16, batch_size: int = 64, start: int = 0,
+) -> tuple[dict[str, float], list[str]]:
+    """Write the contexts, answer the queries greedily from memory alone, and score the answers with the task's
+    metric (bAbI exact match; SQuAD's normalised EM and F1). Returns the scores and the answers."""
+    examples = task.ordered(start, samples)
+    memories = reader.write([e.context for e in examples], steps=steps, lr=lr, batch_size=batch_size)
+    answers = reader.answer(memories, [e.query for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return task.score(answers, start), answers
