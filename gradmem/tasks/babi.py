@@ -44,10 +44,16 @@ SPLITS = ("train", "validation", "test")
 TASK_NAMES = tuple(f"qa{i}" for i in range(1, 21))
 
 
+DATA_CANDIDATES = (Path(__file__).resolve().parents[3] / "shared" / "data", Path("/work/shared/data"))
+
+
 def data_root() -> Path:
-    """The shared data directory: ``$GRADMEM_DATA``, else ``../shared/data`` beside the repository."""
+    """The shared data directory: ``$GRADMEM_DATA``, else ``../shared/data`` beside the repository, else the
+    workplace's ``/work/shared/data`` (a clone elsewhere, e.g. CI's, still finds the released files)."""
     env = os.environ.get("GRADMEM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+    if env:
+        return Path(env)
+    return next((c for c in DATA_CANDIDATES if c.is_dir()), DATA_CANDIDATES[0])
 
 
 def default_root() -> Path:
