@@ -9,7 +9,7 @@
 3. starts the query service on Ray Serve (127.0.0.1, a free port), asks questions over HTTP about documents
    the service holds only as memories, and writes one new document online;
 4. prints answers and exact match, and shuts Serve and Ray down.
-About 4 minutes on 2 CPU cores. Every run starts afresh in OUTPUT (its previous demo files are replaced).
+About 5 minutes on 2 CPU cores. Every run starts afresh in OUTPUT (its previous demo files are replaced).
 """
 
 from __future__ import annotations
