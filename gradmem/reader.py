@@ -84,6 +84,7 @@ class Reader(nn.Module):
             nn.init.eye_(self.mem_proj.weight)
         self._fingerprint: tuple[tuple[int, ...], str] | None = None
         self._compiled_forward = None  # a compiled function, not a module: it must not enter state_dict
+        self._stop_ids: set[int] | None = None  # see stop_ids
 
     # ------------------------------------------------------------------ construction and checkpoints
     @classmethod
@@ -355,39 +356,59 @@ class Reader(nn.Module):
     ) -> list[str]:
         """Greedy answers to ``questions[i]`` from ``memories[i]`` alone (the context is never seen, except by the
         full-context bound, whose memory is the context)."""
+        if isinstance(questions, str) or not isinstance(questions, Sequence):
+            raise ValueError("questions must be a list of strings")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise ValueError(f"question {i} is a {type(q).__name__}, not a string")
+        return self.answer_tokens(memories, tokenize(self.tokenizer, questions), max_new_tokens, batch_size, attention)
+
+    def check_questions(self, prefix_rows: Sequence[int], q_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """A clear ValueError for any question that would not fit the backbone's positions after its memory rows."""
+        for i, (rows, q) in enumerate(zip(prefix_rows, q_ids)):
+            if rows + len(q) + max_new_tokens > self.max_positions:
+                raise ValueError(f"question {i} is too long: {len(q)} tokens + {rows} memory + "
+                                 f"{max_new_tokens} new tokens exceed {self.max_positions} positions")
+
+    def answer_tokens(
+        self, memories: Memories, q_ids: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 64,
+        attention: str = INFERENCE_ATTENTION,
+    ) -> list[str]:
+        """``answer`` on question token ids already produced by this reader's tokenizer (the service tokenizes
+        once, to check sizes before a request joins a batch)."""
         if memories.fingerprint != self.fingerprint:
             raise ValueError(f"these memories were written by reader {memories.fingerprint}, not by this reader "
                              f"({self.fingerprint}); rewrite them with this reader")
-        if isinstance(questions, str) or len(questions) != len(memories):
-            raise ValueError(f"need one question per memory: got {len(memories)} memories and "
-                             f"{1 if isinstance(questions, str) else len(questions)} questions")
+        if len(q_ids) != len(memories):
+            raise ValueError(f"need one question per memory: got {len(memories)} memories and {len(q_ids)} questions")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         bad = (~memories.finite()).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"memories at indices {bad} hold NaN/inf and cannot be read")
-        for i, q in enumerate(questions):
-            if not isinstance(q, str):
-                raise ValueError(f"question {i} is a {type(q).__name__}, not a string")
-        q_ids = tokenize(self.tokenizer, questions)
-        n_prefix = methods.prefix_lengths(self, memories.tensor, memories.stats.n_tokens).tolist()
-        for i, q in enumerate(q_ids):
-            if n_prefix[i] + len(q) + max_new_tokens > self.max_positions:
-                raise ValueError(f"question {i} is too long: {len(q)} tokens + {n_prefix[i]} memory + "
-                                 f"{max_new_tokens} new tokens exceed {self.max_positions} positions")
-        stop_ids = {self.tokenizer.eos_token_id} - {None}
-        for s in self.config.answer_stop:
-            s_ids = tokenize(self.tokenizer, [s])[0]
-            if len(s_ids) == 1:
-                stop_ids.add(s_ids[0])
+        self.check_questions(methods.prefix_lengths(self, memories.tensor, memories.stats.n_tokens).tolist(), q_ids,
+                             max_new_tokens)
         answers: list[str] = []
         with attention_path(self.lm, attention):
             for start in range(0, len(q_ids), batch_size):
                 memory = memories.tensor[start : start + batch_size].to(self.device, self.memory.dtype)  # (b, P, d)
                 prefix, n_rows = methods.read_prefix(self, memory, memories.stats.n_tokens[start : start + batch_size])
-                for ids in greedy_generate(self, prefix, n_rows, q_ids[start : start + batch_size], max_new_tokens, stop_ids):
+                for ids in greedy_generate(self, prefix, n_rows, q_ids[start : start + batch_size], max_new_tokens,
+                                           self.stop_ids):
                     answers.append(self._decode_answer(ids))
         return answers
+
+    @property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a greedy answer: EOS and every single-token ``answer_stop`` string (computed once)."""
+        if self._stop_ids is None:
+            stop = {self.tokenizer.eos_token_id} - {None}
+            for text in self.config.answer_stop:
+                ids = tokenize(self.tokenizer, [text])[0]
+                if len(ids) == 1:
+                    stop.add(ids[0])
+            self._stop_ids = stop
+        return self._stop_ids
 
     def _decode_answer(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

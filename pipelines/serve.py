@@ -206,11 +206,8 @@ class GradMemService:
 
     def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None) -> dict:
         for attempt in range(2):
-            if memory_id is not None:
-                entry = self.index.by_id.get(memory_id)
-            else:
-                found = [k for k in ((doc_id, chunk if chunk is not None else 0),) if k in self.index.by_doc]
-                entry = self.index.by_id[self.index.by_doc[found[0]]] if found else None
+            mid = memory_id if memory_id is not None else self.index.by_doc.get((doc_id, chunk or 0))
+            entry = self.index.by_id.get(mid) if mid is not None else None
             if entry is not None:
                 break
             if attempt == 0:
@@ -228,13 +225,13 @@ class GradMemService:
 
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _answer_batch(self, items: list[tuple[torch.Tensor, int, str, int]]) -> list[str]:
+    async def _answer_batch(self, items: list[tuple[torch.Tensor, int, list[int], int]]) -> list[str]:
         """One greedy pass for the questions of many requests, each over its own memory (m, d)."""
         async with self.lock:
             return await asyncio.to_thread(self._answer_now, items)
 
-    def _answer_now(self, items: list[tuple[torch.Tensor, int, str, int]]) -> list[str]:
-        """items: (memory (P, d), context tokens, question, max new tokens)."""
+    def _answer_now(self, items: list[tuple[torch.Tensor, int, list[int], int]]) -> list[str]:
+        """items: (memory (P, d), context tokens, question token ids, max new tokens)."""
         out: list[str | None] = [None] * len(items)
         for budget in sorted({item[3] for item in items}):  # requests asking for different lengths: one pass each
             picked = [i for i, item in enumerate(items) if item[3] == budget]
@@ -243,8 +240,8 @@ class GradMemService:
             n_tokens = torch.tensor([items[i][1] for i in picked])  # full_context readers need the real rows
             memories = Memories(tensor, WriteStats(torch.zeros(b, 1), torch.zeros(b), n_tokens), self.fingerprint,
                                 0, 0.0)
-            for i, answer in zip(picked, self.reader.answer(memories, [items[i][2] for i in picked], budget,
-                                                            batch_size=len(picked))):
+            for i, answer in zip(picked, self.reader.answer_tokens(memories, [items[i][2] for i in picked], budget,
+                                                                   batch_size=len(picked))):
                 out[i] = answer
         return out  # type: ignore[return-value]
 
@@ -270,11 +267,12 @@ class GradMemService:
             raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
         n_tokens = meta["n_context_tokens"]
         rows = int(methods.prefix_lengths(self.reader, tensor[None], torch.tensor([n_tokens]))[0])
-        room = self.reader.max_positions - rows - budget
-        for q_ids in tokenize(self.reader.tokenizer, body.questions):  # checked here: one bad question must not
-            if len(q_ids) > room:  # fail a batch shared with other requests
-                raise ApiError(413, f"a question has {len(q_ids)} tokens: with {budget} new tokens at most {room} fit")
-        answers = await asyncio.gather(*(self._answer_batch((tensor, n_tokens, q, budget)) for q in body.questions))
+        q_ids = tokenize(self.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
+        try:  # here, not in the batch: one bad question must not fail a batch shared with other requests
+            self.reader.check_questions([rows] * len(q_ids), q_ids, budget)
+        except ValueError as e:
+            raise ApiError(413, str(e)) from e
+        answers = await asyncio.gather(*(self._answer_batch((tensor, n_tokens, q, budget)) for q in q_ids))
         return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=self.fingerprint,
                              answers=list(answers))
 

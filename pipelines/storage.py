@@ -66,7 +66,7 @@ def local_dir(uri: str, s3_endpoint: str | None = None, skip_suffixes: tuple[str
         if not infos:
             raise FileNotFoundError(f"{uri}: no files there")
         for info in infos:
-            if info.base_name.endswith(skip_suffixes) and skip_suffixes:
+            if skip_suffixes and info.base_name.endswith(skip_suffixes):
                 continue
             dest = Path(target) / info.path[len(store.path) :].lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)

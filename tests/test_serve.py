@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import requests
 
-from conftest import make_reader
+from conftest import _port, make_reader
 from gradmem import Reader, records
 from gradmem.store import MemoryStore
 from gradmem.tasks.kv import KVTask, exact_match
@@ -16,12 +15,6 @@ from pipelines.compress import CompressConfig, compress
 from pipelines.serve import build_app
 
 KEY_ENV = "GRADMEM_TEST_API_KEY"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
