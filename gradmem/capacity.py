@@ -23,11 +23,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +36,8 @@ import torch
 import yaml
 
 from gradmem.config import METHODS
+from gradmem.reports import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
+                             write_json_atomic)
 from gradmem.train import TrainConfig, Trainer, evaluate
 
 logger = logging.getLogger(__name__)
@@ -221,63 +221,8 @@ class CapacityConfig:
         return [(spec, pairs) for pairs in self.pairs for spec in self.methods]
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``extra`` merged in, mappings recursively."""
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def cell_name(spec: MethodSpec, pairs: int) -> str:
     return f"{spec.name}_N{pairs}"
-
-
-# ---------------------------------------------------------------------------------------------- files
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers and restarts never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def jsonable(obj: Any) -> Any:
-    """JSON-native copy: NaN and inf become None (json would write non-standard NaN, and NaN != NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k) if not isinstance(k, str) else k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
-def git_commit(root: Path) -> dict[str, Any]:
-    """HEAD of the checkout at ``root`` and whether the tree had uncommitted changes (None outside git)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip() != ""
-        return {"commit": head, "dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def device_name(device: str) -> str:
-    """What ran the cells, for the record (timings only compare on the same kind)."""
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({os.cpu_count()} cores)"
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -543,7 +488,4 @@ def plot(cfg: CapacityConfig, summary: dict[str, Any], path: Path) -> None:
     right.set_title(f"EM vs K_eval at N = {largest} (square: trained K)", fontsize=10)
     right.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -88,6 +88,7 @@ class TaskConfig:
     split_seed: int = 0  # babi, squad: the permutation that carves the splits
     answer_eos: bool = True  # babi, squad: append EOS to targets (trained, not scored) so answers stop
     vocab_min_count: int = 1  # babi, squad, from scratch: words seen fewer times in train become <unk>
+    vocab_max_size: int | None = None  # babi, squad, from scratch: keep the most frequent words only (specials included)
 
 
 @dataclass
@@ -190,7 +191,7 @@ def build_tokenizer(cfg: TaskConfig, train_task: Task | None = None):
     if cfg.name in ("kv", "file"):
         return kv_tokenizer()
     task = train_task if train_task is not None else build_task(cfg, "train")
-    return word_tokenizer(task.texts(), min_count=cfg.vocab_min_count)
+    return word_tokenizer(task.texts(), min_count=cfg.vocab_min_count, max_size=cfg.vocab_max_size)
 
 
 def build_backbone_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
@@ -389,6 +390,7 @@ class Trainer:
         window: list[dict[str, float]] = []
         started, start_step = time.perf_counter(), self.step
         while self.step < total:
+            step_started = time.perf_counter()
             batch = self.train_batch(self.step).to(self.reader.device)
             loss, metrics = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
             if not math.isfinite(metrics["loss"]):
@@ -399,6 +401,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
+            metrics["step_s"] = time.perf_counter() - step_started  # data + meta-step + update, no evaluation
             window.append(metrics)
             if self.step % run.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - started

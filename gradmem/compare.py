@@ -1,0 +1,399 @@
+"""Methods side by side on a natural-language task (bAbI, SQuAD): same backbone, same budget, learning curves.
+
+For every entry of ``methods`` in a ``CompareConfig`` (GradMem and the baselines: RMT, full context, no
+context), the same backbone is trained on the task's train split through the ordinary ``Trainer`` with the same
+budget; its validation metrics every ``run.eval_every`` steps make the learning curve. Each trained reader is
+then scored on ``test_split``: teacher-forced exact match for every K_eval in ``eval_steps`` (gradmem, rmt), and
+greedy answers generated from memory alone, scored with the task's own metric (bAbI exact match of the answer
+word; SQuAD's normalised EM and F1).
+
+Output directory::
+
+    cells/<name>.json       one finished method, written atomically the moment it finishes
+    runs/<name>/            its Trainer directory (config.yaml, metrics.jsonl, reader/)
+    results.json            every finished cell + config + commit + device
+    results.md              the table
+    compare.png             learning curves (validation EM and training READ loss vs step)
+
+Resume: a cell whose json exists (with the same config) is skipped; one cut off while training continues from its
+Trainer checkpoint. Several processes may work on one output directory with disjoint ``only`` lists (2 cores, two
+one-thread processes): the results files are rebuilt from every finished cell on disk each time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from gradmem.capacity import BASE_SECTIONS, NAME_PATTERN, TRAINED_METHODS, MethodSpec
+from gradmem.config import METHODS
+from gradmem.reports import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
+                             write_json_atomic)
+from gradmem.tasks.dataset import ExampleSet, evaluate_generated
+from gradmem.train import TrainConfig, Trainer, build_task, evaluate
+
+logger = logging.getLogger(__name__)
+
+COMPARE_TASKS = ("babi", "squad")  # tasks with fixed splits and a generated-answer metric
+GRID_KEYS = ("methods", "test_split", "test_samples", "eval_steps", "generate", "max_new_tokens", "eval_batch_size")
+
+
+@dataclass
+class CompareConfig:
+    """A base TrainConfig (``base``: its sections as a dict) and the methods to train on it."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    methods: list[MethodSpec] = field(default_factory=list)
+    test_split: str = "test"  # where the final scores come from (validation gives the learning curve)
+    test_samples: int | None = None  # None: the whole split
+    eval_steps: list[int] = field(default_factory=list)  # extra K_eval for gradmem/rmt (the trained K always)
+    generate: bool = True  # also score greedy answers with the task's metric
+    max_new_tokens: int = 16
+    eval_batch_size: int | None = None  # None: the base run.eval_batch_size
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompareConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a comparison config is a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(GRID_KEYS) - set(BASE_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown comparison config keys {unknown}; known: {sorted(set(GRID_KEYS) | set(BASE_SECTIONS))}")
+        methods = data.get("methods")
+        if not isinstance(methods, list) or not methods:
+            raise ValueError("comparison config needs `methods:`, a non-empty list of {name, method, write_steps, ...}")
+        specs = []
+        names = {"name", "method", "write_steps", "write_lr", "max_steps", "overrides"}
+        for i, entry in enumerate(methods):
+            if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
+                raise ValueError(f"methods[{i}] needs a `name` and a `method` (one of {METHODS}), got {entry!r}")
+            extra = sorted(set(entry) - names)
+            if extra:
+                raise ValueError(f"methods[{i}]: unknown keys {extra}; known: {sorted(names)}")
+            specs.append(MethodSpec(**entry))
+        cfg = cls(base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None}, methods=specs,
+                  **{k: data[k] for k in GRID_KEYS if k != "methods" and k in data})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "CompareConfig":
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {**copy.deepcopy(self.base), **asdict(self)}
+        del data["base"]
+        return data
+
+    def validate(self) -> None:
+        """Fail before any training: every method's TrainConfig is built and validated here."""
+        names = [spec.name for spec in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        for spec in self.methods:
+            if not isinstance(spec.name, str) or not NAME_PATTERN.match(spec.name):
+                raise ValueError(f"method name {spec.name!r} must be letters, digits, '_', '.', '-' (it names files)")
+            if spec.method not in METHODS:
+                raise ValueError(f"methods entry {spec.name!r}: unknown method {spec.method!r}; choose one of {METHODS}")
+            if spec.write_lr is not None and not isinstance(spec.write_lr, (int, float)):
+                raise ValueError(f"methods entry {spec.name!r}: write_lr must be a number here, got {spec.write_lr!r}")
+            if not isinstance(spec.overrides, dict):
+                raise ValueError(f"methods entry {spec.name!r}: overrides must be a mapping of config sections")
+            cfg = self.cell_config(spec)
+            cfg.validate()
+            if cfg.task.name not in COMPARE_TASKS:
+                raise ValueError(f"the comparison runs on {COMPARE_TASKS} (fixed splits, a task metric); got task "
+                                 f"{cfg.task.name!r} (key-value data: jobs/capacity.py)")
+        if self.test_split not in ("validation", "test"):
+            raise ValueError(f"test_split must be validation or test, got {self.test_split!r}")
+        if self.test_samples is not None and (not isinstance(self.test_samples, int) or self.test_samples < 1):
+            raise ValueError(f"test_samples must be a positive integer or null (the whole split), got {self.test_samples}")
+        if not isinstance(self.eval_steps, list) or any(not isinstance(k, int) or isinstance(k, bool) or k < 0
+                                                        for k in self.eval_steps):
+            raise ValueError(f"eval_steps must be a list of integers >= 0, got {self.eval_steps}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+
+    def cell_config(self, spec: MethodSpec) -> TrainConfig:
+        """The TrainConfig of one method: base, then its overrides, then its method, K, alpha and budget."""
+        data = deep_merge(self.base, spec.overrides)
+        memory = data.setdefault("memory", {})
+        memory["method"] = spec.method
+        if spec.write_steps is not None:
+            memory["write_steps"] = spec.write_steps
+        if spec.write_lr is not None:
+            memory["write_lr"] = spec.write_lr
+        if spec.max_steps is not None:
+            data["optim"] = {**(data.get("optim") or {}), "max_steps": spec.max_steps}
+        return TrainConfig.from_dict(data)
+
+    def eval_steps_for(self, spec: MethodSpec, cfg: TrainConfig) -> list[int]:
+        """K_eval of a method: the trained K plus the sweep for gradmem/rmt; the trained K alone for the bounds."""
+        if spec.method not in TRAINED_METHODS:
+            return [cfg.memory.write_steps]
+        return sorted(set(self.eval_steps) | {cfg.memory.write_steps})
+
+    def select(self, only: list[str] | None) -> list[MethodSpec]:
+        if not only:
+            return list(self.methods)
+        unknown = sorted(set(only) - {s.name for s in self.methods})
+        if unknown:
+            raise ValueError(f"--only names {unknown} are not in the config's methods {[s.name for s in self.methods]}")
+        return [s for s in self.methods if s.name in only]
+
+
+def cell_fingerprint(cfg: CompareConfig, spec: MethodSpec) -> dict[str, Any]:
+    """Everything that decides a cell's numbers: a finished cell is reused only if this is unchanged."""
+    train_cfg = cfg.cell_config(spec)
+    return jsonable({"train": train_cfg.to_dict(), "eval_steps": cfg.eval_steps_for(spec, train_cfg),
+                     "test_split": cfg.test_split, "test_samples": cfg.test_samples, "generate": cfg.generate,
+                     "max_new_tokens": cfg.max_new_tokens})
+
+
+# ---------------------------------------------------------------------------------------------- one method
+def learning_curve(metrics_path: Path) -> dict[str, list[dict[str, float]]]:
+    """The Trainer's log as two series: ``eval`` (validation, every run.eval_every) and ``train`` (windows)."""
+    curve: dict[str, list[dict[str, float]]] = {"eval": [], "train": []}
+    if not metrics_path.exists():
+        return curve
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        event = record.pop("event", None)
+        if event in curve:
+            curve[event].append(record)
+    for series in curve.values():  # a resumed run logs the steps after its checkpoint again: keep the last
+        by_step = {r["step"]: r for r in series}
+        series[:] = [by_step[s] for s in sorted(by_step)]
+    return curve
+
+
+def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, total: int,
+             device: str = "cpu") -> dict[str, Any]:
+    """Train one method (continuing from its checkpoint if one matches), score it on the test split."""
+    train_cfg = cfg.cell_config(spec)
+    run_dir = output / "runs" / spec.name
+    previous = run_dir / "config.yaml"
+    if previous.exists() and yaml.safe_load(previous.read_text()) != train_cfg.to_dict():
+        logger.warning("%s: %s was trained with another config; starting it from scratch", spec.name, run_dir)
+        shutil.rmtree(run_dir)
+    o, mem = train_cfg.optim, train_cfg.memory
+    logger.info("method %d/%d %s (%s, K %s, write lr %g): training %d steps x batch %d", index, total, spec.name,
+                spec.method, mem.write_steps if spec.method in TRAINED_METHODS else "-", mem.write_lr,
+                o.max_steps, o.batch_size)
+    started = time.perf_counter()
+    trainer = Trainer(train_cfg, run_dir, device=device)
+    trainer.fit(resume=True)
+    train_s = time.perf_counter() - started
+
+    test = build_task(train_cfg.task, cfg.test_split)
+    if not isinstance(test, ExampleSet):
+        raise TypeError(f"{cfg.test_split} split of {train_cfg.task.name} is not a fixed example set")
+    samples = min(cfg.test_samples or len(test), len(test))
+    batch_size = cfg.eval_batch_size or train_cfg.run.eval_batch_size
+    steps = cfg.eval_steps_for(spec, train_cfg)
+    logger.info("method %d/%d %s: scoring %d %s examples (K_eval %s%s)", index, total, spec.name, samples,
+                cfg.test_split, steps, ", generated answers" if cfg.generate else "")
+    started = time.perf_counter()
+    forced = evaluate(trainer.reader, test, samples, steps, mem.write_lr, batch_size=batch_size)
+    generated, answers = None, []
+    if cfg.generate:
+        generated, answers = evaluate_generated(trainer.reader, test, samples, steps=mem.write_steps, lr=mem.write_lr,
+                                                max_new_tokens=cfg.max_new_tokens, batch_size=batch_size)
+    eval_s = time.perf_counter() - started
+    curve = learning_curve(run_dir / "metrics.jsonl")
+    best_k = max(steps, key=lambda k: (forced[k]["em"], -k))
+    step_times = [r["step_s"] for r in curve["train"] if r.get("step_s") is not None]
+    cell = {
+        "name": spec.name, "method": spec.method, "task": train_cfg.task.name,
+        "k_train": mem.write_steps if spec.method in TRAINED_METHODS else None, "write_lr": mem.write_lr,
+        "num_memory": mem.num_memory, "hidden_size": trainer.reader.d_model,
+        "parameters": sum(p.numel() for p in trainer.reader.parameters()),
+        "budget": {"max_steps": o.max_steps, "batch_size": o.batch_size, "train_samples": o.max_steps * o.batch_size},
+        "test_split": cfg.test_split, "test_samples": samples,
+        "teacher_forced": {str(k): forced[k] for k in steps}, "em_trained": forced[mem.write_steps]["em"],
+        "best_k_eval": best_k, "em_best": forced[best_k]["em"],
+        "generated": generated,
+        "examples": [{"context": e.context, "query": e.query, "gold": list(g), "answer": a}
+                     for e, g, a in zip(test.ordered(0, 8), test.golds[:8], answers[:8])],
+        "curve": curve,
+        "train_wall_s": train_s, "eval_wall_s": eval_s,
+        "seconds_per_step": sum(step_times) / len(step_times) if step_times else None,  # training steps only
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cell_config": cell_fingerprint(cfg, spec),
+    }
+    return jsonable(cell)
+
+
+# ---------------------------------------------------------------------------------------------- all methods
+def finished_cells(cfg: CompareConfig, output: Path) -> dict[str, dict[str, Any]]:
+    """The cells on disk; one produced by another config is an error rather than a silent mix."""
+    cells = {}
+    for spec in cfg.methods:
+        path = output / "cells" / f"{spec.name}.json"
+        if not path.exists():
+            continue
+        done = json.loads(path.read_text())
+        if done.get("cell_config") != cell_fingerprint(cfg, spec):
+            raise ValueError(f"{path} was produced by a different config than this one; use another --output or "
+                             f"delete that file to retrain the method")
+        cells[spec.name] = done
+    return cells
+
+
+def run_compare(cfg: CompareConfig, output: str | os.PathLike, only: list[str] | None = None,
+                max_steps: int | None = None, command: list[str] | None = None,
+                repo_root: str | os.PathLike | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Train and score every selected method not already finished under ``output``. Returns results.json's dict.
+
+    ``max_steps`` overrides every method's budget (smoke runs); it is part of the cells' config."""
+    if max_steps is not None:
+        cfg = copy.deepcopy(cfg)
+        for spec in cfg.methods:
+            spec.max_steps = max_steps
+        cfg.validate()
+    output = Path(output)
+    (output / "cells").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    selected = cfg.select(only)
+    done = finished_cells(cfg, output)
+    todo = [s for s in selected if s.name not in done]
+    if len(todo) < len(selected):
+        logger.info("resuming: skipping finished %s", ", ".join(s.name for s in selected if s.name in done))
+    meta = {"command": command, "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device_name(device), **git_commit(Path(repo_root) if repo_root else Path.cwd())}
+    budgets = {s.name: (cfg.cell_config(s).optim.max_steps, cfg.cell_config(s).optim.batch_size) for s in cfg.methods}
+    if len(set(budgets.values())) > 1:
+        logger.warning("training budgets differ between methods: %s", budgets)
+    durations: list[float] = []
+    for i, spec in enumerate(todo, start=1):
+        cell_started = time.perf_counter()
+        cell = run_cell(cfg, spec, output, i, len(todo), device=device)
+        write_json_atomic(output / "cells" / f"{spec.name}.json", cell)
+        shutil.rmtree(output / "runs" / spec.name / "checkpoints", ignore_errors=True)  # reader/ stays
+        durations.append(time.perf_counter() - cell_started)
+        generated = cell["generated"] or {}
+        logger.info("method %d/%d %s done: test EM %.3f teacher-forced, %s generated | elapsed %.0fs, eta %.0fs", i,
+                    len(todo), spec.name, cell["em_trained"],
+                    ", ".join(f"{k} {v:.3f}" for k, v in generated.items()) or "-", time.perf_counter() - started,
+                    sum(durations) / len(durations) * (len(todo) - i))
+        write_results(cfg, output, meta)
+    return write_results(cfg, output, meta)
+
+
+def write_results(cfg: CompareConfig, output: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """results.json, results.md and compare.png from every finished cell on disk (each replaced atomically)."""
+    cells = finished_cells(cfg, output)
+    ordered = [cells[s.name] for s in cfg.methods if s.name in cells]
+    summary = jsonable({
+        **meta, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cells_wall_s": sum(c["train_wall_s"] + c["eval_wall_s"] for c in ordered),
+        "complete": len(ordered) == len(cfg.methods), "config": cfg.to_dict(), "cells": ordered,
+    })
+    write_json_atomic(output / "results.json", summary)
+    write_atomic(output / "results.md", render_markdown(cfg, summary))
+    plot(cfg, summary, output / "compare.png")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def task_title(train_cfg: TrainConfig) -> str:
+    t = train_cfg.task
+    if t.name == "babi":
+        return f"bAbI {'+'.join(t.tasks)} ({t.babi_set})"
+    return f"SQuAD v1.1 {t.variant} (dev set split by article)"
+
+
+def render_markdown(cfg: CompareConfig, summary: dict[str, Any]) -> str:
+    cells = summary["cells"]
+    first = cfg.cell_config(cfg.methods[0])
+    backbone = (f"pretrained {first.model.pretrained}" if first.model.pretrained else
+                f"{first.model.arch}, {first.model.num_layers} layers, d = {first.model.hidden_size}, from scratch "
+                f"(seed {first.model.seed}), word-level tokenizer")
+    status = "complete" if summary["complete"] else f"INCOMPLETE: {len(cells)}/{len(cfg.methods)} methods"
+    metrics = sorted({k for c in cells for k in (c["generated"] or {})})
+    lines = [
+        f"# {task_title(first)}: GradMem vs the baselines",
+        "",
+        f"- command: `{' '.join(summary.get('command') or []) or '-'}` ({status})",
+        f"- commit: {summary.get('commit') or '-'}{' (with uncommitted changes)' if summary.get('dirty') else ''}",
+        (f"- wall time: {summary['cells_wall_s']:.0f} s over all methods; {summary.get('device', '-')}, "
+         f"{summary.get('threads', '-')} torch threads per process, torch {summary['torch_version']}"),
+        f"- backbone: {backbone}; memory {first.memory.num_memory} vectors (gradmem, rmt)",
+        (f"- scores on the {cfg.test_split} split ({cells[0]['test_samples'] if cells else '-'} questions): "
+         "teacher-forced EM of the answer tokens, and greedy answers generated from memory alone scored with the "
+         "task metric"),
+        "",
+        "| method | K train | alpha | budget | s / step | teacher-forced EM | best EM over K_eval | "
+        + " | ".join(f"generated {m.upper()}" for m in metrics) + (" |" if metrics else "|"),
+        "|---|---|---|---|---|---|---|" + "---|" * len(metrics),
+    ]
+    for c in cells:
+        generated = c["generated"] or {}
+        trained = c["method"] in TRAINED_METHODS
+        sps = f"{c['seconds_per_step']:.3f}" if c.get("seconds_per_step") else "-"
+        lines.append(
+            f"| {c['name']} ({c['method']}) | {c['k_train'] if trained else '-'} | "
+            f"{c['write_lr'] if c['method'] == 'gradmem' else '-'} | {c['budget']['max_steps']} x "
+            f"{c['budget']['batch_size']} | {sps} | {_pct(c['em_trained'])} | "
+            f"{_pct(c['em_best']) + ' @K' + str(c['best_k_eval']) if trained else '-'} | "
+            + " | ".join(_pct(generated.get(m)) for m in metrics) + (" |" if metrics else "|"))
+    lines += ["", "Validation EM (teacher-forced) during training:", ""]
+    steps = sorted({r["step"] for c in cells for r in c["curve"]["eval"]})
+    if steps:
+        lines += ["| step | " + " | ".join(c["name"] for c in cells) + " |", "|---|" + "---|" * len(cells)]
+        for step in steps:
+            row = []
+            for c in cells:
+                found = [r for r in c["curve"]["eval"] if r["step"] == step]
+                row.append(_pct(found[0]["em"]) if found else "")
+            lines.append(f"| {step} | " + " | ".join(row) + " |")
+    if any(c["examples"] for c in cells):
+        lines += ["", "First test questions, answered from memory:", ""]
+        for c in cells:
+            for e in c["examples"][:3]:
+                lines.append(f"- {c['name']}: {e['query']!r} -> {e['answer']!r} (gold {e['gold'][0]!r})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cfg: CompareConfig, summary: dict[str, Any], path: Path) -> None:
+    """Two panels: validation EM vs step (teacher-forced) and training READ loss vs step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = summary["cells"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for c in cells:
+        evals, trains = c["curve"]["eval"], c["curve"]["train"]
+        line, = left.plot([r["step"] for r in evals], [100 * r["em"] for r in evals], "o-", markersize=3,
+                          label=c["name"])
+        right.plot([r["step"] for r in trains], [r["read_loss"] for r in trains], "-", color=line.get_color(),
+                   label=c["name"])
+    title = task_title(cfg.cell_config(cfg.methods[0]))
+    left.set_xlabel("training step")
+    left.set_ylabel("validation exact match % (teacher-forced)")
+    left.set_ylim(-3, 103)
+    left.set_title(f"{title}: validation EM", fontsize=10)
+    left.legend(fontsize=8)
+    right.set_xlabel("training step")
+    right.set_ylabel("READ loss (train batches)")
+    right.set_yscale("log")
+    right.set_title("training READ loss", fontsize=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -1,0 +1,123 @@
+"""The task comparison (jobs/compare.py, gradmem/compare.py) on its smoke configuration: bAbI qa1 with a tiny reader.
+
+What is checked: the entrypoint trains and scores every method and writes results that parse, with the learning
+curve taken from the Trainer's log and the generated answers scored with the task metric (recomputed here from
+the stored answers); a rerun skips finished methods; two processes' worth of ``--only`` lists fill one output;
+bad configs fail before training with a message that names the fault.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradmem.compare import CompareConfig, run_compare
+from gradmem.tasks import babi
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "jobs" / "configs" / "compare_smoke.yaml"
+pytestmark = pytest.mark.skipif(not babi.default_root().is_dir(), reason="the bAbI data are not available")
+
+
+def load_job():
+    """jobs/compare.py as a module, so its main() runs in this process."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    spec = importlib.util.spec_from_file_location("compare_job", ROOT / "jobs" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "smoke"
+    summary = load_job().main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    return out, summary
+
+
+def test_every_method_is_trained_scored_and_reported(smoke_run):
+    out, summary = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    assert results == summary and results["complete"]
+    assert [c["name"] for c in results["cells"]] == ["gradmem", "no_context"]
+    test = babi.babi_task(["qa1"], "test", "en")
+    for cell in results["cells"]:
+        assert cell["test_samples"] == 24 and cell["budget"]["max_steps"] == 6
+        # the learning curve is the Trainer's validation log: evaluations at steps 3 and 6
+        assert [r["step"] for r in cell["curve"]["eval"]] == [3, 6]
+        assert [r["step"] for r in cell["curve"]["train"]] == [2, 4, 6]
+        assert cell["seconds_per_step"] > 0
+        if cell["method"] == "gradmem":
+            assert sorted(cell["teacher_forced"]) == ["1", "2"] and cell["k_train"] == 1
+        else:
+            assert list(cell["teacher_forced"]) == ["1"] and cell["k_train"] is None
+        # the generated score is the task metric over the stored answers (first 8 kept for inspection)
+        answers = [e["answer"] for e in cell["examples"]]
+        assert [e["query"] for e in cell["examples"]] == [e.query for e in test.ordered(0, 8)]
+        assert 0.0 <= cell["generated"]["em"] <= 1.0
+        assert test.score(answers)["em"] == pytest.approx(
+            sum(babi.exact_match(a, g[0]) for a, g in zip(answers, test.golds)) / 8)
+        assert (out / "runs" / cell["name"] / "reader" / "config.json").exists()
+        assert not (out / "runs" / cell["name"] / "checkpoints").exists()
+    table = (out / "results.md").read_text()
+    assert "bAbI qa1 (en)" in table and "| gradmem (gradmem) | 1 | 1.0 | 6 x 8 |" in table
+    assert "| step | gradmem | no_context |" in table
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_methods_and_only_splits_the_work(smoke_run, tmp_path, caplog):
+    out, summary = smoke_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    caplog.set_level("INFO", logger="gradmem.compare")
+    again = run_compare(CompareConfig.from_yaml(SMOKE), out)
+    assert not [r for r in caplog.records if ": training " in r.getMessage()]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
+    assert [c["name"] for c in again["cells"]] == ["gradmem", "no_context"]
+
+    # two "processes" with disjoint --only lists fill one directory; the report holds both once both are done
+    split = tmp_path / "split"
+    cfg = CompareConfig.from_yaml(SMOKE)
+    first = run_compare(cfg, split, only=["no_context"])
+    assert not first["complete"] and [c["name"] for c in first["cells"]] == ["no_context"]
+    assert "INCOMPLETE: 1/2" in (split / "results.md").read_text()
+    second = run_compare(cfg, split, only=["gradmem"])
+    assert second["complete"] and [c["name"] for c in second["cells"]] == ["gradmem", "no_context"]
+    # the same config and seeds give the same numbers as the single run
+    assert [c["teacher_forced"] for c in second["cells"]] == [c["teacher_forced"] for c in summary["cells"]]
+
+
+def test_a_finished_cell_of_another_config_is_refused(smoke_run, tmp_path):
+    out, _ = smoke_run
+    data = yaml.safe_load(SMOKE.read_text())
+    data["memory"]["write_lr"] = 0.5
+    with pytest.raises(ValueError, match="different config"):
+        run_compare(CompareConfig.from_dict(data), out)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(task={"name": "kv"}), "jobs/capacity.py"),
+    (lambda d: d.update(colour="red"), "unknown comparison config keys"),
+    (lambda d: d["methods"].append({"name": "gradmem", "method": "gradmem"}), "unique"),
+    (lambda d: d["methods"].append({"name": "x", "method": "lstm"}), "unknown method"),
+    (lambda d: d["methods"].append({"name": "x", "method": "gradmem", "write_lr": {2: 0.1}}), "write_lr must be a number"),
+    (lambda d: d.update(test_split="train"), "test_split"),
+    (lambda d: d.update(test_samples=0), "test_samples"),
+    (lambda d: d["task"].update(tasks=["qa99"]), "qa1 .. qa20"),
+    (lambda d: d.update(methods=[]), "non-empty list"),
+])
+def test_bad_configs_fail_before_training(change, message):
+    data = copy.deepcopy(yaml.safe_load(SMOKE.read_text()))
+    change(data)
+    with pytest.raises(ValueError, match=message):
+        CompareConfig.from_dict(data)
+
+
+def test_only_must_name_configured_methods():
+    with pytest.raises(ValueError, match="not in the config"):
+        CompareConfig.from_yaml(SMOKE).select(["gradmem", "rmt"])
