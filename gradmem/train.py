@@ -9,11 +9,14 @@ nothing here branches on it.
 ``Trainer`` follows a fixed lifecycle: validate the config and fail fast, set up (reader, AdamW, warm-up
 schedule), train (clip, step, log progress, evaluate, checkpoint), export the reader, and resume from the
 latest checkpoint with the same step, optimizer and scheduler state. Not supported here: several processes
-(see pipelines/train.py), gradient accumulation, mixed precision (bf16 backbones train in bf16 directly).
+(see pipelines/train.py), gradient accumulation. Precision: weights train in ``model.dtype``; ``optim.autocast:
+bfloat16`` runs the meta-step's matrix products in bf16 over fp32 weights (mixed precision, as the paper's bf16
+runs: pure bf16 weights lose AdamW updates of lr 1e-4 to rounding).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,6 +106,7 @@ class OptimConfig:
     second_order_steps: int | None = None  # second order through the last L inner steps only
     aux_write_loss: float = 0.5  # weight of the last inner step's write loss in the outer loss
     attention: str = "sdpa_math"  # must support double backward for second-order training
+    autocast: str | None = None  # bfloat16: mixed precision for the meta-step (fp32 weights); None: model.dtype throughout
     seed: int = 0  # data stream
 
 
@@ -146,6 +150,8 @@ class TrainConfig:
         second_order = (self.memory.method in methods.SECOND_ORDER_METHODS and o.write_mode == "second_order"
                         and self.memory.write_steps > 0 and o.second_order_steps != 0)
         check_attention(o.attention, second_order)
+        if o.autocast not in (None, "bfloat16"):
+            raise ValueError(f"optim.autocast must be bfloat16 or null, got {o.autocast!r} (float16 would need loss scaling)")
         if o.batch_size < 1 or o.max_steps < 0 or o.warmup_steps < 0:
             raise ValueError("optim.batch_size must be >= 1; max_steps and warmup_steps >= 0")
         t = self.task
@@ -228,7 +234,7 @@ def build_reader(cfg: TrainConfig, train_task: Task | None = None) -> Reader:
 # ---------------------------------------------------------------------------------------------- the step
 def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Outer loss of one batch, with its graph through the WRITE; metrics as floats."""
-    with attention_path(reader.lm, optim.attention):
+    with attention_path(reader.lm, optim.attention), mixed_precision(reader.device, optim.autocast):
         out = methods.write(
             reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode=optim.write_mode,
             second_order_steps=optim.second_order_steps, final_stats=False, keep_last_loss=optim.aux_write_loss > 0,
@@ -246,6 +252,13 @@ def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: 
         "token_acc": float(read.token_accuracy.mean()),
     }
     return loss, metrics
+
+
+def mixed_precision(device: torch.device, dtype: str | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in ``dtype`` on the reader's device, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
 
 @torch.no_grad()
