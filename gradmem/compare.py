@@ -178,7 +178,7 @@ def learning_curve(metrics_path: Path) -> dict[str, list[dict[str, float]]]:
 
 
 def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, total: int,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", command: list[str] | None = None) -> dict[str, Any]:
     """Train one method (continuing from its checkpoint if one matches), score it on the test split."""
     train_cfg = cfg.cell_config(spec)
     run_dir = output / "runs" / spec.name
@@ -226,7 +226,7 @@ def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, tot
         "examples": [{"context": e.context, "query": e.query, "gold": list(g), "answer": a}
                      for e, g, a in zip(test.ordered(0, 8), test.golds[:8], answers[:8])],
         "curve": curve,
-        "train_wall_s": train_s, "eval_wall_s": eval_s,
+        "train_wall_s": train_s, "eval_wall_s": eval_s, "command": command, "device": device_name(device),
         "seconds_per_step": sum(step_times) / len(step_times) if step_times else None,  # training steps only
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cell_config": cell_fingerprint(cfg, spec),
@@ -277,7 +277,7 @@ def run_compare(cfg: CompareConfig, output: str | os.PathLike, only: list[str] |
     durations: list[float] = []
     for i, spec in enumerate(todo, start=1):
         cell_started = time.perf_counter()
-        cell = run_cell(cfg, spec, output, i, len(todo), device=device)
+        cell = run_cell(cfg, spec, output, i, len(todo), device=device, command=command)
         write_json_atomic(output / "cells" / f"{spec.name}.json", cell)
         shutil.rmtree(output / "runs" / spec.name / "checkpoints", ignore_errors=True)  # reader/ stays
         durations.append(time.perf_counter() - cell_started)
@@ -324,11 +324,12 @@ def render_markdown(cfg: CompareConfig, summary: dict[str, Any]) -> str:
                 f"{first.model.arch}, {first.model.num_layers} layers, d = {first.model.hidden_size}, from scratch "
                 f"(seed {first.model.seed}), word-level tokenizer")
     status = "complete" if summary["complete"] else f"INCOMPLETE: {len(cells)}/{len(cfg.methods)} methods"
+    commands = list(dict.fromkeys(" ".join(c.get("command") or summary.get("command") or []) for c in cells))
     metrics = sorted({k for c in cells for k in (c["generated"] or {})})
     lines = [
         f"# {task_title(first)}: GradMem vs the baselines",
         "",
-        f"- command: `{' '.join(summary.get('command') or []) or '-'}` ({status})",
+        f"- {status}; commands: " + ("; ".join(f"`{c}`" for c in commands if c) or "-"),
         f"- commit: {summary.get('commit') or '-'}{' (with uncommitted changes)' if summary.get('dirty') else ''}",
         (f"- wall time: {summary['cells_wall_s']:.0f} s over all methods; {summary.get('device', '-')}, "
          f"{summary.get('threads', '-')} torch threads per process, torch {summary['torch_version']}"),

@@ -121,3 +121,20 @@ def test_bad_configs_fail_before_training(change, message):
 def test_only_must_name_configured_methods():
     with pytest.raises(ValueError, match="not in the config"):
         CompareConfig.from_yaml(SMOKE).select(["gradmem", "rmt"])
+
+
+def test_evaluate_job_reproduces_the_comparison_scores(smoke_run, tmp_path):
+    """jobs/evaluate.py on a trained bAbI reader gives the numbers the comparison recorded for it."""
+    out, summary = smoke_run
+    cell = next(c for c in summary["cells"] if c["name"] == "gradmem")
+    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    result = job.main(["--reader", str(out / "runs" / "gradmem" / "reader"), "--task", "babi", "--babi-set", "en",
+                       "--babi-tasks", "qa1", "--samples", "24", "--steps", "1,2", "--generate",
+                       "--max-new-tokens", "3", "--json", str(tmp_path / "eval.json")])
+    assert result["samples"] == 24 and result["task"] == "babi-en-qa1-test"
+    for k in ("1", "2"):
+        assert result["results"][k]["em"] == pytest.approx(cell["teacher_forced"][k]["em"])
+    assert result["generated"]["em"] == pytest.approx(cell["generated"]["em"])
+    assert json.loads((tmp_path / "eval.json").read_text())["generated"] == result["generated"]

@@ -71,3 +71,50 @@ def test_pretrained_lm_wraps_into_a_fresh_reader(model_dir):
     with torch.no_grad():
         read = read_teacher_forced(reader, memories.tensor, batch.read_ids, batch.target_mask, batch.score_mask)
     assert all(math.isfinite(v) for v in read.loss.tolist())
+
+
+@pytest.mark.parametrize("task", [
+    {"name": "babi", "babi_set": "en", "tasks": ["qa1"]},
+    {"name": "squad", "variant": "c_qa"},
+    {"name": "squad", "variant": "cq_a"},
+    {"name": "squad", "variant": "qc_a"},
+], ids=["babi-qa1", "squad-c_qa", "squad-cq_a", "squad-qc_a"])
+def test_a_tiny_pretrained_lm_trains_on_each_task(model_dir, task, tmp_path_factory, tmp_path):
+    """A plain causal LM directory (a tiny Llama with SmolLM2's BPE tokenizer, built from a config: nothing is
+    downloaded) wraps into a reader through model.pretrained and meta-trains a few steps on every task, in bf16
+    mixed precision: finite losses, every trained weight moves, the exported reader loads and answers."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from gradmem import Reader
+    from gradmem.train import TrainConfig, Trainer
+
+    lm_dir = tmp_path_factory.getbasetemp() / "tiny_pretrained_lm"
+    if not (lm_dir / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=1024,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        lm.save_pretrained(lm_dir)
+        tok.save_pretrained(lm_dir)
+    cfg = TrainConfig.from_dict({
+        "model": {"pretrained": str(lm_dir)},
+        "memory": {"num_memory": 4, "write_steps": 2, "write_lr": 0.01, "mem_proj": True, "max_context_tokens": 1000},
+        "task": task,
+        "optim": {"batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "max_steps": 3, "autocast": "bfloat16"},
+        "run": {"log_every": 1, "eval_every": 3, "eval_samples": 4, "eval_batch_size": 4, "save_every": 0},
+    })
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.reader.named_parameters() if p.requires_grad}
+    export = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["write_loss_last"]) for r in train)
+    assert [r["step"] for r in records if r["event"] == "eval"] == [3]
+    unchanged = [n for n, p in trainer.reader.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert unchanged == [], unchanged
+    reader = Reader.from_pretrained(export)
+    assert reader.tokenizer.eos_token == "<|im_end|>" and reader.mem_proj is not None
+    answers = reader.answer(reader.write(["Mary moved to the bathroom."]), ["Where is Mary?"], max_new_tokens=2)
+    assert len(answers) == 1 and isinstance(answers[0], str)

@@ -101,3 +101,27 @@ def test_config_rejects_typos():
         TrainConfig.from_dict({"optim": {"learning_rate": 1e-3}})
     with pytest.raises(ValueError, match="unknown config sections"):
         TrainConfig.from_dict({"optimizer": {}})
+
+
+def test_bf16_autocast_meta_step_keeps_fp32_weights_and_close_gradients():
+    """optim.autocast runs the meta-step's products in bf16 over fp32 weights: the loss and the gradients stay
+    close to the fp32 ones (bf16 has 8 bits of mantissa), weights and their gradients stay fp32."""
+    reader = make_reader("llama")
+    batch = KVTask(2).batch(8, 0, reader.tokenizer)
+    grads, losses = {}, {}
+    for mode in (None, "bfloat16"):
+        cfg = tiny_config("llama", 2, 1, autocast=mode)
+        cfg.validate()
+        reader.zero_grad(set_to_none=True)
+        loss, _ = meta_step(reader, batch, cfg.optim, steps=2, lr=0.5)
+        loss.backward()
+        losses[mode] = float(loss.detach())
+        grads[mode] = torch.cat([p.grad.flatten() for p in reader.parameters() if p.grad is not None])
+    assert all(p.dtype == torch.float32 for p in reader.parameters())
+    assert grads["bfloat16"].dtype == torch.float32 and torch.isfinite(grads["bfloat16"]).all()
+    assert abs(losses["bfloat16"] - losses[None]) < 0.05 * losses[None]
+    cosine = torch.nn.functional.cosine_similarity(grads["bfloat16"], grads[None], dim=0)
+    assert cosine > 0.98, cosine
+    assert not torch.equal(grads["bfloat16"], grads[None])  # bf16 really ran
+    with pytest.raises(ValueError, match="optim.autocast"):
+        tiny_config("llama", 2, 1, autocast="float16").validate()
