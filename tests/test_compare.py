@@ -138,3 +138,15 @@ def test_evaluate_job_reproduces_the_comparison_scores(smoke_run, tmp_path):
         assert result["results"][k]["em"] == pytest.approx(cell["teacher_forced"][k]["em"])
     assert result["generated"]["em"] == pytest.approx(cell["generated"]["em"])
     assert json.loads((tmp_path / "eval.json").read_text())["generated"] == result["generated"]
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "jobs" / "configs").glob("*.yaml")
+                                          if p.name.startswith(("babi_", "squad_", "compare_"))))
+def test_every_shipped_comparison_config_validates(config):
+    """The CPU and GPU configurations parse and every method's TrainConfig validates (no training)."""
+    cfg = CompareConfig.from_yaml(ROOT / "jobs" / "configs" / config)
+    assert {s.method for s in cfg.methods} >= {"gradmem", "no_context"}
+    for spec in cfg.methods:
+        train = cfg.cell_config(spec)
+        if train.model.pretrained:  # GPU and pretrained configs: the paper's memory and WRITE
+            assert train.memory.num_memory == 8 and train.memory.write_steps == 2 and train.memory.mem_proj
