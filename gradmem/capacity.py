@@ -104,6 +104,54 @@ class MethodSpec:
         return self.method in TRAINED_METHODS
 
 
+def parse_methods(entries: Any, what: str) -> list[MethodSpec]:
+    """The ``methods:`` list of a benchmark config (``what``: its name in messages) as MethodSpecs."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{what} config needs `methods:`, a list of {{name, method, write_steps, ...}}")
+    names = {"name", "method", "write_steps", "write_lr", "max_steps", "overrides"}
+    specs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"methods[{i}] must be a mapping, got {entry!r}")
+        extra = sorted(set(entry) - names)
+        if extra:
+            raise ValueError(f"methods[{i}]: unknown keys {extra}; known: {sorted(names)}")
+        if "name" not in entry or "method" not in entry:
+            raise ValueError(f"methods[{i}] needs a `name` and a `method` (one of {METHODS}), got {entry}")
+        specs.append(MethodSpec(**entry))
+    return specs
+
+
+def check_methods(specs: list[MethodSpec]) -> None:
+    """At least one method, unique names usable as file names, known methods, overrides as mappings."""
+    if not specs:
+        raise ValueError("the config needs at least one entry under `methods:`")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    for spec in specs:
+        if not isinstance(spec.name, str) or not NAME_PATTERN.match(spec.name):
+            raise ValueError(f"method name {spec.name!r} must be letters, digits, '_', '.', '-' (it names files)")
+        if spec.method not in METHODS:
+            raise ValueError(f"methods entry {spec.name!r}: unknown method {spec.method!r}; choose one of {METHODS}")
+        if not isinstance(spec.overrides, dict):
+            raise ValueError(f"methods entry {spec.name!r}: overrides must be a mapping of config sections")
+
+
+def method_sections(base: dict[str, Any], spec: MethodSpec, write_lr: float | None) -> dict[str, Any]:
+    """TrainConfig sections of one method: ``base``, then its overrides, then its method, K, alpha and budget."""
+    data = deep_merge(base, spec.overrides)
+    memory = data.setdefault("memory", {})
+    memory["method"] = spec.method
+    if spec.write_steps is not None:
+        memory["write_steps"] = spec.write_steps
+    if write_lr is not None:
+        memory["write_lr"] = write_lr
+    if spec.max_steps is not None:
+        data["optim"] = {**(data.get("optim") or {}), "max_steps": spec.max_steps}
+    return data
+
+
 @dataclass
 class CapacityConfig:
     """A base TrainConfig (``base``: its sections as a dict) and the grid of methods x pairs to run."""
@@ -124,20 +172,7 @@ class CapacityConfig:
         unknown = sorted(set(data) - grid - set(BASE_SECTIONS))
         if unknown:
             raise ValueError(f"unknown capacity config keys {unknown}; known: {sorted(grid | set(BASE_SECTIONS))}")
-        methods = data.get("methods")
-        if not isinstance(methods, list):
-            raise ValueError("capacity config needs `methods:`, a list of {name, method, write_steps, ...}")
-        specs = []
-        for i, entry in enumerate(methods):
-            if not isinstance(entry, dict):
-                raise ValueError(f"methods[{i}] must be a mapping, got {entry!r}")
-            names = {"name", "method", "write_steps", "write_lr", "max_steps", "overrides"}
-            extra = sorted(set(entry) - names)
-            if extra:
-                raise ValueError(f"methods[{i}]: unknown keys {extra}; known: {sorted(names)}")
-            if "name" not in entry or "method" not in entry:
-                raise ValueError(f"methods[{i}] needs a `name` and a `method` (one of {METHODS}), got {entry}")
-            specs.append(MethodSpec(**entry))
+        specs = parse_methods(data.get("methods"), "capacity")
         cfg = cls(
             base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None},
             pairs=data.get("pairs"), methods=specs,
@@ -162,22 +197,12 @@ class CapacityConfig:
             raise ValueError("capacity config needs `pairs:`, a non-empty list of pair counts N (e.g. [2, 4])")
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.pairs) or len(set(self.pairs)) != len(self.pairs):
             raise ValueError(f"pairs must be distinct positive integers, got {self.pairs}")
-        if not self.methods:
-            raise ValueError("capacity config needs at least one entry under `methods:`")
-        names = [spec.name for spec in self.methods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"method names must be unique, got {names}")
+        check_methods(self.methods)
         for spec in self.methods:
-            if not isinstance(spec.name, str) or not NAME_PATTERN.match(spec.name):
-                raise ValueError(f"method name {spec.name!r} must be letters, digits, '_', '.', '-' (it names files)")
-            if spec.method not in METHODS:
-                raise ValueError(f"methods entry {spec.name!r}: unknown method {spec.method!r}; choose one of {METHODS}")
             if isinstance(spec.write_lr, dict):
                 missing = sorted(set(self.pairs) - set(spec.write_lr))
                 if missing:
                     raise ValueError(f"methods entry {spec.name!r}: write_lr has no value for N = {missing}")
-            if not isinstance(spec.overrides, dict):
-                raise ValueError(f"methods entry {spec.name!r}: overrides must be a mapping of config sections")
         if not isinstance(self.eval_steps, list) or not self.eval_steps or any(
                 not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in self.eval_steps):
             raise ValueError(f"eval_steps must be a non-empty list of integers >= 0, got {self.eval_steps}")
@@ -197,15 +222,7 @@ class CapacityConfig:
     # -- the cells
     def cell_config(self, spec: MethodSpec, pairs: int) -> TrainConfig:
         """The TrainConfig of one cell: base, then the method's overrides, then its method, K, alpha, budget, N."""
-        data = deep_merge(self.base, spec.overrides)
-        memory = data.setdefault("memory", {})
-        memory["method"] = spec.method
-        if spec.write_steps is not None:
-            memory["write_steps"] = spec.write_steps
-        if spec.write_lr is not None:
-            memory["write_lr"] = spec.write_lr[pairs] if isinstance(spec.write_lr, dict) else spec.write_lr
-        if spec.max_steps is not None:
-            data["optim"] = {**(data.get("optim") or {}), "max_steps": spec.max_steps}
+        data = method_sections(self.base, spec, spec.write_lr[pairs] if isinstance(spec.write_lr, dict) else spec.write_lr)
         data["task"] = {**(data.get("task") or {}), "pairs": pairs}
         return TrainConfig.from_dict(data)
 

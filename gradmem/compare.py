@@ -36,9 +36,8 @@ from typing import Any
 import torch
 import yaml
 
-from gradmem.capacity import BASE_SECTIONS, NAME_PATTERN, TRAINED_METHODS, MethodSpec
-from gradmem.config import METHODS
-from gradmem.reports import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
+from gradmem.capacity import BASE_SECTIONS, TRAINED_METHODS, MethodSpec, check_methods, method_sections, parse_methods
+from gradmem.reports import (device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
 from gradmem.tasks.dataset import ExampleSet, evaluate_generated
 from gradmem.train import TrainConfig, Trainer, build_task, evaluate
@@ -69,18 +68,7 @@ class CompareConfig:
         unknown = sorted(set(data) - set(GRID_KEYS) - set(BASE_SECTIONS))
         if unknown:
             raise ValueError(f"unknown comparison config keys {unknown}; known: {sorted(set(GRID_KEYS) | set(BASE_SECTIONS))}")
-        methods = data.get("methods")
-        if not isinstance(methods, list) or not methods:
-            raise ValueError("comparison config needs `methods:`, a non-empty list of {name, method, write_steps, ...}")
-        specs = []
-        names = {"name", "method", "write_steps", "write_lr", "max_steps", "overrides"}
-        for i, entry in enumerate(methods):
-            if not isinstance(entry, dict) or "name" not in entry or "method" not in entry:
-                raise ValueError(f"methods[{i}] needs a `name` and a `method` (one of {METHODS}), got {entry!r}")
-            extra = sorted(set(entry) - names)
-            if extra:
-                raise ValueError(f"methods[{i}]: unknown keys {extra}; known: {sorted(names)}")
-            specs.append(MethodSpec(**entry))
+        specs = parse_methods(data.get("methods"), "comparison")
         cfg = cls(base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None}, methods=specs,
                   **{k: data[k] for k in GRID_KEYS if k != "methods" and k in data})
         cfg.validate()
@@ -97,18 +85,10 @@ class CompareConfig:
 
     def validate(self) -> None:
         """Fail before any training: every method's TrainConfig is built and validated here."""
-        names = [spec.name for spec in self.methods]
-        if len(set(names)) != len(names):
-            raise ValueError(f"method names must be unique, got {names}")
+        check_methods(self.methods)
         for spec in self.methods:
-            if not isinstance(spec.name, str) or not NAME_PATTERN.match(spec.name):
-                raise ValueError(f"method name {spec.name!r} must be letters, digits, '_', '.', '-' (it names files)")
-            if spec.method not in METHODS:
-                raise ValueError(f"methods entry {spec.name!r}: unknown method {spec.method!r}; choose one of {METHODS}")
             if spec.write_lr is not None and not isinstance(spec.write_lr, (int, float)):
                 raise ValueError(f"methods entry {spec.name!r}: write_lr must be a number here, got {spec.write_lr!r}")
-            if not isinstance(spec.overrides, dict):
-                raise ValueError(f"methods entry {spec.name!r}: overrides must be a mapping of config sections")
             cfg = self.cell_config(spec)
             cfg.validate()
             if cfg.task.name not in COMPARE_TASKS:
@@ -126,16 +106,7 @@ class CompareConfig:
 
     def cell_config(self, spec: MethodSpec) -> TrainConfig:
         """The TrainConfig of one method: base, then its overrides, then its method, K, alpha and budget."""
-        data = deep_merge(self.base, spec.overrides)
-        memory = data.setdefault("memory", {})
-        memory["method"] = spec.method
-        if spec.write_steps is not None:
-            memory["write_steps"] = spec.write_steps
-        if spec.write_lr is not None:
-            memory["write_lr"] = spec.write_lr
-        if spec.max_steps is not None:
-            data["optim"] = {**(data.get("optim") or {}), "max_steps": spec.max_steps}
-        return TrainConfig.from_dict(data)
+        return TrainConfig.from_dict(method_sections(self.base, spec, spec.write_lr))
 
     def eval_steps_for(self, spec: MethodSpec, cfg: TrainConfig) -> list[int]:
         """K_eval of a method: the trained K plus the sweep for gradmem/rmt; the trained K alone for the bounds."""

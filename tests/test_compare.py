@@ -109,7 +109,7 @@ def test_a_finished_cell_of_another_config_is_refused(smoke_run, tmp_path):
     (lambda d: d.update(test_split="train"), "test_split"),
     (lambda d: d.update(test_samples=0), "test_samples"),
     (lambda d: d["task"].update(tasks=["qa99"]), "qa1 .. qa20"),
-    (lambda d: d.update(methods=[]), "non-empty list"),
+    (lambda d: d.update(methods=[]), "at least one entry"),
 ])
 def test_bad_configs_fail_before_training(change, message):
     data = copy.deepcopy(yaml.safe_load(SMOKE.read_text()))
