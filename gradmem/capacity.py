@@ -251,7 +251,7 @@ def run_cell(cfg: CapacityConfig, spec: MethodSpec, pairs: int, output: Path, in
     run_dir = output / "runs" / name
     resolved = train_cfg.to_dict()
     previous = run_dir / "config.yaml"
-    if previous.exists() and yaml.safe_load(previous.read_text()) != resolved:
+    if previous.exists() and TrainConfig.from_dict(yaml.safe_load(previous.read_text())).to_dict() != resolved:
         logger.warning("cell %s: %s was trained with another config; starting it from scratch", name, run_dir)
         shutil.rmtree(run_dir)
     o = train_cfg.optim
@@ -300,6 +300,19 @@ def cell_fingerprint(cfg: CapacityConfig, spec: MethodSpec, pairs: int) -> dict[
                      "eval_samples": cfg.eval_samples, "eval_seed": cfg.eval_seed})
 
 
+def same_cell_config(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a finished cell's recorded config is the current one. The recorded TrainConfig is read back through
+    today's dataclasses first, so a config field added since (with a default that keeps the old behaviour) does
+    not invalidate finished cells; any value that differs does."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
+        return False
+    try:
+        train = TrainConfig.from_dict(stored["train"]).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return jsonable({**stored, "train": train}) == current
+
+
 # ---------------------------------------------------------------------------------------------- the grid
 def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int | None = None,
                  command: list[str] | None = None, repo_root: str | os.PathLike | None = None,
@@ -327,7 +340,7 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
         path = output / "cells" / f"{name}.json"
         if path.exists():
             done = json.loads(path.read_text())
-            if done.get("cell_config") != cell_fingerprint(cfg, spec, pairs):
+            if not same_cell_config(done.get("cell_config"), cell_fingerprint(cfg, spec, pairs)):
                 raise ValueError(f"{path} was produced by a different config than this one; use another --output "
                                  f"or delete that file to retrain the cell")
             results[name] = done

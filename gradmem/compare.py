@@ -36,7 +36,8 @@ from typing import Any
 import torch
 import yaml
 
-from gradmem.capacity import BASE_SECTIONS, TRAINED_METHODS, MethodSpec, check_methods, method_sections, parse_methods
+from gradmem.capacity import (BASE_SECTIONS, TRAINED_METHODS, MethodSpec, check_methods, method_sections, parse_methods,
+                              same_cell_config)
 from gradmem.reports import (device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
 from gradmem.tasks.dataset import ExampleSet, evaluate_generated
@@ -154,7 +155,7 @@ def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, tot
     train_cfg = cfg.cell_config(spec)
     run_dir = output / "runs" / spec.name
     previous = run_dir / "config.yaml"
-    if previous.exists() and yaml.safe_load(previous.read_text()) != train_cfg.to_dict():
+    if previous.exists() and TrainConfig.from_dict(yaml.safe_load(previous.read_text())).to_dict() != train_cfg.to_dict():
         logger.warning("%s: %s was trained with another config; starting it from scratch", spec.name, run_dir)
         shutil.rmtree(run_dir)
     o, mem = train_cfg.optim, train_cfg.memory
@@ -214,7 +215,7 @@ def finished_cells(cfg: CompareConfig, output: Path) -> dict[str, dict[str, Any]
         if not path.exists():
             continue
         done = json.loads(path.read_text())
-        if done.get("cell_config") != cell_fingerprint(cfg, spec):
+        if not same_cell_config(done.get("cell_config"), cell_fingerprint(cfg, spec)):
             raise ValueError(f"{path} was produced by a different config than this one; use another --output or "
                              f"delete that file to retrain the method")
         cells[spec.name] = done
@@ -295,12 +296,13 @@ def render_markdown(cfg: CompareConfig, summary: dict[str, Any]) -> str:
                 f"{first.model.arch}, {first.model.num_layers} layers, d = {first.model.hidden_size}, from scratch "
                 f"(seed {first.model.seed}), word-level tokenizer")
     status = "complete" if summary["complete"] else f"INCOMPLETE: {len(cells)}/{len(cfg.methods)} methods"
-    commands = list(dict.fromkeys(" ".join(c.get("command") or summary.get("command") or []) for c in cells))
+    commands = list(dict.fromkeys(" ".join(c["command"]) for c in cells if c.get("command")))
     metrics = sorted({k for c in cells for k in (c["generated"] or {})})
     lines = [
         f"# {task_title(first)}: GradMem vs the baselines",
         "",
-        f"- {status}; commands: " + ("; ".join(f"`{c}`" for c in commands if c) or "-"),
+        f"- {status}; trained by: " + ("; ".join(f"`{c}`" for c in commands) or "(not recorded in these cells)")
+        + f"; this report by: `{' '.join(summary.get('command') or []) or '-'}`",
         f"- commit: {summary.get('commit') or '-'}{' (with uncommitted changes)' if summary.get('dirty') else ''}",
         (f"- wall time: {summary['cells_wall_s']:.0f} s over all methods; {summary.get('device', '-')}, "
          f"{summary.get('threads', '-')} torch threads per process, torch {summary['torch_version']}"),

@@ -150,3 +150,18 @@ def test_every_shipped_comparison_config_validates(config):
         train = cfg.cell_config(spec)
         if train.model.pretrained:  # GPU and pretrained configs: the paper's memory and WRITE
             assert train.memory.num_memory == 8 and train.memory.write_steps == 2 and train.memory.mem_proj
+
+
+def test_a_cell_recorded_before_a_new_config_field_still_counts(smoke_run, tmp_path):
+    """A field added to TrainConfig later (here: optim.autocast, default None) does not invalidate finished cells."""
+    import shutil
+
+    out, _ = smoke_run
+    copy_dir = tmp_path / "old"
+    shutil.copytree(out / "cells", copy_dir / "cells")
+    for path in (copy_dir / "cells").glob("*.json"):
+        cell = json.loads(path.read_text())
+        del cell["cell_config"]["train"]["optim"]["autocast"]
+        path.write_text(json.dumps(cell))
+    again = run_compare(CompareConfig.from_yaml(SMOKE), copy_dir)
+    assert again["complete"] and len(again["cells"]) == 2
