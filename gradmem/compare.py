@@ -352,12 +352,14 @@ def plot(cfg: CompareConfig, summary: dict[str, Any], path: Path) -> None:
 
     cells = summary["cells"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for c in cells:
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("v", ":")]  # overlapping curves (e.g. two at chance) stay visible
+    for i, c in enumerate(cells):
         evals, trains = c["curve"]["eval"], c["curve"]["train"]
-        line, = left.plot([r["step"] for r in evals], [100 * r["em"] for r in evals], "o-", markersize=3,
-                          label=c["name"])
-        right.plot([r["step"] for r in trains], [r["read_loss"] for r in trains], "-", color=line.get_color(),
-                   label=c["name"])
+        marker, dash = styles[i % len(styles)]
+        line, = left.plot([r["step"] for r in evals], [100 * r["em"] for r in evals], marker=marker, linestyle=dash,
+                          markersize=4, label=c["name"])
+        right.plot([r["step"] for r in trains], [r["read_loss"] for r in trains], linestyle=dash,
+                   color=line.get_color(), label=c["name"])
     title = task_title(cfg.cell_config(cfg.methods[0]))
     left.set_xlabel("training step")
     left.set_ylabel("validation exact match % (teacher-forced)")
