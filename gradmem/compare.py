@@ -250,6 +250,7 @@ def run_compare(cfg: CompareConfig, output: str | os.PathLike, only: list[str] |
     for i, spec in enumerate(todo, start=1):
         cell_started = time.perf_counter()
         cell = run_cell(cfg, spec, output, i, len(todo), device=device, command=command)
+        cell.update(commit=meta["commit"], dirty=meta["dirty"])  # the code that trained this method
         write_json_atomic(output / "cells" / f"{spec.name}.json", cell)
         shutil.rmtree(output / "runs" / spec.name / "checkpoints", ignore_errors=True)  # reader/ stays
         durations.append(time.perf_counter() - cell_started)
