@@ -38,6 +38,7 @@ import yaml
 
 from gradmem.capacity import (BASE_SECTIONS, TRAINED_METHODS, MethodSpec, check_methods, method_sections, parse_methods,
                               same_cell_config)
+from gradmem.data import tokenize
 from gradmem.reports import (device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
 from gradmem.tasks.dataset import ExampleSet, evaluate_generated
@@ -149,6 +150,18 @@ def learning_curve(metrics_path: Path) -> dict[str, list[dict[str, float]]]:
     return curve
 
 
+def check_context_lengths(trainer: Trainer, test: ExampleSet) -> None:
+    """Fail before training if a context of the validation or test split is longer than the reader's WRITE accepts
+    (``memory.max_context_tokens``): a reader refuses such contexts at answer time, and skipping them would bias
+    the score."""
+    limit = trainer.reader.max_context_tokens
+    for split in (trainer.eval_task, test):
+        longest = max(len(ids) for ids in tokenize(trainer.reader.tokenizer, sorted({e.context for e in split.items})))
+        if longest > limit:
+            raise ValueError(f"{split.name} holds a context of {longest} tokens, over memory.max_context_tokens = "
+                             f"{limit}: raise it (and model.max_positions) so every question can be answered")
+
+
 def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, total: int,
              device: str = "cpu", command: list[str] | None = None) -> dict[str, Any]:
     """Train one method (continuing from its checkpoint if one matches), score it on the test split."""
@@ -164,12 +177,13 @@ def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, tot
                 o.max_steps, o.batch_size)
     started = time.perf_counter()
     trainer = Trainer(train_cfg, run_dir, device=device)
-    trainer.fit(resume=True)
-    train_s = time.perf_counter() - started
-
     test = build_task(train_cfg.task, cfg.test_split)
     if not isinstance(test, ExampleSet):
         raise TypeError(f"{cfg.test_split} split of {train_cfg.task.name} is not a fixed example set")
+    check_context_lengths(trainer, test)
+    trainer.fit(resume=True)
+    train_s = time.perf_counter() - started
+
     samples = min(cfg.test_samples or len(test), len(test))
     batch_size = cfg.eval_batch_size or train_cfg.run.eval_batch_size
     steps = cfg.eval_steps_for(spec, train_cfg)

@@ -165,3 +165,11 @@ def test_a_cell_recorded_before_a_new_config_field_still_counts(smoke_run, tmp_p
         path.write_text(json.dumps(cell))
     again = run_compare(CompareConfig.from_yaml(SMOKE), copy_dir)
     assert again["complete"] and len(again["cells"]) == 2
+
+
+def test_contexts_longer_than_the_reader_accepts_fail_before_training(tmp_path):
+    data = yaml.safe_load(SMOKE.read_text())
+    data["memory"]["max_context_tokens"] = 20  # qa1 stories run to ~70 words
+    with pytest.raises(ValueError, match="over memory.max_context_tokens = 20"):
+        run_compare(CompareConfig.from_dict(data), tmp_path / "short")
+    assert not (tmp_path / "short" / "runs" / "gradmem" / "metrics.jsonl").exists()  # nothing was trained
