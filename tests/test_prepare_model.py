@@ -75,13 +75,11 @@ def test_pretrained_lm_wraps_into_a_fresh_reader(model_dir):
 
 @pytest.mark.parametrize("task", [
     {"name": "babi", "babi_set": "en", "tasks": ["qa1"]},
-    {"name": "squad", "variant": "c_qa"},
-    {"name": "squad", "variant": "cq_a"},
-    {"name": "squad", "variant": "qc_a"},
-], ids=["babi-qa1", "squad-c_qa", "squad-cq_a", "squad-qc_a"])
+    {"name": "squad", "variant": "c_qa"},  # the other variants differ in formatting only (tests/test_squad.py)
+], ids=["babi-qa1", "squad-c_qa"])
 def test_a_tiny_pretrained_lm_trains_on_each_task(model_dir, task, tmp_path_factory, tmp_path):
     """A plain causal LM directory (a tiny Llama with SmolLM2's BPE tokenizer, built from a config: nothing is
-    downloaded) wraps into a reader through model.pretrained and meta-trains a few steps on every task, in bf16
+    downloaded) wraps into a reader through model.pretrained and meta-trains a few steps on each task, in bf16
     mixed precision: finite losses, every trained weight moves, the exported reader loads and answers."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
