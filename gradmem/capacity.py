@@ -152,8 +152,37 @@ def method_sections(base: dict[str, Any], spec: MethodSpec, write_lr: float | No
     return data
 
 
+class BenchmarkConfig:
+    """What the capacity and comparison configs share: the TrainConfig sections live in ``base`` and sit at the top
+    level of the YAML; ``methods`` is a list of MethodSpec. Subclasses (dataclasses) give ``from_dict`` and
+    ``validate``, which checks everything before any training."""
+
+    base: dict[str, Any]
+    methods: list[MethodSpec]
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike):
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as its YAML would say it (base sections at the top level)."""
+        data = {**copy.deepcopy(self.base), **asdict(self)}
+        del data["base"]
+        return data
+
+    def with_max_steps(self, max_steps: int | None):
+        """A validated copy in which every method trains ``max_steps`` steps (smoke runs); ``self`` when None."""
+        if max_steps is None:
+            return self
+        out = copy.deepcopy(self)
+        for spec in out.methods:
+            spec.max_steps = max_steps
+        out.validate()
+        return out
+
+
 @dataclass
-class CapacityConfig:
+class CapacityConfig(BenchmarkConfig):
     """A base TrainConfig (``base``: its sections as a dict) and the grid of methods x pairs to run."""
 
     base: dict[str, Any] = field(default_factory=dict)
@@ -180,16 +209,6 @@ class CapacityConfig:
         )
         cfg.validate()
         return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "CapacityConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as its YAML would say it (base sections at the top level)."""
-        data = {**copy.deepcopy(self.base), **asdict(self)}
-        del data["base"]
-        return data
 
     def validate(self) -> None:
         """Fail before any training: every cell's TrainConfig is built and validated here."""
@@ -321,11 +340,7 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
 
     ``max_steps`` overrides every method's training budget (smoke runs); it is part of the cells' config, so
     cells finished with another budget are refused rather than mixed in."""
-    if max_steps is not None:
-        cfg = copy.deepcopy(cfg)
-        for spec in cfg.methods:
-            spec.max_steps = max_steps
-        cfg.validate()
+    cfg = cfg.with_max_steps(max_steps)
     output = Path(output)
     (output / "cells").mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 import yaml
 
-from gradmem.capacity import (BASE_SECTIONS, TRAINED_METHODS, MethodSpec, check_methods, method_sections, parse_methods,
-                              same_cell_config)
+from gradmem.capacity import (BASE_SECTIONS, TRAINED_METHODS, BenchmarkConfig, MethodSpec, check_methods,
+                              method_sections, parse_methods, same_cell_config)
 from gradmem.data import tokenize
 from gradmem.reports import (device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
@@ -51,7 +51,7 @@ GRID_KEYS = ("methods", "test_split", "test_samples", "eval_steps", "generate", 
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(BenchmarkConfig):
     """A base TrainConfig (``base``: its sections as a dict) and the methods to train on it."""
 
     base: dict[str, Any] = field(default_factory=dict)
@@ -75,15 +75,6 @@ class CompareConfig:
                   **{k: data[k] for k in GRID_KEYS if k != "methods" and k in data})
         cfg.validate()
         return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "CompareConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {**copy.deepcopy(self.base), **asdict(self)}
-        del data["base"]
-        return data
 
     def validate(self) -> None:
         """Fail before any training: every method's TrainConfig is built and validated here."""
@@ -242,11 +233,7 @@ def run_compare(cfg: CompareConfig, output: str | os.PathLike, only: list[str] |
     """Train and score every selected method not already finished under ``output``. Returns results.json's dict.
 
     ``max_steps`` overrides every method's budget (smoke runs); it is part of the cells' config."""
-    if max_steps is not None:
-        cfg = copy.deepcopy(cfg)
-        for spec in cfg.methods:
-            spec.max_steps = max_steps
-        cfg.validate()
+    cfg = cfg.with_max_steps(max_steps)
     output = Path(output)
     (output / "cells").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -55,3 +55,32 @@ def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, tit
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def benchmark_parser(doc: str, config_help: str):
+    """The arguments every training benchmark (capacity, compare) takes: config, output, step override, threads,
+    device. Callers add their own and pass the result to ``start_benchmark``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--output", default=None, help="output directory (default: runs/<config name>)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="override every method's training steps (smoke runs; a different config for resume)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    return parser
+
+
+def start_benchmark(args) -> str:
+    """Logging and threads as asked; a negative --max-steps refused; returns the device to train on."""
+    import torch
+
+    from gradmem.runtime import configure_cpu
+
+    setup_logging()
+    if args.threads is not None:
+        configure_cpu(threads=args.threads)
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")

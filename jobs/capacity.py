@@ -20,42 +20,22 @@ See gradmem/capacity.py for the config format and the output layout.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import _common  # noqa: F401
-from _common import ROOT, setup_logging
-
-import torch
+import _common
+from _common import ROOT
 
 from gradmem.capacity import CapacityConfig, run_capacity
-from gradmem.runtime import configure_cpu
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="jobs/configs/capacity_*.yaml")
-    parser.add_argument("--output", default=None, help="output directory (default: runs/<config name>)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="override every method's training steps (smoke runs; a different config for resume)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    setup_logging()
-    if args.threads is not None:
-        configure_cpu(threads=args.threads)
+    args = _common.benchmark_parser(__doc__, "jobs/configs/capacity_*.yaml").parse_args(argv)
     try:
+        device = _common.start_benchmark(args)
         cfg = CapacityConfig.from_yaml(args.config)
-        if args.max_steps is not None and args.max_steps < 0:
-            raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     except (OSError, ValueError) as exc:
         print(f"capacity: bad config {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output = args.output or str(ROOT / "runs" / ("capacity_" + args.config.rsplit("/", 1)[-1].removesuffix(".yaml")
                                                  .removeprefix("capacity_")))
     command = ["python", "jobs/capacity.py", *(sys.argv[1:] if argv is None else argv)]

@@ -22,45 +22,26 @@ after every method and prints the table at the end. See gradmem/compare.py for t
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import _common  # noqa: F401
-from _common import ROOT, setup_logging
-
-import torch
+import _common
+from _common import ROOT
 
 from gradmem.compare import CompareConfig, run_compare
-from gradmem.runtime import configure_cpu
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="jobs/configs/{babi,squad}_*.yaml")
-    parser.add_argument("--output", default=None, help="output directory (default: runs/<config name>)")
-    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="override every method's training steps (smoke runs; a different config for resume)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
-    setup_logging()
-    if args.threads is not None:
-        configure_cpu(threads=args.threads)
+    parser = _common.benchmark_parser(__doc__, "jobs/configs/{babi,squad}_*.yaml")
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
+    args = parser.parse_args(argv)
     only = [name for name in args.only.split(",") if name] if args.only else None
     try:
+        device = _common.start_benchmark(args)
         cfg = CompareConfig.from_yaml(args.config)
         cfg.select(only)
-        if args.max_steps is not None and args.max_steps < 0:
-            raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     except (OSError, ValueError) as exc:
         print(f"compare: bad config {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output = args.output or str(ROOT / "runs" / args.config.rsplit("/", 1)[-1].removesuffix(".yaml"))
     command = ["python", "jobs/compare.py", *(sys.argv[1:] if argv is None else argv)]
     summary = run_compare(cfg, output, only=only, max_steps=args.max_steps, command=command, repo_root=ROOT,

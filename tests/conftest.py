@@ -143,3 +143,16 @@ def kv_reader_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kv_reader")
     Trainer(cfg, out).fit()
     return out / "reader"
+
+
+def load_job(name: str):
+    """``jobs/<name>.py`` as a module, so its main() runs in this process (no second torch import)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root / "jobs") not in sys.path:
+        sys.path.insert(0, str(root / "jobs"))
+    spec = importlib.util.spec_from_file_location(f"{name}_job", root / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

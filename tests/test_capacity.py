@@ -8,10 +8,8 @@ continues from its Trainer checkpoint; bad configs fail before any training with
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,18 +17,10 @@ import yaml
 
 from gradmem.capacity import CapacityConfig, paper_figure, run_capacity
 from gradmem.train import Trainer
+from conftest import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "capacity_smoke.yaml"
-
-
-def load_job():
-    """jobs/capacity.py as a module, so its main() runs in this process (no second torch import)."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    spec = importlib.util.spec_from_file_location("capacity_job", ROOT / "jobs" / "capacity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trained_cells(caplog) -> list[str]:
@@ -43,7 +33,7 @@ def trained_cells(caplog) -> list[str]:
 def smoke_run(tmp_path_factory):
     """The smoke config run once through the entrypoint; tests that change the output work on a copy."""
     out = tmp_path_factory.mktemp("capacity") / "smoke"
-    summary = load_job().main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    summary = load_job("capacity").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     return out, summary
 
 
@@ -107,7 +97,7 @@ def test_rerun_retrains_only_the_missing_cell(smoke_run, tmp_path, caplog):
     (cells / "rmt_N2.json").unlink()
     mtimes = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
     caplog.set_level("INFO")
-    summary = load_job().main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    summary = load_job("capacity").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     assert trained_cells(caplog) == ["rmt_N2"]
     assert {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json") if p.name != "rmt_N2.json"} == mtimes
     after = json.loads((cells / "rmt_N2.json").read_text())
@@ -116,7 +106,7 @@ def test_rerun_retrains_only_the_missing_cell(smoke_run, tmp_path, caplog):
     assert summary["complete"] and len(summary["cells"]) == 8
 
     caplog.clear()
-    load_job().main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    load_job("capacity").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     assert trained_cells(caplog) == []  # everything finished: nothing retrained
 
 
@@ -169,7 +159,7 @@ def test_bad_config_exits_before_training(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**smoke_dict(), "methods": [{"name": "x", "method": "transformer_xl"}]}))
     with pytest.raises(SystemExit) as exc:
-        load_job().main(["--config", str(bad), "--output", str(tmp_path / "out")])
+        load_job("capacity").main(["--config", str(bad), "--output", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "unknown method 'transformer_xl'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -9,9 +9,7 @@ bad configs fail before training with a message that names the fault.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,25 +17,17 @@ import yaml
 
 from gradmem.compare import CompareConfig, run_compare
 from gradmem.tasks import babi
+from conftest import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "compare_smoke.yaml"
 pytestmark = pytest.mark.skipif(not babi.default_root().is_dir(), reason="the bAbI data are not available")
 
 
-def load_job():
-    """jobs/compare.py as a module, so its main() runs in this process."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    spec = importlib.util.spec_from_file_location("compare_job", ROOT / "jobs" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare") / "smoke"
-    summary = load_job().main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    summary = load_job("compare").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     return out, summary
 
 
@@ -127,10 +117,7 @@ def test_evaluate_job_reproduces_the_comparison_scores(smoke_run, tmp_path):
     """jobs/evaluate.py on a trained bAbI reader gives the numbers the comparison recorded for it."""
     out, summary = smoke_run
     cell = next(c for c in summary["cells"] if c["name"] == "gradmem")
-    spec = importlib.util.spec_from_file_location("evaluate_job", ROOT / "jobs" / "evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    result = job.main(["--reader", str(out / "runs" / "gradmem" / "reader"), "--task", "babi", "--babi-set", "en",
+    result = load_job("evaluate").main(["--reader", str(out / "runs" / "gradmem" / "reader"), "--task", "babi", "--babi-set", "en",
                        "--babi-tasks", "qa1", "--samples", "24", "--steps", "1,2", "--generate",
                        "--max-new-tokens", "3", "--json", str(tmp_path / "eval.json")])
     assert result["samples"] == 24 and result["task"] == "babi-en-qa1-test"
