@@ -11,12 +11,27 @@
 This package never imports Ray: it runs and is tested in a plain Python process.
 """
 
+import logging
+
 from gradmem.config import METHODS, MemoryConfig
 from gradmem.data import Batch, Example, collate
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
 from gradmem.reader import Reader
 from gradmem.read import ReadOutput, read_teacher_forced
 from gradmem.write import WriteOutput, write_memory
+
+
+
+class _RopeWindowNotice(logging.Filter):
+    """Drops transformers' notice that llama3 RoPE scaling's original window (8192) exceeds a backbone's declared
+    positions: the key-value backbone keeps Llama-3.2-1B's frequencies on purpose (the authors' recipe) while
+    declaring the short window it is used with, and the notice would repeat at every reader load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "original_max_position_embeddings field must be less than" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_rope_utils").addFilter(_RopeWindowNotice())
 
 __all__ = [
     "Batch", "Example", "METHODS", "Memories", "MemoryConfig", "NonFiniteWriteError", "ReadOutput", "Reader", "WriteOutput",

@@ -192,12 +192,15 @@ class CapacityConfig(BenchmarkConfig):
     eval_samples: int = 1000
     eval_batch_size: int | None = None  # None: the base run.eval_batch_size
     eval_seed: int = 0  # held-out stream: evaluation batches come from ("capacity-eval", eval_seed, N, i)
+    # Warm start each method's cell at N from its own reader at the previous N of ``pairs`` (the authors' curriculum
+    # for large N); the same for every method. A cell's validation selection and stopping are its Trainer's.
+    curriculum: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CapacityConfig":
         if not isinstance(data, dict):
             raise ValueError(f"a capacity config is a mapping, got {type(data).__name__}")
-        grid = {"pairs", "methods", "eval_steps", "eval_samples", "eval_batch_size", "eval_seed"}
+        grid = {"pairs", "methods", "eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum"}
         unknown = sorted(set(data) - grid - set(BASE_SECTIONS))
         if unknown:
             raise ValueError(f"unknown capacity config keys {unknown}; known: {sorted(grid | set(BASE_SECTIONS))}")
@@ -205,7 +208,7 @@ class CapacityConfig(BenchmarkConfig):
         cfg = cls(
             base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None},
             pairs=data.get("pairs"), methods=specs,
-            **{k: data[k] for k in ("eval_steps", "eval_samples", "eval_batch_size", "eval_seed") if k in data},
+            **{k: data[k] for k in ("eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum") if k in data},
         )
         cfg.validate()
         return cfg
@@ -227,6 +230,8 @@ class CapacityConfig(BenchmarkConfig):
             raise ValueError(f"eval_steps must be a non-empty list of integers >= 0, got {self.eval_steps}")
         if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
             raise ValueError(f"eval_samples must be an integer >= 1, got {self.eval_samples}")
+        if not isinstance(self.curriculum, bool):
+            raise ValueError(f"curriculum must be true or false, got {self.curriculum!r}")
         for spec in self.methods:
             for pairs in self.pairs:
                 cfg = self.cell_config(spec, pairs)
@@ -239,11 +244,23 @@ class CapacityConfig(BenchmarkConfig):
                                      f" >= {7 * pairs + 1}; got {cfg.model.max_positions}, {cfg.memory.max_context_tokens}")
 
     # -- the cells
-    def cell_config(self, spec: MethodSpec, pairs: int) -> TrainConfig:
-        """The TrainConfig of one cell: base, then the method's overrides, then its method, K, alpha, budget, N."""
+    def cell_config(self, spec: MethodSpec, pairs: int, output: Path | None = None) -> TrainConfig:
+        """The TrainConfig of one cell: base, then the method's overrides, then its method, K, alpha, budget, N.
+
+        With ``curriculum`` the cell warm-starts from the same method's reader at the previous N; that reader lives
+        under ``output`` (``runs/<method>_N<prev>/reader``; a placeholder path when no output is given)."""
         data = method_sections(self.base, spec, spec.write_lr[pairs] if isinstance(spec.write_lr, dict) else spec.write_lr)
         data["task"] = {**(data.get("task") or {}), "pairs": pairs}
+        previous = self.previous_pairs(pairs)
+        if previous is not None:
+            root = Path(output) if output is not None else Path("OUTPUT")
+            data["model"] = {**(data.get("model") or {}), "warm_start": str(root / "runs" / cell_name(spec, previous) / "reader")}
         return TrainConfig.from_dict(data)
+
+    def previous_pairs(self, pairs: int) -> int | None:
+        """The N a curriculum cell at ``pairs`` starts from (None: from scratch)."""
+        index = self.pairs.index(pairs)
+        return self.pairs[index - 1] if self.curriculum and index > 0 else None
 
     def eval_steps_for(self, spec: MethodSpec, cfg: TrainConfig) -> list[int]:
         """K_eval list of a cell: the sweep (plus the trained K) for gradmem/rmt; the trained K alone for the bounds
@@ -252,9 +269,14 @@ class CapacityConfig(BenchmarkConfig):
             return [cfg.memory.write_steps]
         return sorted(set(self.eval_steps) | {cfg.memory.write_steps})
 
-    def cells(self) -> list[tuple[MethodSpec, int]]:
-        """N-major order: every method at the smallest N first, so a partial table is already a comparison."""
-        return [(spec, pairs) for pairs in self.pairs for spec in self.methods]
+    def cells(self, only: list[str] | None = None) -> list[tuple[MethodSpec, int]]:
+        """N-major order: every method at the smallest N first, so a partial table is already a comparison (and a
+        curriculum cell comes after the cell it starts from). ``only``: these method names."""
+        if only:
+            unknown = sorted(set(only) - {s.name for s in self.methods})
+            if unknown:
+                raise ValueError(f"--only names {unknown} are not in the config's methods {[s.name for s in self.methods]}")
+        return [(spec, pairs) for pairs in self.pairs for spec in self.methods if not only or spec.name in only]
 
 
 def cell_name(spec: MethodSpec, pairs: int) -> str:
@@ -266,7 +288,10 @@ def run_cell(cfg: CapacityConfig, spec: MethodSpec, pairs: int, output: Path, in
              device: str = "cpu") -> dict[str, Any]:
     """Train one (method, N) cell (continuing from its Trainer checkpoint if one matches), evaluate, return its result."""
     name = cell_name(spec, pairs)
-    train_cfg = cfg.cell_config(spec, pairs)
+    train_cfg = cfg.cell_config(spec, pairs, output)
+    if train_cfg.model.warm_start and not Path(train_cfg.model.warm_start).is_dir():
+        raise ValueError(f"cell {name} warm-starts from {train_cfg.model.warm_start}, which is not there yet: run the "
+                         f"previous N of this method first (cells run in N order)")
     run_dir = output / "runs" / name
     resolved = train_cfg.to_dict()
     previous = run_dir / "config.yaml"
@@ -299,7 +324,10 @@ def run_cell(cfg: CapacityConfig, spec: MethodSpec, pairs: int, output: Path, in
         "write_lr": train_cfg.memory.write_lr, "num_memory": train_cfg.memory.num_memory,
         "hidden_size": train_cfg.model.hidden_size,
         "budget": {"max_steps": o.max_steps, "batch_size": o.batch_size, "train_samples": o.max_steps * o.batch_size,
-                   "trained_steps": trainer.step},
+                   "max_seconds": train_cfg.run.max_seconds, "trained_steps": trainer.step},
+        "stopped": trainer.stopped, "selected": trainer.best_record(),  # validation-selected step, never test
+        "warm_start_from": cell_name(spec, cfg.previous_pairs(pairs)) if cfg.previous_pairs(pairs) else None,
+        "curve": validation_curve(run_dir),
         "em_trained": trained_em, "best_k_eval": best_k, "em_best": scores[best_k]["em"],
         "eval": {str(k): scores[k] for k in steps}, "eval_samples": cfg.eval_samples,
         "paper": {"trained": paper_figure(spec.method, k_train, pairs, k_train),
@@ -310,6 +338,15 @@ def run_cell(cfg: CapacityConfig, spec: MethodSpec, pairs: int, output: Path, in
         "cell_config": cell_fingerprint(cfg, spec, pairs),
     }
     return jsonable(cell)
+
+
+def validation_curve(run_dir: Path) -> list[dict[str, float]]:
+    """The cell's validation evaluations (step, EM, token accuracy) from its Trainer log."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"step": e["step"], "em": e["em"], "token_acc": e["token_acc"]} for e in events if e.get("event") == "eval"]
 
 
 def cell_fingerprint(cfg: CapacityConfig, spec: MethodSpec, pairs: int) -> dict[str, Any]:
@@ -333,13 +370,29 @@ def same_cell_config(stored: dict[str, Any] | None, current: dict[str, Any]) -> 
 
 
 # ---------------------------------------------------------------------------------------------- the grid
+def finished_cells(cfg: CapacityConfig, output: Path) -> dict[str, dict[str, Any]]:
+    """The cells already finished under ``output`` (by this process or another one working on other methods)."""
+    results = {}
+    for spec, pairs in cfg.cells():
+        path = output / "cells" / f"{cell_name(spec, pairs)}.json"
+        if path.exists():
+            done = json.loads(path.read_text())
+            if not same_cell_config(done.get("cell_config"), cell_fingerprint(cfg, spec, pairs)):
+                raise ValueError(f"{path} was produced by a different config than this one; use another --output "
+                                 f"or delete that file to retrain the cell")
+            results[cell_name(spec, pairs)] = done
+    return results
+
+
 def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int | None = None,
                  command: list[str] | None = None, repo_root: str | os.PathLike | None = None,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", only: list[str] | None = None) -> dict[str, Any]:
     """Run every cell not already finished under ``output``; write the results after each. Returns results.json's dict.
 
     ``max_steps`` overrides every method's training budget (smoke runs); it is part of the cells' config, so
-    cells finished with another budget are refused rather than mixed in."""
+    cells finished with another budget are refused rather than mixed in. ``only``: run these methods' cells (several
+    processes with disjoint lists may share one output: each writes its cells, and the results cover every finished
+    cell found there)."""
     cfg = cfg.with_max_steps(max_steps)
     output = Path(output)
     (output / "cells").mkdir(parents=True, exist_ok=True)
@@ -348,19 +401,8 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     log_budgets(cfg)
 
     cells = cfg.cells()
-    results: dict[str, dict[str, Any]] = {}
-    todo = []
-    for spec, pairs in cells:
-        name = cell_name(spec, pairs)
-        path = output / "cells" / f"{name}.json"
-        if path.exists():
-            done = json.loads(path.read_text())
-            if not same_cell_config(done.get("cell_config"), cell_fingerprint(cfg, spec, pairs)):
-                raise ValueError(f"{path} was produced by a different config than this one; use another --output "
-                                 f"or delete that file to retrain the cell")
-            results[name] = done
-        else:
-            todo.append((spec, pairs))
+    results = finished_cells(cfg, output)
+    todo = [(spec, pairs) for spec, pairs in cfg.cells(only) if cell_name(spec, pairs) not in results]
     if results:
         logger.info("resuming: %d/%d cells already finished under %s (skipped: %s)", len(results), len(cells),
                     output, ", ".join(results))
@@ -374,7 +416,7 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
         cell = run_cell(cfg, spec, pairs, output, index, len(cells), device=device)
         write_json_atomic(output / "cells" / f"{cell['cell']}.json", cell)
         shutil.rmtree(output / "runs" / cell["cell"] / "checkpoints", ignore_errors=True)  # reader/ stays
-        results[cell["cell"]] = cell
+        results = finished_cells(cfg, output)
         finished_here.append(time.perf_counter() - cell_started)
         left = len(todo) - len(finished_here)
         elapsed = time.perf_counter() - started
@@ -383,7 +425,7 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
                     "eta %.0fs", index, len(cells), cell["cell"], cell["em_trained"], cell["k_train"], cell["em_best"],
                     cell["best_k_eval"], len(results), len(cells), elapsed, eta)
         write_results(cfg, output, results, meta, time.perf_counter() - started)
-    summary = write_results(cfg, output, results, meta, time.perf_counter() - started)
+    summary = write_results(cfg, output, finished_cells(cfg, output), meta, time.perf_counter() - started)
     logger.info("capacity benchmark: %d/%d cells in %s (this run %.0fs)", len(results), len(cells), output,
                 time.perf_counter() - started)
     return summary
@@ -422,6 +464,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def budget_text(budget: dict[str, Any]) -> str:
+    """``steps trained x batch``, with the cap that ended training when it was not the step budget."""
+    trained = budget.get("trained_steps", budget["max_steps"])
+    cap = f" (cap {budget['max_seconds']:g} s)" if budget.get("max_seconds") else ""
+    return f"{trained} x {budget['batch_size']}{cap}"
+
+
 def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
     """Two tables: EM per method and N (trained K, best K_eval, paper), and EM per K_eval for gradmem/rmt."""
     cells = {c["cell"]: c for c in summary["cells"]}
@@ -455,7 +504,7 @@ def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
             if c is None:
                 row.append("(not run)")
                 continue
-            budget = f"{c['budget']['max_steps']} x {c['budget']['batch_size']}"
+            budget = budget_text(c["budget"])
             k = str(c["k_train"]) if c["k_train"] is not None else "-"
             paper = c["paper"]["trained"] or "-"
             if c["k_train"] is None:

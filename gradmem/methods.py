@@ -8,8 +8,10 @@ What a memory is, per method (``WriteOutput.memory`` (B, P, d), stored as ``Memo
 
 - ``gradmem``: P = m vectors written by K SGD steps on the reconstruction loss (``gradmem.write``).
 - ``rmt``: P = m vectors written by K forward passes of ``[M; C; M]``: the last layer's hidden states at the
-  trailing m positions become the next M (the RMT "forward write"; K > 1 is "repeated forward writes"). Same
-  m and d as GradMem, so the memory size is matched. Trained end to end by backpropagating through every pass.
+  trailing m positions, through ``mem_proj`` when on, become the next M (the RMT "forward write": K = 1 is the
+  paper's baseline, K > 1 "repeated forward writes"). As in the authors' recipe, RMT's ``mem_proj`` is a
+  default-initialised ``nn.Linear`` with bias applied when writing, and the READ sees M as written. Same m and d
+  as GradMem, so the memory size is matched. Trained end to end by backpropagating through every pass.
 - ``full_context`` (upper bound): the context's own input embeddings, zero rows after the context's end.
   ``WriteOutput.lengths`` (and ``WriteStats.n_tokens`` in ``Memories``) say how many rows are real. A token's
   input embedding is exactly what the backbone sees for that token, so the READ sees ``[C; Q]``: no removal.
@@ -19,7 +21,7 @@ What a memory is, per method (``WriteOutput.memory`` (B, P, d), stored as ``Memo
 - ``no_context`` (lower bound): P = 0. The READ sees ``[Q]`` alone: no prefix positions at all, not m zero
   vectors (those would still be positions the model could learn to use as a bias).
 
-READ input per sample: ``read_prefix`` rows (projected memory for gradmem and rmt; the first n_tokens rows for
+READ input per sample: ``read_prefix`` rows (projected memory for gradmem, memory as written for rmt; the first n_tokens rows for
 full_context; none for no_context), then the query (and the target when teacher-forcing). No context token is
 ever fed to a READ except through full_context's prefix (tests/test_baselines.py checks it with hooks).
 
@@ -92,10 +94,17 @@ def read_prefix(
     """What the READ places before the query: (B, P, d) input embeddings and (B,) real rows per sample.
 
     ``memory`` (B, P, d) as written; ``n_tokens`` (B,) the context lengths, needed by full_context only."""
-    lengths = prefix_lengths(reader, memory, n_tokens)
-    if reader.config.method in ("gradmem", "rmt"):
-        return reader.project(memory), lengths  # (B, m, d)
-    return memory, lengths  # full_context: token embeddings (B, P, d); no_context: (B, 0, d)
+    return memory_input(reader, memory), prefix_lengths(reader, memory, n_tokens)
+
+
+def memory_input(reader: "Reader", memory: torch.Tensor) -> torch.Tensor:
+    """(B, P, d) -> (B, P, d): what the backbone sees for a written memory, at READ and in the write loss.
+
+    GradMem projects M before every use; RMT's projection belongs to its write (already applied); the bounds'
+    rows are token embeddings or nothing."""
+    if reader.config.method == "gradmem":
+        return reader.project(memory)  # (B, m, d)
+    return memory
 
 
 def prefix_lengths(reader: "Reader", memory: torch.Tensor, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,7 +179,7 @@ def rmt_pass(reader: "Reader", memory: torch.Tensor, ctx_ids: torch.Tensor, leng
     sample's own last token (never pads) and sit at the positions they would have if written alone."""
     m, d = memory.shape[1], memory.shape[2]
     tokens = reader.lm.get_input_embeddings()(ctx_ids)  # (B, L, d)
-    slots = reader.project(memory).to(tokens.dtype)  # (B, m, d)
+    slots = memory.to(tokens.dtype)  # (B, m, d)
     if bool((lengths == ctx_ids.shape[1]).all()):  # no padding: one concatenation
         embeds = torch.cat([slots, tokens, slots], dim=1)  # (B, 2m + L, d)
     else:
@@ -178,7 +187,7 @@ def rmt_pass(reader: "Reader", memory: torch.Tensor, ctx_ids: torch.Tensor, leng
         embeds = pad_sequence(seqs, batch_first=True)  # (B, 2m + max L_i, d)
     hidden = reader.last_hidden(embeds)  # (B, 2m + max L_i, d)
     index = (m + lengths)[:, None] + torch.arange(m, device=lengths.device)  # (B, m): the trailing slots
-    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, d))  # (B, m, d)
+    return reader.project(hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, d)))  # (B, m, d)
 
 
 def write_full_context(

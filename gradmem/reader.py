@@ -79,8 +79,12 @@ class Reader(nn.Module):
             self.write_head = copy.deepcopy(head)  # an untied copy of the LM head, trained in the outer loop
             self.write_head.weight = nn.Parameter(head.weight.detach().clone())
         self.mem_proj: nn.Linear | None = None
-        if config.mem_proj:
-            self.mem_proj = nn.Linear(d, d, bias=False, dtype=dtype)
+        if config.mem_proj and config.method == "rmt":
+            # the RMT baseline's projection (the authors' recipe): default nn.Linear init with bias, applied to the
+            # hidden states a forward write produces, never at READ (gradmem.methods.rmt_pass)
+            self.mem_proj = nn.Linear(d, d, bias=True, dtype=dtype)
+        elif config.mem_proj:
+            self.mem_proj = nn.Linear(d, d, bias=False, dtype=dtype)  # GradMem's preconditioner: identity init
             nn.init.eye_(self.mem_proj.weight)
         self._fingerprint: tuple[tuple[int, ...], str] | None = None
         self._compiled_forward = None  # a compiled function, not a module: it must not enter state_dict
@@ -222,13 +226,14 @@ class Reader(nn.Module):
 
     # ------------------------------------------------------------------ tensor-level pieces
     def project(self, memory: torch.Tensor) -> torch.Tensor:
-        """(B, m, d) -> (B, m, d): the memory projection, when on."""
+        """(B, m, d) -> (B, m, d): the memory projection, when on (where it applies is the method's choice:
+        before every use of M for GradMem, on the written hidden states for RMT; see gradmem.methods)."""
         return self.mem_proj(memory) if self.mem_proj is not None else memory
 
     def hidden(self, memory: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Last hidden states of ``[M; ids]``: (B, m, d), (B, L) -> (B, m + L, d). No mask: inputs are right-padded."""
         tokens = self.lm.get_input_embeddings()(ids)  # (B, L, d)
-        embeds = torch.cat([self.project(memory).to(tokens.dtype), tokens], dim=1)  # (B, m + L, d)
+        embeds = torch.cat([methods.memory_input(self, memory).to(tokens.dtype), tokens], dim=1)  # (B, m + L, d)
         return self.last_hidden(embeds)
 
     def last_hidden(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,10 @@ from gradmem.tasks.words import word_tokenizer
 logger = logging.getLogger(__name__)
 
 TASKS = ("kv", "file", "babi", "squad")
+RECIPE_AUX_WRITE_LOSS = {"kv": 0.5, "file": 0.5}  # the authors' key-value scripts; every other task: 0
+# Llama-3.2-1B's RoPE frequency scaling, which the authors' key-value backbone inherits.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 DTYPES = ("float32", "bfloat16", "float16")
 Task = KVTask | ExampleSet  # what Trainer and evaluate draw batches from
 
@@ -67,7 +71,18 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_positions: int = 1024
+    # The authors' key-value backbone inherits Llama-3.2-1B's config (../shared notes, "Recipe details"): tied
+    # input/output embeddings, RoPE theta 5e5 with llama3 frequency scaling, RMSNorm eps 1e-5. These defaults are
+    # theirs; a config that changes one names the deviation in its header.
+    tie_embeddings: bool = True  # llama and gpt2: the LM head shares the input embedding matrix
+    rope_theta: float = 500000.0  # llama only
+    rope_scaling: str | None = "llama3"  # llama only: llama3 (Llama-3.2-1B's factor 32, low 1, high 4, original 8192) | None
+    norm_eps: float = 1e-5  # RMSNorm (llama) / LayerNorm (gpt2) epsilon
     seed: int = 0  # weight initialisation
+    # A reader directory whose weights start this run (curriculum: N pairs from a smaller N's reader, as the authors
+    # reach large N). Unlike ``pretrained``, this config's memory settings (K, alpha) apply; the structure (backbone,
+    # method, m, heads, projection) must match, or loading fails.
+    warm_start: str | None = None
 
 
 @dataclass
@@ -104,7 +119,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     write_mode: str = "second_order"  # second_order | first_order
     second_order_steps: int | None = None  # second order through the last L inner steps only
-    aux_write_loss: float = 0.5  # weight of the last inner step's write loss in the outer loss
+    # Weight of the last inner step's write loss in the outer loss. None: the authors' recipe for the task, 0.5 for
+    # key-value retrieval (kv, file) and 0 for bAbI and SQuAD (their natural-language scripts train on the READ loss
+    # alone); resolved when the TrainConfig is built, so saved configs show the value used.
+    aux_write_loss: float | None = None
     attention: str = "sdpa_math"  # must support double backward for second-order training
     autocast: str | None = None  # bfloat16: mixed precision for the meta-step (fp32 weights); None: model.dtype throughout
     seed: int = 0  # data stream
@@ -118,6 +136,12 @@ class RunConfig:
     eval_batch_size: int = 128
     save_every: int = 1000
     keep_checkpoints: int = 2
+    # Model selection and stopping (the authors keep the best checkpoint by validation and stop early). They act on
+    # the validation evaluations every ``eval_every`` steps, never on test data.
+    select_best: bool = True  # export the best evaluated reader (validation EM, ties by token accuracy), not the last
+    patience: int | None = None  # stop after this many evaluations without a new best (None: train to max_steps)
+    stop_at_em: float | None = 1.0  # stop once validation EM reaches this (the authors stop at 1.0; None: never)
+    max_seconds: float | None = None  # a stated wall-time cap on training (this process's share; resumable)
 
 
 @dataclass
@@ -140,11 +164,24 @@ class TrainConfig:
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
+    def __post_init__(self) -> None:
+        if self.optim.aux_write_loss is None:  # the recipe's value for this task (see OptimConfig)
+            self.optim.aux_write_loss = RECIPE_AUX_WRITE_LOSS.get(self.task.name, 0.0)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def validate(self) -> None:
         o = self.optim
+        if o.aux_write_loss is None or o.aux_write_loss < 0:
+            raise ValueError(f"optim.aux_write_loss must be >= 0, got {o.aux_write_loss}")
+        r = self.run
+        if r.patience is not None and r.patience < 1:
+            raise ValueError(f"run.patience must be >= 1 or null, got {r.patience}")
+        if r.max_seconds is not None and not r.max_seconds > 0:
+            raise ValueError(f"run.max_seconds must be > 0 or null, got {r.max_seconds}")
+        if self.model.rope_scaling not in (None, "llama3"):
+            raise ValueError(f"model.rope_scaling must be llama3 or null, got {self.model.rope_scaling!r}")
         if o.write_mode not in ("second_order", "first_order"):
             raise ValueError(f"optim.write_mode must be second_order or first_order, got {o.write_mode!r}")
         second_order = (self.memory.method in methods.SECOND_ORDER_METHODS and o.write_mode == "second_order"
@@ -203,14 +240,17 @@ def build_tokenizer(cfg: TaskConfig, train_task: Task | None = None):
 def build_backbone_config(cfg: ModelConfig, vocab_size: int, tokenizer) -> Any:
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if cfg.arch == "llama":
+        scaling = LLAMA3_ROPE if cfg.rope_scaling == "llama3" else {"rope_type": "default"}
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_positions,
-            tie_word_embeddings=False, **ids,
+            tie_word_embeddings=cfg.tie_embeddings, rms_norm_eps=cfg.norm_eps,
+            rope_parameters={**scaling, "rope_theta": cfg.rope_theta}, **ids,
         )
     return GPT2Config(
         vocab_size=vocab_size, n_embd=cfg.hidden_size, n_inner=cfg.intermediate_size, n_layer=cfg.num_layers,
-        n_head=cfg.num_heads, n_positions=cfg.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+        n_head=cfg.num_heads, n_positions=cfg.max_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=cfg.tie_embeddings, layer_norm_epsilon=cfg.norm_eps, **ids,
     )
 
 
@@ -228,7 +268,23 @@ def build_reader(cfg: TrainConfig, train_task: Task | None = None) -> Reader:
         return Reader.from_language_model(cfg.model.pretrained, memory, dtype=dtype).train()
     tokenizer = build_tokenizer(cfg.task, train_task)
     backbone = build_backbone_config(cfg.model, len(tokenizer), tokenizer)
-    return Reader.from_config(backbone, tokenizer, memory).to(dtype).train()
+    reader = Reader.from_config(backbone, tokenizer, memory).to(dtype).train()
+    if cfg.model.warm_start:
+        warm_start(reader, cfg.model.warm_start)
+    return reader
+
+
+def warm_start(reader: Reader, path: str | os.PathLike) -> None:
+    """Copy every weight of the reader directory ``path`` into ``reader`` (same structure and vocabulary)."""
+    source = Reader.from_pretrained(path, trainable=True)
+    if source.tokenizer.get_vocab() != reader.tokenizer.get_vocab():
+        raise ValueError(f"warm start {path}: its tokenizer differs from this run's")
+    try:
+        reader.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"warm start {path}: its weights do not fit this config's reader "
+                         f"(method, memory size, heads and backbone must match): {err}") from None
+    logger.info("warm start from %s (step-0 weights)", path)
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -322,9 +378,15 @@ class Trainer:
         config.yaml                     the resolved config
         metrics.jsonl                   one line per log / eval event
         checkpoints/step_00000500/      reader files + trainer_state.json + optimizer.pt (loaded weights_only)
-        reader/                         the final reader (Reader.from_pretrained loads it)
+        best/                           the best reader so far by validation (with ``run.eval_every``) + best.json
+        reader/                         the exported reader: ``best/``'s when ``run.select_best``, else the last
 
     Data batches are a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+
+    Model selection follows the authors: every ``run.eval_every`` steps the reader is evaluated on validation data
+    (key-value: its own seeded stream; bAbI/SQuAD: the validation split), the best (EM, then token accuracy) is kept,
+    and training stops early after ``run.patience`` evaluations without a new best, at ``run.stop_at_em``, or at
+    the ``run.max_seconds`` wall-time cap. Why it stopped is logged as a ``stop`` event in metrics.jsonl.
     """
 
     def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -341,6 +403,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
         self.step = 0
+        self.stopped: str | None = None  # why training stopped early (kept in checkpoints: a resume does not go on)
 
     # -- data
     def train_batch(self, step: int, rank: int = 0) -> Batch:
@@ -362,7 +425,8 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.reader.save_pretrained(tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "config": self.cfg.to_dict()}, indent=2))
+        state = {"step": self.step, "stopped": self.stopped, "config": self.cfg.to_dict()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(self.checkpoint_root.glob("step_*"))[: -self.cfg.run.keep_checkpoints]:
@@ -376,13 +440,49 @@ class Trainer:
         state = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.reader.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.stopped = state["step"], state.get("stopped")
         logger.info("resumed from %s at step %d", path, self.step)
 
     # -- loop
     def log(self, record: dict[str, Any]) -> None:
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    # -- model selection
+    @property
+    def best_dir(self) -> Path:
+        return self.output / "best"
+
+    def best_record(self) -> dict[str, Any] | None:
+        """The best validation evaluation so far ({"step", "em", "token_acc"}), or None before the first."""
+        path = self.best_dir / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def keep_if_best(self, result: dict[str, float]) -> bool:
+        """Save the reader as ``best/`` when ``result`` (a validation evaluation) beats the best so far."""
+        best = self.best_record()
+        if best is not None and (result["em"], result["token_acc"]) <= (best["em"], best["token_acc"]):
+            return False
+        tmp = self.output / ".tmp_best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.reader.save_pretrained(tmp)
+        (tmp / "best.json").write_text(json.dumps({"step": self.step, "em": result["em"],
+                                                   "token_acc": result["token_acc"]}))
+        shutil.rmtree(self.best_dir, ignore_errors=True)
+        os.replace(tmp, self.best_dir)
+        return True
+
+    def stop_reason(self, result: dict[str, float]) -> str | None:
+        """Why training should stop after this validation evaluation (None: go on)."""
+        run, best = self.cfg.run, self.best_record()
+        if run.stop_at_em is not None and result["em"] >= run.stop_at_em:
+            return f"validation EM {result['em']:.4f} reached stop_at_em {run.stop_at_em}"
+        if run.patience is not None and best is not None:
+            evals_since = (self.step - best["step"]) // run.eval_every
+            if evals_since >= run.patience:
+                return f"no better validation EM for {evals_since} evaluations (best {best['em']:.4f} at step {best['step']})"
+        return None
 
     def evaluate(self, steps_list: list[int] | None = None) -> dict[int, dict[str, float]]:
         mem = self.reader.config
@@ -402,7 +502,8 @@ class Trainer:
         self.reader.train()
         window: list[dict[str, float]] = []
         started, start_step = time.perf_counter(), self.step
-        while self.step < total:
+        stop = self.stopped
+        while self.step < total and stop is None:
             step_started = time.perf_counter()
             batch = self.train_batch(self.step).to(self.reader.device)
             loss, metrics = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
@@ -427,17 +528,30 @@ class Trainer:
                 logger.info("step %d/%d loss %.4f read %.4f write %.3f->%.3f em %.3f | %.2f steps/s, eta %.0fs",
                             self.step, total, avg["loss"], avg["read_loss"], avg["write_loss_first"], avg["write_loss_last"],
                             avg["em"], rate, (total - self.step) / max(rate, 1e-9))
-            if run.eval_every and (self.step % run.eval_every == 0 or self.step == total):
+            if run.max_seconds is not None and time.perf_counter() - started >= run.max_seconds:
+                stop = f"wall-time cap max_seconds {run.max_seconds:g} reached"
+            if run.eval_every and (self.step % run.eval_every == 0 or self.step == total or stop):
                 result = self.evaluate()[mem.write_steps]
-                self.log({"event": "eval", "step": self.step, **result})
-                logger.info("eval step %d: em %.4f token_acc %.4f write_loss %.3f", self.step, result["em"],
-                            result["token_acc"], result["write_loss"])
+                improved = self.keep_if_best(result)
+                self.log({"event": "eval", "step": self.step, "best": improved, **result})
+                logger.info("eval step %d: em %.4f token_acc %.4f write_loss %.3f%s", self.step, result["em"],
+                            result["token_acc"], result["write_loss"], " (best)" if improved else "")
+                stop = stop or self.stop_reason(result)
             if run.save_every and self.step % run.save_every == 0:
                 self.save_checkpoint()
-        if self.latest_checkpoint() is None or not self.latest_checkpoint().name.endswith(f"{self.step:08d}"):
+        if stop and not self.stopped:
+            self.stopped = stop
+            self.log({"event": "stop", "step": self.step, "reason": stop})
+            logger.info("stopped at step %d: %s", self.step, stop)
+        if self.latest_checkpoint() is None or not self.latest_checkpoint().name.endswith(f"{self.step:08d}") or stop:
             self.save_checkpoint()
         export = self.output / "reader"
         shutil.rmtree(export, ignore_errors=True)
+        best = self.best_record() if run.select_best else None
+        if best is not None:
+            self.reader.load_state_dict(Reader.from_pretrained(self.best_dir, trainable=True).state_dict())
+            logger.info("selected the best validation reader: step %d (EM %.4f, token accuracy %.4f)", best["step"],
+                        best["em"], best["token_acc"])
         self.reader.save_pretrained(export)
         logger.info("reader exported to %s (fingerprint %s)", export, self.reader.fingerprint)
         return export

@@ -87,7 +87,7 @@ def naive_inference_write(reader, batch):
 
 # ------------------------------------------------------------------------------------------ ours
 def train_step(reader, batch):
-    loss, _ = meta_step(reader, batch, OptimConfig(attention="sdpa_math"), steps=2, lr=0.04)
+    loss, _ = meta_step(reader, batch, OptimConfig(attention="sdpa_math", aux_write_loss=0.5), steps=2, lr=0.04)
     reader.zero_grad(set_to_none=True)
     loss.backward()
 

@@ -29,10 +29,15 @@ from gradmem.capacity import CapacityConfig, run_capacity
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = _common.benchmark_parser(__doc__, "jobs/configs/capacity_*.yaml").parse_args(argv)
+    parser = _common.benchmark_parser(__doc__, "jobs/configs/capacity_*.yaml")
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all); "
+                        "processes with disjoint lists can share one --output")
+    args = parser.parse_args(argv)
+    only = [name for name in args.only.split(",") if name] if args.only else None
     try:
         device = _common.start_benchmark(args)
         cfg = CapacityConfig.from_yaml(args.config)
+        cfg.cells(only)  # unknown names fail here
     except (OSError, ValueError) as exc:
         print(f"capacity: bad config {args.config}: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  .removeprefix("capacity_")))
     command = ["python", "jobs/capacity.py", *(sys.argv[1:] if argv is None else argv)]
     summary = run_capacity(cfg, output, max_steps=args.max_steps, command=command, repo_root=ROOT,
-                           device=device)
+                           device=device, only=only)
     print((_common.Path(output) / "results.md").read_text())
     return summary
 
