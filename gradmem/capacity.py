@@ -38,6 +38,8 @@ import yaml
 from gradmem.config import METHODS
 from gradmem.reports import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
+from gradmem.sweep import SweepConfig, run_sweep, sweep_section
+from gradmem.sweep import apply as sweep_apply
 from gradmem.train import TrainConfig, Trainer, evaluate
 
 logger = logging.getLogger(__name__)
@@ -195,12 +197,15 @@ class CapacityConfig(BenchmarkConfig):
     # Warm start each method's cell at N from its own reader at the previous N of ``pairs`` (the authors' curriculum
     # for large N); the same for every method. A cell's validation selection and stopping are its Trainer's.
     curriculum: bool = False
+    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (gradmem.sweep)
+    # Filled by run_capacity from the sweep records (method name -> picked candidate); not part of the YAML.
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CapacityConfig":
         if not isinstance(data, dict):
             raise ValueError(f"a capacity config is a mapping, got {type(data).__name__}")
-        grid = {"pairs", "methods", "eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum"}
+        grid = {"pairs", "methods", "eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum", "sweep"}
         unknown = sorted(set(data) - grid - set(BASE_SECTIONS))
         if unknown:
             raise ValueError(f"unknown capacity config keys {unknown}; known: {sorted(grid | set(BASE_SECTIONS))}")
@@ -209,6 +214,7 @@ class CapacityConfig(BenchmarkConfig):
             base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None},
             pairs=data.get("pairs"), methods=specs,
             **{k: data[k] for k in ("eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum") if k in data},
+            sweep=SweepConfig.from_dict(data["sweep"]) if data.get("sweep") is not None else None,
         )
         cfg.validate()
         return cfg
@@ -232,6 +238,8 @@ class CapacityConfig(BenchmarkConfig):
             raise ValueError(f"eval_samples must be an integer >= 1, got {self.eval_samples}")
         if not isinstance(self.curriculum, bool):
             raise ValueError(f"curriculum must be true or false, got {self.curriculum!r}")
+        if self.sweep is not None and self.sweep.pairs is not None and self.sweep.pairs not in self.pairs:
+            raise ValueError(f"sweep.pairs {self.sweep.pairs} must be one of pairs {self.pairs}")
         for spec in self.methods:
             for pairs in self.pairs:
                 cfg = self.cell_config(spec, pairs)
@@ -255,7 +263,21 @@ class CapacityConfig(BenchmarkConfig):
         if previous is not None:
             root = Path(output) if output is not None else Path("OUTPUT")
             data["model"] = {**(data.get("model") or {}), "warm_start": str(root / "runs" / cell_name(spec, previous) / "reader")}
-        return TrainConfig.from_dict(data)
+        cfg = TrainConfig.from_dict(data)
+        return sweep_apply(cfg, self.tuning[spec.name]) if spec.name in self.tuning else cfg
+
+    def sweep_pairs(self) -> int:
+        """The N the sweep's candidates train at."""
+        return self.sweep.pairs if self.sweep and self.sweep.pairs is not None else min(self.pairs)
+
+    def tuned_ready(self, spec: MethodSpec) -> bool:
+        """Whether this method's cells can be built as they will train (no sweep, or its pick is known)."""
+        return self.sweep is None or spec.name in self.tuning
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("tuning", None)
+        return data
 
     def previous_pairs(self, pairs: int) -> int | None:
         """The N a curriculum cell at ``pairs`` starts from (None: from scratch)."""
@@ -374,6 +396,8 @@ def finished_cells(cfg: CapacityConfig, output: Path) -> dict[str, dict[str, Any
     """The cells already finished under ``output`` (by this process or another one working on other methods)."""
     results = {}
     for spec, pairs in cfg.cells():
+        if not cfg.tuned_ready(spec):  # its sweep has not picked yet, so none of its cells can be finished
+            continue
         path = output / "cells" / f"{cell_name(spec, pairs)}.json"
         if path.exists():
             done = json.loads(path.read_text())
@@ -399,6 +423,15 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     log_budgets(cfg)
+    if cfg.sweep is not None:
+        cfg = copy.deepcopy(cfg)
+        for spec in cfg.methods:
+            record = sweep_record(output, spec.name)
+            if record is None and (not only or spec.name in only):
+                record = run_sweep(spec.name, spec.method, cfg.cell_config(spec, cfg.sweep_pairs()), cfg.sweep, output,
+                                   device=device)
+            if record is not None:
+                cfg.tuning[spec.name] = record["picked"]
 
     cells = cfg.cells()
     results = finished_cells(cfg, output)
@@ -444,6 +477,12 @@ def log_budgets(cfg: CapacityConfig) -> None:
         logger.warning("training budgets differ between methods: %s", budgets)
 
 
+def sweep_record(output: Path, name: str) -> dict[str, Any] | None:
+    """A method's finished sweep under ``output`` (None: not swept yet)."""
+    path = output / "sweep" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_results(cfg: CapacityConfig, output: Path, cells: dict[str, dict[str, Any]], meta: dict[str, Any],
                   wall_s: float) -> dict[str, Any]:
     """results.json, results.md and capacity.png from the cells finished so far (each file replaced atomically)."""
@@ -452,6 +491,7 @@ def write_results(cfg: CapacityConfig, output: Path, cells: dict[str, dict[str, 
         **meta, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": wall_s, "cells_wall_s": sum(c["train_wall_s"] + c["eval_wall_s"] for c in ordered),
         "complete": len(ordered) == len(cfg.cells()), "config": cfg.to_dict(), "cells": ordered,
+        "sweep": {s.name: r for s in cfg.methods if (r := sweep_record(output, s.name)) is not None},
     })
     write_json_atomic(output / "results.json", summary)
     write_atomic(output / "results.md", render_markdown(cfg, summary))
@@ -533,7 +573,27 @@ def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
                     text = f"**{text}**" if k == c["k_train"] else text
                     row.append(text + (f" [{paper}]" if paper else ""))
                 lines.append(f"| {spec.name} | {c['k_train']} | {pairs} | " + " | ".join(row) + " |")
+    lines += capacity_section(cfg, cells)
+    lines += sweep_section(summary.get("sweep") or {})
     return "\n".join(lines) + "\n"
+
+
+def largest_n(cfg: CapacityConfig, cells: dict[str, dict[str, Any]], spec: MethodSpec, key: str,
+              threshold: float = 0.9) -> int | None:
+    """The largest N whose cell holds ``threshold`` EM (``key``: em_trained or em_best), None when none does."""
+    held = [n for n in cfg.pairs if (c := cells.get(cell_name(spec, n))) is not None and c[key] >= threshold]
+    return max(held) if held else None
+
+
+def capacity_section(cfg: CapacityConfig, cells: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: per method, the largest N held at >= 90% EM (at the trained K and at the best K_eval)."""
+    lines = ["", "Capacity: the largest N each method holds at >= 90% test EM (same m x d for gradmem and rmt):", "",
+             "| method | at trained K | at best K_eval |", "|---|---|---|"]
+    for spec in cfg.methods:
+        trained, best = largest_n(cfg, cells, spec, "em_trained"), largest_n(cfg, cells, spec, "em_best")
+        lines.append(f"| {spec.name} | {trained if trained is not None else 'none'} | "
+                     f"{best if best is not None else 'none'} |")
+    return lines
 
 
 def plot(cfg: CapacityConfig, summary: dict[str, Any], path: Path) -> None:

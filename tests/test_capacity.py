@@ -55,7 +55,8 @@ def test_smoke_run_writes_every_cell_and_the_reports(smoke_run):
     assert len(results["commit"]) == 40 and results["config"]["pairs"] == [1, 2]
     for cell in results["cells"]:
         assert 0.0 <= cell["em_trained"] <= cell["em_best"] <= 1.0
-        assert cell["budget"] == {"max_steps": 30, "batch_size": 16, "train_samples": 480, "trained_steps": 30}
+        assert cell["budget"] == {"max_steps": 30, "batch_size": 16, "train_samples": 480, "max_seconds": None,
+                                  "trained_steps": 30}
         if cell["method"] in ("gradmem", "rmt"):
             assert sorted(cell["eval"]) == ["1", "2"] and cell["k_train"] == 1
         else:

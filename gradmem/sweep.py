@@ -1,0 +1,165 @@
+"""Tuning before comparing: a short sweep of each method's learning rate (and GradMem's alpha), picked on validation.
+
+A benchmark config (capacity or comparison) may carry a ``sweep:`` section::
+
+    sweep: {lr: [0.0003, 0.001, 0.003], write_lr: [0.5, 2.0], max_steps: 600, pairs: 2}
+
+Before a method's cells are trained, every candidate (each ``lr``; for GradMem each ``lr`` x ``write_lr``) trains
+``max_steps`` steps from scratch on that method's cell config (capacity: at N = ``pairs``, default the smallest N)
+through the ordinary ``Trainer``, which evaluates on validation data every ``run.eval_every`` steps and keeps its
+best. The candidate with the best validation EM (ties: token accuracy, then the earlier candidate) is picked, and
+the method's cells train with it. The test data are never looked at: the sweep reads only ``Trainer.best_record``.
+
+Every method gets the same candidates for ``lr`` and the same steps, so the tuning effort is equal; alpha is
+GradMem's alone (the other methods have no inner step size). Results: ``OUTPUT/sweep/<method>.json`` (atomic;
+a rerun reuses it when the candidates and the method's config are unchanged), reported beside the cells.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from gradmem.reports import jsonable, write_json_atomic
+from gradmem.train import TrainConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+ALPHA_METHODS = ("gradmem",)  # methods whose WRITE has a step size to tune
+
+
+@dataclass
+class SweepConfig:
+    lr: list[float] = field(default_factory=list)  # AdamW learning rates, every method
+    write_lr: list[float] = field(default_factory=list)  # alpha candidates, GradMem only (empty: keep its alpha)
+    max_steps: int = 500  # each candidate's training budget
+    pairs: int | None = None  # capacity only: the N candidates train at (None: the smallest N of the grid)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SweepConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"sweep must be a mapping {{lr, write_lr, max_steps, pairs}}, got {data!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"sweep: unknown keys {unknown}; known: {sorted(known)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for name in ("lr", "write_lr"):
+            values = getattr(self, name)
+            if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                                   for v in values):
+                raise ValueError(f"sweep.{name} must be a list of positive numbers, got {values!r}")
+        if not self.lr and not self.write_lr:
+            raise ValueError("sweep needs candidates: sweep.lr and/or sweep.write_lr")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"sweep.max_steps must be an integer >= 1, got {self.max_steps!r}")
+        if self.pairs is not None and (isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 1):
+            raise ValueError(f"sweep.pairs must be a positive integer or null, got {self.pairs!r}")
+
+    def candidates(self, method: str) -> list[dict[str, float]]:
+        """The settings tried for ``method``: each lr, crossed with each alpha for GradMem. {} keys: lr, write_lr."""
+        lrs = [{"lr": float(v)} for v in self.lr] or [{}]
+        alphas = [{"write_lr": float(v)} for v in self.write_lr] if method in ALPHA_METHODS else []
+        return [{**a, **b} for a in lrs for b in (alphas or [{}])]
+
+
+def pick(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The trial with the best validation result: EM, then token accuracy; ties go to the earlier trial.
+
+    ``trials``: [{"candidate": {...}, "validation": {"em", "token_acc", "step"} or None}, ...]. Only the
+    ``validation`` entry is read, whatever else a trial carries."""
+    scored = [t for t in trials if t.get("validation")]
+    if not scored:
+        raise ValueError("no sweep trial has a validation result (is run.eval_every > 0?)")
+    best = max(range(len(scored)), key=lambda i: (scored[i]["validation"]["em"], scored[i]["validation"]["token_acc"], -i))
+    return scored[best]
+
+
+def apply(cfg: TrainConfig, candidate: dict[str, float]) -> TrainConfig:
+    """``cfg`` with a candidate's learning rate and alpha."""
+    data = cfg.to_dict()
+    if "lr" in candidate:
+        data["optim"]["lr"] = candidate["lr"]
+    if "write_lr" in candidate:
+        data["memory"]["write_lr"] = candidate["write_lr"]
+    return TrainConfig.from_dict(data)
+
+
+def trial_config(cfg: TrainConfig, candidate: dict[str, float], sweep: SweepConfig) -> TrainConfig:
+    """A candidate's short run: the method's cell config with the candidate, ``sweep.max_steps`` steps, from scratch,
+    validation at least 5 times; no wall-time cap (every candidate gets the same steps)."""
+    data = apply(cfg, candidate).to_dict()
+    data["optim"]["max_steps"] = sweep.max_steps
+    data["model"]["warm_start"] = None
+    run = data["run"]
+    run.update(max_seconds=None, save_every=0)
+    if not run["eval_every"] or run["eval_every"] > sweep.max_steps // 5:
+        run["eval_every"] = max(1, sweep.max_steps // 5)
+    return TrainConfig.from_dict(data)
+
+
+def run_sweep(name: str, method: str, cell_config: TrainConfig, sweep: SweepConfig, output: Path,
+              device: str = "cpu") -> dict[str, Any]:
+    """Try every candidate for one method (``name``) on ``cell_config``; write and return the record with the pick.
+
+    A record already on disk for the same candidates and config is returned as it is (resume)."""
+    path = output / "sweep" / f"{name}.json"
+    identity = jsonable({"sweep": asdict(sweep), "config": cell_config.to_dict()})
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("identity") == identity:
+            return done
+        raise ValueError(f"{path} was produced by another sweep or config; use another --output or delete it")
+    trials = []
+    for i, candidate in enumerate(sweep.candidates(method), start=1):
+        trial_cfg = trial_config(cell_config, candidate, sweep)
+        run_dir = output / "sweep_runs" / f"{name}_{i}"
+        logger.info("sweep %s %d/%d: %s for %d steps", name, i, len(sweep.candidates(method)), candidate,
+                    sweep.max_steps)
+        started = time.perf_counter()
+        trainer = Trainer(trial_cfg, run_dir, device=device)
+        trainer.fit(resume=True)
+        best = trainer.best_record()
+        trials.append({"candidate": candidate, "validation": best, "trained_steps": trainer.step,
+                       "wall_s": time.perf_counter() - started})
+        logger.info("sweep %s %d: best validation EM %s", name, i, "-" if best is None else f"{best['em']:.4f}")
+    chosen = pick(trials)
+    record = jsonable({"name": name, "method": method, "identity": identity, "trials": trials,
+                       "picked": chosen["candidate"], "picked_validation": chosen["validation"],
+                       "selection": "best validation EM, then token accuracy; test data never evaluated"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    logger.info("sweep %s: picked %s (validation EM %.4f)", name, chosen["candidate"], chosen["validation"]["em"])
+    return record
+
+
+def sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown lines: what each method tried and what it picked."""
+    if not records:
+        return []
+    lines = ["", "Tuning (validation only; each candidate trained the same steps from scratch):", "",
+             "| method | tried (validation EM %) | picked |", "|---|---|---|"]
+    for name, rec in records.items():
+        tried = ", ".join(f"{fmt(t['candidate'])}: {100 * t['validation']['em']:.1f}" if t["validation"] else
+                          f"{fmt(t['candidate'])}: -" for t in rec["trials"])
+        lines.append(f"| {name} | {tried} | {fmt(rec['picked'])} |")
+    return lines
+
+
+def fmt(candidate: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:g}" for k, v in candidate.items()) or "(config as is)"
+
+
+def tuned(cell_config_fn: Callable[[], TrainConfig], record: dict[str, Any] | None) -> TrainConfig:
+    """A cell's config with its method's picked candidate (as is when the method has no sweep record)."""
+    cfg = cell_config_fn()
+    return apply(cfg, record["picked"]) if record else copy.deepcopy(cfg)
