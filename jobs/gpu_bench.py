@@ -1,0 +1,191 @@
+"""GPU speed of the GradMem core against the card's limit: meta-step and inference-write time, with model FLOP
+utilisation (MFU) from FLOPs counted as they run.
+
+    python jobs/gpu_bench.py --output runs/gpu_bench          # on a GPU machine, about 3 minutes
+    python jobs/gpu_bench.py --output /tmp/gb --smoke         # a CPU smoke run of the same code (tiny shapes)
+
+Readers (weights from their config, random: speed does not depend on their values):
+- ``kv``: the paper's key-value reader (4 layers, d = 128, Llama-3.2-1B's RoPE and tied embeddings), fp32, batch
+  64, N = 16 contexts (113 tokens), 8 memory vectors, K = 2, second-order meta-step (write + read + backward).
+- ``smollm2``: SmolLM2-135M's shape (30 layers, d = 576, 9 heads / 3 KV heads, vocabulary 49152), fp32 weights
+  with bf16 autocast (the bAbI GPU configuration), batch 64, contexts of 100 tokens, K = 2.
+
+For each: seconds per meta-step and per inference write (first order, K = 2) over ``--repeats`` timed calls after
+a warm-up, FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on one call (matrix products, attention
+and their backward / double backward, as executed), and MFU = FLOPs / time / peak, where the peak is the card's
+dense bf16 figure (``--peak-tflops``, default 989 for an H100/H200 SXM). Writes bench.json and bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import _common
+from _common import ROOT  # noqa: F401
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+from transformers import LlamaConfig
+
+from gradmem import MemoryConfig, Reader
+from gradmem.attention import attention_path
+from gradmem.tasks.kv import KVTask, kv_tokenizer
+from gradmem.train import ModelConfig, OptimConfig, build_backbone_config, meta_step
+from gradmem.write import write_memory
+from gradmem.data import Batch
+
+
+def kv_reader(smoke: bool) -> tuple[Reader, Batch, str | None]:
+    tok = kv_tokenizer()
+    torch.manual_seed(0)
+    model = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64) if smoke else ModelConfig()
+    reader = Reader.from_config(build_backbone_config(model, len(tok), tok), tok,
+                                MemoryConfig(num_memory=8, write_steps=2, write_lr=0.04))
+    batch = KVTask(4 if smoke else 16).batch(8 if smoke else 64, [0], tok)
+    return reader, batch, None
+
+
+def smollm2_reader(smoke: bool) -> tuple[Reader, Batch, str | None]:
+    """SmolLM2-135M's architecture with random weights, on the key-value tokenizer's ids mapped into its vocabulary
+    (token values do not change the work; lengths do: contexts of 100 tokens, queries of 5, answers of 4)."""
+    tok = kv_tokenizer()
+    size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128) if smoke else dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                                          num_key_value_heads=3, intermediate_size=1536)
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         **size)
+    torch.manual_seed(0)
+    reader = Reader.from_config(config, tok, MemoryConfig(num_memory=8, write_steps=2, write_lr=1e-3, mem_proj=True))
+    batch = KVTask(14).batch(8 if smoke else 64, [0], tok)  # 14 pairs: 99 context tokens
+    return reader, batch, None if smoke else "bfloat16"
+
+
+READERS = {"kv": kv_reader, "smollm2": smollm2_reader}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class FlopCount(TorchDispatchMode):
+    """Adds up the FLOPs of every matrix product and attention op as executed, with PyTorch's own formulas
+    (``torch.utils.flop_counter``). A plain dispatch mode: ``FlopCounterMode``'s module tracking installs backward
+    hooks that ``torch.autograd.grad`` (the WRITE's inner step) refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def counted_flops(fn) -> float:
+    with FlopCount() as counter:
+        fn()
+    return float(counter.total)
+
+
+def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, peak: float) -> dict:
+    reader, batch, autocast = READERS[name](smoke)
+    reader = reader.to(device).train()
+    batch = batch.to(device)
+    optim = OptimConfig(attention="sdpa_math", autocast=autocast, aux_write_loss=0.5)
+    params = [p for p in reader.parameters() if p.requires_grad]
+
+    def step() -> None:
+        loss, _ = meta_step(reader, batch, optim, steps=2, lr=reader.config.write_lr)
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    frozen = reader.freeze()
+
+    def write() -> None:
+        with attention_path(frozen.lm, "sdpa"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
+            write_memory(frozen, batch.ctx_ids, batch.ctx_mask, 2, frozen.config.write_lr, mode="inference")
+
+    reader.requires_grad_(True).train()
+    step_s = timed(step, device, repeats)
+    step_flops = counted_flops(step)
+    frozen = reader.freeze()
+    write_s = timed(write, device, repeats)
+    write_flops = counted_flops(write)
+    n_params = sum(p.numel() for p in reader.parameters())
+    contexts = batch.ctx_ids.shape[0]
+    return {
+        "reader": name, "params": n_params, "batch": contexts, "context_tokens": int(batch.ctx_mask.sum(1).max()),
+        "precision": "bf16 autocast, fp32 weights" if autocast else "fp32",
+        "meta_step_s": step_s, "meta_step_tflop": step_flops / 1e12, "meta_step_mfu": step_flops / step_s / peak,
+        "write_s": write_s, "write_contexts_per_s": contexts / write_s, "write_tflop": write_flops / 1e12,
+        "write_mfu": write_flops / write_s / peak,
+    }
+
+
+def render(results: list[dict], meta: dict) -> str:
+    lines = [f"# GPU bench ({meta['device']}, torch {meta['torch']}, peak {meta['peak_tflops']:g} TFLOP/s bf16 dense)", "",
+             f"Command: `{meta['command']}`; {meta['repeats']} timed calls per figure (median).", "",
+             "| reader | params | precision | batch x ctx | meta-step s | TFLOP | MFU | write s | contexts/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['reader']} | {r['params'] / 1e6:.1f}M | {r['precision']} | {r['batch']} x {r['context_tokens']} | "
+                     f"{r['meta_step_s']:.4f} | {r['meta_step_tflop']:.3f} | {100 * r['meta_step_mfu']:.2f}% | "
+                     f"{r['write_s']:.4f} | {r['write_contexts_per_s']:.0f} | {100 * r['write_mfu']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--readers", default="kv,smollm2")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of the code path)")
+    args = parser.parse_args(argv)
+    _common.setup_logging()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "peak_tflops": args.peak_tflops, "repeats": args.repeats,
+            "command": "python jobs/gpu_bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+    results = []
+    for name in args.readers.split(","):
+        started = time.perf_counter()
+        results.append(bench_reader(name, device, args.repeats, args.smoke, args.peak_tflops * 1e12))
+        print(f"gpu_bench: {name} done in {time.perf_counter() - started:.0f} s: {json.dumps(results[-1])}", flush=True)
+        (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+        (out / "bench.md").write_text(render(results, meta))
+    print((out / "bench.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
