@@ -38,7 +38,7 @@ import yaml
 from gradmem.config import METHODS
 from gradmem.reports import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
-from gradmem.sweep import SweepConfig, run_sweep, sweep_section
+from gradmem.sweep import SweepConfig, sweep_record, sweep_section, tune
 from gradmem.sweep import apply as sweep_apply
 from gradmem.train import TrainConfig, Trainer, evaluate
 
@@ -425,13 +425,8 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     log_budgets(cfg)
     if cfg.sweep is not None:
         cfg = copy.deepcopy(cfg)
-        for spec in cfg.methods:
-            record = sweep_record(output, spec.name)
-            if record is None and (not only or spec.name in only):
-                record = run_sweep(spec.name, spec.method, cfg.cell_config(spec, cfg.sweep_pairs()), cfg.sweep, output,
-                                   device=device)
-            if record is not None:
-                cfg.tuning[spec.name] = record["picked"]
+        cfg.tuning = tune(cfg.methods, cfg.sweep, output, lambda spec: cfg.cell_config(spec, cfg.sweep_pairs()),
+                          only=only, device=device)
 
     cells = cfg.cells()
     results = finished_cells(cfg, output)
@@ -475,12 +470,6 @@ def log_budgets(cfg: CapacityConfig) -> None:
                     train_cfg.model.num_layers, train_cfg.model.seed, train_cfg.memory.num_memory)
     if len(set(budgets.values())) > 1:
         logger.warning("training budgets differ between methods: %s", budgets)
-
-
-def sweep_record(output: Path, name: str) -> dict[str, Any] | None:
-    """A method's finished sweep under ``output`` (None: not swept yet)."""
-    path = output / "sweep" / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_results(cfg: CapacityConfig, output: Path, cells: dict[str, dict[str, Any]], meta: dict[str, Any],

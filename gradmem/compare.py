@@ -42,12 +42,15 @@ from gradmem.data import tokenize
 from gradmem.reports import (device_name, git_commit, jsonable, save_figure, write_atomic,
                              write_json_atomic)
 from gradmem.tasks.dataset import ExampleSet, evaluate_generated
+from gradmem.sweep import SweepConfig, sweep_record, sweep_section, tune
+from gradmem.sweep import apply as sweep_apply
 from gradmem.train import TrainConfig, Trainer, build_task, evaluate
 
 logger = logging.getLogger(__name__)
 
 COMPARE_TASKS = ("babi", "squad")  # tasks with fixed splits and a generated-answer metric
-GRID_KEYS = ("methods", "test_split", "test_samples", "eval_steps", "generate", "max_new_tokens", "eval_batch_size")
+GRID_KEYS = ("methods", "test_split", "test_samples", "eval_steps", "generate", "max_new_tokens", "eval_batch_size",
+             "sweep")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class CompareConfig(BenchmarkConfig):
     generate: bool = True  # also score greedy answers with the task's metric
     max_new_tokens: int = 16
     eval_batch_size: int | None = None  # None: the base run.eval_batch_size
+    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (gradmem.sweep)
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # filled from the sweep records; not YAML
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompareConfig":
@@ -72,7 +77,8 @@ class CompareConfig(BenchmarkConfig):
             raise ValueError(f"unknown comparison config keys {unknown}; known: {sorted(set(GRID_KEYS) | set(BASE_SECTIONS))}")
         specs = parse_methods(data.get("methods"), "comparison")
         cfg = cls(base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None}, methods=specs,
-                  **{k: data[k] for k in GRID_KEYS if k != "methods" and k in data})
+                  **{k: data[k] for k in GRID_KEYS if k not in ("methods", "sweep") and k in data},
+                  sweep=SweepConfig.from_dict(data["sweep"]) if data.get("sweep") is not None else None)
         cfg.validate()
         return cfg
 
@@ -99,7 +105,13 @@ class CompareConfig(BenchmarkConfig):
 
     def cell_config(self, spec: MethodSpec) -> TrainConfig:
         """The TrainConfig of one method: base, then its overrides, then its method, K, alpha and budget."""
-        return TrainConfig.from_dict(method_sections(self.base, spec, spec.write_lr))
+        cfg = TrainConfig.from_dict(method_sections(self.base, spec, spec.write_lr))
+        return sweep_apply(cfg, self.tuning[spec.name]) if spec.name in self.tuning else cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("tuning", None)
+        return data
 
     def eval_steps_for(self, spec: MethodSpec, cfg: TrainConfig) -> list[int]:
         """K_eval of a method: the trained K plus the sweep for gradmem/rmt; the trained K alone for the bounds."""
@@ -195,7 +207,9 @@ def run_cell(cfg: CompareConfig, spec: MethodSpec, output: Path, index: int, tot
         "k_train": mem.write_steps if spec.method in TRAINED_METHODS else None, "write_lr": mem.write_lr,
         "num_memory": mem.num_memory, "hidden_size": trainer.reader.d_model,
         "parameters": sum(p.numel() for p in trainer.reader.parameters()),
-        "budget": {"max_steps": o.max_steps, "batch_size": o.batch_size, "train_samples": o.max_steps * o.batch_size},
+        "budget": {"max_steps": o.max_steps, "batch_size": o.batch_size, "train_samples": o.max_steps * o.batch_size,
+                   "max_seconds": train_cfg.run.max_seconds, "trained_steps": trainer.step},
+        "stopped": trainer.stopped, "selected": trainer.best_record(),  # validation-selected step, never test
         "test_split": cfg.test_split, "test_samples": samples,
         "teacher_forced": {str(k): forced[k] for k in steps}, "em_trained": forced[mem.write_steps]["em"],
         "best_k_eval": best_k, "em_best": forced[best_k]["em"],
@@ -217,8 +231,8 @@ def finished_cells(cfg: CompareConfig, output: Path) -> dict[str, dict[str, Any]
     cells = {}
     for spec in cfg.methods:
         path = output / "cells" / f"{spec.name}.json"
-        if not path.exists():
-            continue
+        if not path.exists() or (cfg.sweep is not None and spec.name not in cfg.tuning):
+            continue  # not finished, or its sweep has not picked yet (so it cannot be finished)
         done = json.loads(path.read_text())
         if not same_cell_config(done.get("cell_config"), cell_fingerprint(cfg, spec)):
             raise ValueError(f"{path} was produced by a different config than this one; use another --output or "
@@ -237,6 +251,9 @@ def run_compare(cfg: CompareConfig, output: str | os.PathLike, only: list[str] |
     output = Path(output)
     (output / "cells").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if cfg.sweep is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.tuning = tune(cfg.methods, cfg.sweep, output, cfg.cell_config, only=only, device=device)
     selected = cfg.select(only)
     done = finished_cells(cfg, output)
     todo = [s for s in selected if s.name not in done]
@@ -272,6 +289,7 @@ def write_results(cfg: CompareConfig, output: Path, meta: dict[str, Any]) -> dic
         **meta, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cells_wall_s": sum(c["train_wall_s"] + c["eval_wall_s"] for c in ordered),
         "complete": len(ordered) == len(cfg.methods), "config": cfg.to_dict(), "cells": ordered,
+        "sweep": {s.name: r for s in cfg.methods if (r := sweep_record(output, s.name)) is not None},
     })
     write_json_atomic(output / "results.json", summary)
     write_atomic(output / "results.md", render_markdown(cfg, summary))
@@ -342,6 +360,7 @@ def render_markdown(cfg: CompareConfig, summary: dict[str, Any]) -> str:
         for c in cells:
             for e in c["examples"][:3]:
                 lines.append(f"- {c['name']}: {e['query']!r} -> {e['answer']!r} (gold {e['gold'][0]!r})")
+    lines += sweep_section(summary.get("sweep") or {})
     return "\n".join(lines) + "\n"
 
 

@@ -2,12 +2,13 @@
 
 A benchmark config (capacity or comparison) may carry a ``sweep:`` section::
 
-    sweep: {lr: [0.0003, 0.001, 0.003], write_lr: [0.5, 2.0], max_steps: 600, pairs: 2}
+    sweep: {lr: [0.0003, 0.001, 0.003], write_lr: [0.5, 2.0], max_steps: 1000, pairs: 1}
 
 Before a method's cells are trained, every candidate (each ``lr``; for GradMem each ``lr`` x ``write_lr``) trains
 ``max_steps`` steps from scratch on that method's cell config (capacity: at N = ``pairs``, default the smallest N)
 through the ordinary ``Trainer``, which evaluates on validation data every ``run.eval_every`` steps and keeps its
-best. The candidate with the best validation EM (ties: token accuracy, then the earlier candidate) is picked, and
+best. The candidate with the best validation EM (ties: token accuracy, then the earlier step that reached it, then
+the earlier candidate) is picked, and
 the method's cells train with it. The test data are never looked at: the sweep reads only ``Trainer.best_record``.
 
 Every method gets the same candidates for ``lr`` and the same steps, so the tuning effort is equal; alpha is
@@ -73,14 +74,16 @@ class SweepConfig:
 
 
 def pick(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    """The trial with the best validation result: EM, then token accuracy; ties go to the earlier trial.
+    """The trial with the best validation result: EM, then token accuracy, then the earlier step at which that best
+    was reached (equal scores: the setting that learns faster is the better tuned); full ties go to the earlier trial.
 
     ``trials``: [{"candidate": {...}, "validation": {"em", "token_acc", "step"} or None}, ...]. Only the
     ``validation`` entry is read, whatever else a trial carries."""
     scored = [t for t in trials if t.get("validation")]
     if not scored:
         raise ValueError("no sweep trial has a validation result (is run.eval_every > 0?)")
-    best = max(range(len(scored)), key=lambda i: (scored[i]["validation"]["em"], scored[i]["validation"]["token_acc"], -i))
+    best = max(range(len(scored)), key=lambda i: (scored[i]["validation"]["em"], scored[i]["validation"]["token_acc"],
+                                                   -scored[i]["validation"]["step"], -i))
     return scored[best]
 
 
@@ -140,6 +143,28 @@ def run_sweep(name: str, method: str, cell_config: TrainConfig, sweep: SweepConf
     write_json_atomic(path, record)
     logger.info("sweep %s: picked %s (validation EM %.4f)", name, chosen["candidate"], chosen["validation"]["em"])
     return record
+
+
+def sweep_record(output: Path, name: str) -> dict[str, Any] | None:
+    """A method's finished sweep under ``output`` (None: not swept yet)."""
+    path = output / "sweep" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tune(specs: list[Any], sweep: SweepConfig, output: Path, config_for: Callable[[Any], TrainConfig],
+         only: list[str] | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Method name -> picked candidate, for every method whose sweep is recorded under ``output``; the sweeps of
+    the methods in ``only`` (all when None) are run first when missing. ``specs``: MethodSpecs (name, method);
+    ``config_for(spec)``: the TrainConfig the method's candidates start from. Several processes with disjoint
+    ``only`` lists share one output: each sweeps its own methods and sees the others' picks once recorded."""
+    picks = {}
+    for spec in specs:
+        record = sweep_record(output, spec.name)
+        if record is None and (not only or spec.name in only):
+            record = run_sweep(spec.name, spec.method, config_for(spec), sweep, output, device=device)
+        if record is not None:
+            picks[spec.name] = record["picked"]
+    return picks
 
 
 def sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
