@@ -49,7 +49,7 @@ BASE_SECTIONS = ("model", "memory", "task", "optim", "run")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # ---------------------------------------------------------------------------------------------- the paper
-# Exact match % from ../shared/GRADMEM.md (key-value retrieval, 8 memory vectors of 128), verbatim with their
+# Exact match % from the paper (key-value retrieval, 8 memory vectors of 128), verbatim with their
 # "~". Key: (method, K trained, N) -> {K_eval: EM, "best": best over K_eval 0..30}. Bounds have K trained None
 # and a single figure under K_eval None. The first table's "GradMem K=5" column is read as trained and
 # evaluated with K = 5 (its N = 96 figure, 88.4, is the K train 5 / K eval 5 entry of the second table).

@@ -20,7 +20,7 @@ METHODS = ("gradmem", "rmt", "full_context", "no_context")
 
 @dataclass
 class MemoryConfig:
-    """Memory and WRITE settings (the paper's defaults; see ../shared/GRADMEM.md)."""
+    """Memory and WRITE settings (the paper's defaults)."""
 
     num_memory: int = 8  # m: prefix vectors in input-embedding space
     mem_proj: bool = False  # learned d x d preconditioner (identity init) applied before every use of M

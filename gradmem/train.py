@@ -71,7 +71,7 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 512
     max_positions: int = 1024
-    # The authors' key-value backbone inherits Llama-3.2-1B's config (../shared notes, "Recipe details"): tied
+    # The authors' key-value backbone inherits Llama-3.2-1B's config ("Recipe details" of the method notes): tied
     # input/output embeddings, RoPE theta 5e5 with llama3 frequency scaling, RMSNorm eps 1e-5. These defaults are
     # theirs; a config that changes one names the deviation in its header.
     tie_embeddings: bool = True  # llama and gpt2: the LM head shares the input embedding matrix
@@ -141,7 +141,7 @@ class RunConfig:
     select_best: bool = True  # export the best evaluated reader (validation EM, ties by token accuracy), not the last
     patience: int | None = None  # stop after this many evaluations without a new best (None: train to max_steps)
     stop_at_em: float | None = 1.0  # stop once validation EM reaches this (the authors stop at 1.0; None: never)
-    max_seconds: float | None = None  # a stated wall-time cap on training (this process's share; resumable)
+    max_seconds: float | None = None  # a stated wall-time cap on training per fit() call (a resume gets it anew)
 
 
 @dataclass
@@ -180,6 +180,9 @@ class TrainConfig:
             raise ValueError(f"run.patience must be >= 1 or null, got {r.patience}")
         if r.max_seconds is not None and not r.max_seconds > 0:
             raise ValueError(f"run.max_seconds must be > 0 or null, got {r.max_seconds}")
+        if self.model.warm_start and self.model.pretrained:
+            raise ValueError("model.warm_start and model.pretrained exclude each other: pretrained continues a reader "
+                             "with its own settings, warm_start copies weights into this config's reader")
         if self.model.rope_scaling not in (None, "llama3"):
             raise ValueError(f"model.rope_scaling must be llama3 or null, got {self.model.rope_scaling!r}")
         if o.write_mode not in ("second_order", "first_order"):
