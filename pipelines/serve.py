@@ -279,6 +279,9 @@ class Guard:
         if body is None:
             await error_response(413, f"request body over {settings.max_body_bytes} bytes")(scope, receive, send)
             return
+        if not _is_utf8(body):  # JSON is UTF-8 (RFC 8259); FastAPI would answer 400 outside the documented set
+            await error_response(422, "malformed request: the body is not UTF-8")(scope, receive, send)
+            return
         await self.app(scope, _replay(body, receive), send)
 
 
@@ -326,6 +329,14 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:

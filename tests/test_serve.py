@@ -174,6 +174,7 @@ def test_every_failure_has_the_one_error_shape(service):
     _assert_error_shape(requests.get(f"{base}/v1/query", timeout=30), 405)
     _assert_error_shape(_raw(base, "/v1/query", b'{"doc_id": "doc-1", "questions": [', ), 422)
     _assert_error_shape(_raw(base, "/v1/query", b"[1, 2]"), 422)
+    _assert_error_shape(_raw(base, "/v1/query", b'{"doc_id": "\xff\xfe", "questions": ["?"]}'), 422)  # not UTF-8: was 400
     _assert_error_shape(_raw(base, "/v1/query", b"doc_id=doc-1", **{"content-type": "text/plain"}), 415)
     _assert_error_shape(_raw(base, "/v1/memories", b"doc_id=x&text=y",
                              **{"content-type": "application/x-www-form-urlencoded"}), 415)
@@ -350,7 +351,7 @@ def test_memory_cache_is_bounded_by_bytes(tmp_path):
     assert cache.bytes == sum(cache.sizes.values())
 
 
-FUZZ_EXAMPLES = 40  # per operation and generation mode: 4 operations x 2 modes x 40 = at most 320 requests
+FUZZ_EXAMPLES = 100  # per operation and generation mode: 4 operations x 2 modes x 100 = at most 800 requests
 
 
 def test_fuzzing_the_openapi_document_finds_no_server_error_and_no_mismatch(service):
@@ -405,6 +406,7 @@ def _fuzz_every_operation(schema, checks, base: str, session: requests.Session, 
                     case.validate_response(response, checks=checks)
                 except (AssertionError, BaseExceptionGroup) as e:
                     mismatches.append(f"{operation.label} {mode} -> {response.status_code}: {e}"[:600])
+                    logger.warning("mismatch: %s", mismatches[-1])
 
             try:
                 fuzz()
