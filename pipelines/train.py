@@ -424,17 +424,17 @@ def _node_bound_torch_config(backend: str):
     import ray
     from ray.train._internal.utils import get_address_and_port
     from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
-    from ray.train.torch.config import TorchBackend, TorchConfig, _set_torch_distributed_env_vars
+    from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars
+    from ray.train.torch.config import _TorchBackend as TorchBackend  # private in Ray 2.60: on_start is what changes
 
     class NodeBoundTorchBackend(TorchBackend):
         def on_start(self, worker_group, backend_config) -> None:
             addr, port = worker_group.execute_single(0, get_address_and_port)  # rank 0's node IP, as Ray knows it
             if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own on_start: LOCAL_RANK etc. (Train V2)
                 worker_group.execute(_set_torch_distributed_env_vars)
-            ray.get([worker_group.execute_single_async(i, init_process_group_on_node, backend=backend_config.backend,
-                                                       rank=i, world=len(worker_group), addr=addr, port=port,
-                                                       timeout_s=backend_config.timeout_s)
-                     for i in range(len(worker_group))])
+            world = len(worker_group)  # positional: execute_single_async's own first parameter is named rank
+            ray.get([worker_group.execute_single_async(i, init_process_group_on_node, backend_config.backend, i, world,
+                                                       addr, port, backend_config.timeout_s) for i in range(world)])
 
     class NodeBoundTorchConfig(TorchConfig):
         @property
