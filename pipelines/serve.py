@@ -163,7 +163,7 @@ def _memory_id(value: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 DocId = Annotated[str, StringConstraints(min_length=1, max_length=records.MAX_ID_CHARS), AfterValidator(_valid_unicode)]
 MemoryId = Annotated[str, StringConstraints(pattern=MEMORY_ID_PATTERN), AfterValidator(_memory_id)]
-Chunk = Annotated[StrictInt, Field(ge=0, le=MAX_INT32, description="which chunk of a chunked document (doc_id queries)")]
+Chunk = Annotated[StrictInt, Field(ge=0, le=MAX_INT32, description="which chunk of a chunked document (doc_id)")]
 NewTokens = Annotated[StrictInt, Field(ge=1, le=MAX_INT32, description="answer length; over the service's limit: 413")]
 
 
