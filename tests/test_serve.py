@@ -326,6 +326,40 @@ def test_serve_listens_on_the_node_address_only(service, ray_cluster):
         assert not wild, (actor.class_name, listening)
 
 
+def test_a_slow_store_read_does_not_stall_other_requests(service):
+    """Store reads and tokenization run in worker threads: while one request loads a 60,000-row part (about a second
+    here), a health check is answered. Before, the read ran on the replica's event loop and every request on
+    the replica waited for it."""
+    import threading
+
+    from gradmem import Memories, WriteStats
+
+    base, n = service["base"], 60_000
+    fingerprint = requests.get(f"{base}/healthz", timeout=30).json()["reader_fingerprint"]
+    memories = Memories(torch.randn(n, 4, 32), WriteStats(torch.zeros(n, 3), torch.zeros(n), torch.full((n,), 8)),
+                        fingerprint, 2, 0.5)
+    table = records.to_table(memories, [f"bulk-{i}" for i in range(n)], [[i] for i in range(n)])
+    service["store"].write_part("memories", table)
+    _assert_error_shape(requests.get(f"{base}/v1/memories/{'e' * 32}", timeout=120), 404)  # re-lists: indexes it
+    finished: dict[str, tuple[float, int]] = {}
+
+    def slow_read() -> None:  # a cache miss: the whole part is read and decoded
+        r = requests.get(f"{base}/v1/memories/{table.column('memory_id')[0].as_py()}", timeout=120)
+        finished["slow"] = (time.monotonic(), r.status_code)
+
+    started = time.monotonic()
+    reader = threading.Thread(target=slow_read)
+    reader.start()
+    time.sleep(0.3)
+    health = requests.get(f"{base}/healthz", timeout=120)
+    finished["health"] = (time.monotonic(), health.status_code)
+    reader.join()
+    logger.info("slow read %.2f s, health answered after %.2f s", finished["slow"][0] - started,
+                finished["health"][0] - started)
+    assert finished["slow"][1] == 200 and finished["health"][1] == 200, finished
+    assert finished["health"][0] < finished["slow"][0], finished
+
+
 def test_memory_cache_is_bounded_by_bytes(tmp_path):
     import pyarrow.fs as pafs
 
