@@ -270,7 +270,9 @@ class Guard:
         settings = Guard.settings
         refusal = (500, "the service is not configured yet") if settings is None else _refusal(scope, settings)
         if refusal is not None:
-            await error_response(*refusal)(scope, receive, send)
+            status, message = refusal
+            challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None  # RFC 6750
+            await error_response(status, message, headers=challenge)(scope, receive, send)
             return
         try:
             body = await _read_body(receive, settings.max_body_bytes)
