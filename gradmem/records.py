@@ -33,6 +33,9 @@ from gradmem.memory import Memories, WriteStats
 
 RECORD_FORMAT_VERSION = 1
 _META = "gradmem."
+# The longest doc_id (in characters) anything accepts: the service refuses longer ids with 422, and compression
+# must refuse them too, or a stored document could never be asked for by its doc_id. One constant for both.
+MAX_ID_CHARS = 1024
 
 
 def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int]) -> str:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
         port = free_port()
         print(f"== 3/4 Ray Serve: query service on http://127.0.0.1:{port}", flush=True)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
         serve.run(build_app({"reader": str(out / "reader"), "memories": str(out / "memories")}), name="demo",
                   route_prefix="/")
         base = f"http://127.0.0.1:{port}"

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
     results: dict = {"clients": args.clients, "seconds": args.seconds, "docs": args.docs,
                      "context_tokens": len(ids[0])}
     for name, batch in (("batched", 32), ("unbatched", 1)):

@@ -12,8 +12,10 @@ On a cluster (memories on S3; the service keeps running after the job returns wi
         --reader s3://my-bucket/readers/kv_n16 --memories s3://my-bucket/memories/kv_n16 \
         --host 0.0.0.0 --replicas 4 --gpus-per-replica 1 --detach
 
-Binds 127.0.0.1 unless --host says otherwise. With GRADMEM_API_KEY set (in this process's environment; on
-Kubernetes put it in the pods' environment from a Secret), every /v1 request needs `Authorization: Bearer KEY`.
+Binds 127.0.0.1 unless --host says otherwise (put TLS in front of it: SECURITY.md). Serve's gRPC proxy is off;
+each replica's internal gRPC port binds the node's address, not every interface. With GRADMEM_API_KEY set
+(in this process's environment: it reaches the replicas only as a salted hash; on Kubernetes put it in the
+pods' environment from a Secret), everything but /healthz needs `Authorization: Bearer KEY`.
 For KubeRay, cluster/rayservice.yaml deploys the same application (pipelines.serve:build_app).
 """
 
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # No gRPC servicers: Serve starts no gRPC proxy (it would listen on every interface); HTTP only, on --host.
+    serve.start(http_options={"host": args.host, "port": args.port}, grpc_options={"grpc_servicer_functions": []})
     serve.run(build_app(vars(cfg)), name=args.name, route_prefix="/")
     logger.info("serving on http://%s:%d (docs at /docs)", args.host, args.port)
     if args.detach:

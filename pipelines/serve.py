@@ -9,30 +9,42 @@ API (OpenAPI at /openapi.json, docs page at /docs):
     POST /v1/memories         {"doc_id", "text"} -> writes a memory online into the same store
     GET  /v1/memories/{id}    a memory's metadata
     GET  /healthz             liveness, reader fingerprint, memories indexed
-Errors are JSON ``{"error": message, "status": code}``: 401 bad or missing API key (when GRADMEM_API_KEY or
-the configured variable is set; send ``Authorization: Bearer KEY``), 404 unknown id, 409 memory written by
-another reader or doc_id already holding other content, 413 text or questions over the limits, 422 malformed.
-Ids are looked up in an in-memory index, never used as paths.
+Every error, whatever raised it (a route, validation, routing, an unexpected exception), is JSON
+``{"error": message, "status": code}`` (``error_response``): 401 bad or missing API key (when a key is set;
+send ``Authorization: Bearer KEY``; everything but /healthz needs it, /docs and /openapi.json included), 404
+unknown id or route, 405 wrong method, 409 memory written by another reader or doc_id already holding other
+content, 413 body, text or questions over the limits, 415 a body that is not JSON, 422 malformed (a lone
+surrogate such as ``"\\ud800"`` included), 500 an unexpected failure (logged here, never its trace to the client).
+The key is checked and the body's size capped (``max_body_bytes``, while it is read) before the body is parsed.
+Ids are looked up in an in-memory index, never used as paths; no message names the store's location.
+See SECURITY.md for what the service trusts and what an operator must do on a shared cluster.
 """
 
 
 import asyncio
+import hashlib
 import hmac
+import json
 import logging
 import os
 import re
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path as FilePath
+from typing import Annotated, Any, Awaitable, Callable
 
 import pyarrow.parquet as pq
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from fastapi.responses import Response
+from pydantic import AfterValidator, BaseModel, Field, StrictInt, StringConstraints, model_validator
 from ray import serve
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradmem import Memories, NonFiniteWriteError, Reader, WriteStats, methods, records
 from gradmem.data import tokenize
@@ -41,7 +53,10 @@ from pipelines.storage import local_dir, resolve
 
 logger = logging.getLogger(__name__)
 
-MEMORY_ID = re.compile(r"^[0-9a-f]{32}$")
+MEMORY_ID_PATTERN = r"^[0-9a-f]{32}$"  # JSON Schema (ECMA) semantics: $ is the end of the text
+_MEMORY_ID = re.compile(r"[0-9a-f]{32}")  # used with fullmatch: "…\n" does not pass, as it would with re.match + $
+MAX_INT32 = 2**31 - 1  # chunk and n_context_tokens are int32 columns; no count here needs more
+PUBLIC_PATHS = frozenset({"/healthz"})  # liveness probes carry no key
 
 
 @dataclass
@@ -57,36 +72,112 @@ class ServeConfig:
     max_batch_size: int = 32  # questions answered in one forward pass (1 turns batching off)
     batch_wait_timeout_s: float = 0.01
     cache_size: int = 100_000  # memories kept per replica
+    cache_bytes: int = 2 * 2**30  # and at most this many bytes of them (tensors plus an estimate of their metadata)
     max_questions: int = 64  # per request
     max_question_chars: int = 2_000
     max_text_chars: int = 100_000  # online writes; the token limit is the reader's
+    max_body_bytes: int = 1_000_000  # a request body over this is refused (413) while it is read, before parsing
     max_new_tokens: int = 64
     default_new_tokens: int = 16
     api_key_env: str = "GRADMEM_API_KEY"  # the variable holding the key; unset or empty: no key required
+    api_key_file: str | None = None  # or a file on every node holding the key (e.g. a mounted Secret)
+    # Set by build_app from the deploying process's key: "sha256:<salt hex>:<digest hex>". Deployment arguments
+    # can show up in Ray's views; a salted hash of a high-entropy key reveals nothing usable, the key would.
+    api_key_sha256: str | None = None
     refresh_interval_s: float = 5.0  # at most one re-listing of the store per interval, on unknown ids
 
     def validate(self) -> None:
-        for name in ("replicas", "max_batch_size", "cache_size", "max_questions", "max_new_tokens"):
+        for name in ("replicas", "max_batch_size", "cache_size", "cache_bytes", "max_questions", "max_new_tokens",
+                     "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.default_new_tokens <= self.max_new_tokens:
             raise ValueError("default_new_tokens must be in [1, max_new_tokens]")
+        if self.api_key_sha256 is not None:
+            KeyDigest.parse(self.api_key_sha256)
+
+
+# ---------------------------------------------------------------------------------------------- the API key
+@dataclass(frozen=True)
+class KeyDigest:
+    """A salted SHA-256 of the API key: what travels to the replicas and what they keep, never the key itself."""
+
+    salt: bytes
+    digest: bytes
+
+    @classmethod
+    def of(cls, key: str, salt: bytes | None = None) -> "KeyDigest":
+        salt = os.urandom(16) if salt is None else salt
+        return cls(salt, hashlib.sha256(salt + key.encode()).digest())
+
+    @classmethod
+    def parse(cls, text: str) -> "KeyDigest":
+        try:
+            scheme, salt, digest = text.split(":")
+            if scheme != "sha256":
+                raise ValueError(scheme)
+            return cls(bytes.fromhex(salt), bytes.fromhex(digest))
+        except ValueError:
+            raise ValueError("api_key_sha256 must be 'sha256:<salt hex>:<digest hex>'") from None
+
+    def __str__(self) -> str:
+        return f"sha256:{self.salt.hex()}:{self.digest.hex()}"
+
+    def matches(self, token: str) -> bool:
+        """Constant time in the token's content: no timing tells how much of a guess was right."""
+        given = hashlib.sha256(self.salt + token.encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(given, self.digest)
+
+
+def replica_key(cfg: ServeConfig) -> KeyDigest | None:
+    """The key a replica checks: the hash from build_app, else the key file, else the variable on the node.
+    A configured key file that cannot be read stops the replica (fail closed, never open)."""
+    if cfg.api_key_sha256:
+        return KeyDigest.parse(cfg.api_key_sha256)
+    if cfg.api_key_file:
+        key = FilePath(cfg.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"the API key file {cfg.api_key_file} is empty")
+        return KeyDigest.of(key)
+    key = os.environ.get(cfg.api_key_env)
+    return KeyDigest.of(key) if key else None
 
 
 # ---------------------------------------------------------------------------------------------- API models
+def _valid_unicode(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"): valid JSON, not text. The tokenizer and every UTF-8
+    encoder fail on it, so it is refused here, as malformed input, for every string a client sends."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate at position {e.start}") from None
+    return value
+
+
+def _memory_id(value: str) -> str:
+    if not _MEMORY_ID.fullmatch(value):
+        raise ValueError("memory_id must be exactly 32 lowercase hex characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+DocId = Annotated[str, StringConstraints(min_length=1, max_length=records.MAX_ID_CHARS), AfterValidator(_valid_unicode)]
+MemoryId = Annotated[str, StringConstraints(pattern=MEMORY_ID_PATTERN), AfterValidator(_memory_id)]
+Chunk = Annotated[StrictInt, Field(ge=0, le=MAX_INT32, description="which chunk of a chunked document (doc_id)")]
+NewTokens = Annotated[StrictInt, Field(ge=1, le=MAX_INT32, description="answer length; over the service's limit: 413")]
+
+
 class QueryRequest(BaseModel):
-    doc_id: str | None = Field(None, min_length=1, max_length=1024)
-    memory_id: str | None = None
-    chunk: int | None = Field(None, ge=0, description="which chunk of a chunked document (doc_id queries)")
-    questions: list[str] = Field(..., min_length=1)
-    max_new_tokens: int | None = Field(None, ge=1)
+    doc_id: DocId | None = None
+    memory_id: MemoryId | None = None
+    chunk: Chunk | None = None
+    questions: list[Text] = Field(..., min_length=1)
+    max_new_tokens: NewTokens | None = None
 
     @model_validator(mode="after")
     def one_id(self) -> "QueryRequest":
         if (self.doc_id is None) == (self.memory_id is None):
             raise ValueError("give exactly one of doc_id and memory_id")
-        if self.memory_id is not None and not MEMORY_ID.match(self.memory_id):
-            raise ValueError("memory_id must be 32 lowercase hex characters")
         return self
 
 
@@ -98,8 +189,8 @@ class QueryResponse(BaseModel):
 
 
 class WriteRequest(BaseModel):
-    doc_id: str = Field(..., min_length=1, max_length=1024)
-    text: str
+    doc_id: DocId
+    text: Text
 
 
 class WriteResponse(BaseModel):
@@ -109,40 +200,203 @@ class WriteResponse(BaseModel):
     reader_fingerprint: str
 
 
+class ErrorBody(BaseModel):
+    """The one error shape of the whole service."""
+
+    error: str
+    status: int
+
+
+ERROR_MEANINGS = {
+    401: "missing or wrong API key (when the service has one)",
+    404: "unknown memory or document",
+    409: "the memory was written by another reader, holds NaN/inf, or the doc_id already holds other content",
+    413: "body, text, questions or answer length over the service's limits",
+    415: "the body is not JSON",
+    422: "malformed request",
+    500: "unexpected failure (logged by the service)",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, all with the one error schema."""
+    return {code: {"model": ErrorBody, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
 
 
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """Every error the service sends is built here. ``ensure_ascii``: a message can never fail to encode."""
+    body = json.dumps({"error": message, "status": status}, ensure_ascii=True).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------------------------------------- before routing
+@dataclass(frozen=True)
+class GuardSettings:
+    key: KeyDigest | None
+    max_body_bytes: int
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class Guard:
+    """Pure ASGI middleware in front of routing and parsing: the key is checked first, then the body is read
+    with a cap (a Content-Length over the limit is refused before one byte is read, a stream is cut at the limit)
+    and only then handed to FastAPI, which parses a body known to be small and from a known client.
+
+    ``settings`` lives on the class: Ray Serve copies the FastAPI app into each replica, this class travels by
+    reference, so the replica's constructor (``Guard.configure``) reaches the instance that serves. Until it is
+    configured every request is refused (fail closed)."""
+
+    settings: GuardSettings | None = None
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    @classmethod
+    def configure(cls, settings: GuardSettings) -> None:
+        cls.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = Guard.settings
+        refusal = (500, "the service is not configured yet") if settings is None else _refusal(scope, settings)
+        if refusal is not None:
+            status, message = refusal
+            challenge = {"WWW-Authenticate": "Bearer"} if status == 401 else None  # RFC 6750
+            await error_response(status, message, headers=challenge)(scope, receive, send)
+            return
+        try:
+            body = await _read_body(receive, settings.max_body_bytes)
+        except _Disconnected:
+            return
+        if body is None:
+            await error_response(413, f"request body over {settings.max_body_bytes} bytes")(scope, receive, send)
+            return
+        if not _is_utf8(body):  # JSON is UTF-8 (RFC 8259); FastAPI would answer 400 outside the documented set
+            await error_response(422, "malformed request: the body is not UTF-8")(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+
+def _route_path(scope: Scope) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _refusal(scope: Scope, settings: GuardSettings) -> tuple[int, str] | None:
+    """Why this request is refused before its body is read (None: it is not)."""
+    if settings.key is not None and _route_path(scope) not in PUBLIC_PATHS:
+        given = _header(scope, b"authorization") or ""
+        token = given[len("Bearer "):] if given.startswith("Bearer ") else ""
+        if not settings.key.matches(token):
+            return 401, "missing or wrong API key: send 'Authorization: Bearer <key>'"
+    length = _header(scope, b"content-length")
+    if length is not None and length.strip().isdigit() and int(length) > settings.max_body_bytes:
+        return 413, f"request body of {int(length)} bytes: at most {settings.max_body_bytes}"
+    content_type = _header(scope, b"content-type")
+    if scope.get("method") in ("POST", "PUT", "PATCH") and content_type is not None:
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            return 415, "the body must be JSON (Content-Type: application/json)"
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it passes ``limit`` bytes (the rest is never read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _is_utf8(body: bytes) -> bool:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _replay(body: bytes, receive: Receive) -> Callable[[], Awaitable[Message]]:
+    """A ``receive`` that hands the already-read body over once, then the client's later messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
 app = FastAPI(title="GradMem query service", version="1",
-              description="Answers questions about compressed documents from their memories alone.")
+              description="Answers questions about compressed documents from their memories alone. Errors are "
+                          "`{\"error\": message, \"status\": code}`; with a key set, send `Authorization: Bearer KEY`.")
+app.add_middleware(Guard)  # before @serve.ingress below: Serve copies the app as it is then
 
 
 @app.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
+async def _api_error(_: Request, exc: ApiError) -> Response:
+    return error_response(exc.status, exc.message)
 
 
-@app.exception_handler(HTTPException)
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail), "status": exc.status_code}, status_code=exc.status_code)
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    """Routing's own errors (404 unknown route, 405 wrong method with its Allow header) in the same shape."""
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(_: Request, exc: RequestValidationError) -> Response:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors())
-    return JSONResponse({"error": f"malformed request: {problems}", "status": 422}, status_code=422)
+    return error_response(422, f"malformed request: {problems}")
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """The trace goes to the replica's log, the client gets the shape and nothing about the internals."""
+    logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error: the service logged it")
 
 
 # ---------------------------------------------------------------------------------------------- the replica
-class MemoryCache:
-    """LRU of memory_id -> (tensor (m, d), metadata). A miss loads the memory's whole part (its neighbours are
-    likely next: a part holds documents compressed together)."""
+def _approx_bytes(tensor: torch.Tensor, meta: dict[str, Any]) -> int:
+    """A memory's weight in the cache: its tensor plus a rough size of its metadata row."""
+    return tensor.element_size() * tensor.nelement() + 64 * len(meta) + sum(len(str(v)) for v in meta.values())
 
-    def __init__(self, store: MemoryStore, capacity: int):
-        self.store, self.capacity = store, capacity
+
+class MemoryCache:
+    """LRU of memory_id -> (tensor (m, d), metadata), bounded by count and by bytes. A miss loads the memory's
+    whole part (its neighbours are likely next: a part holds documents compressed together); each row is copied
+    out of the part's tensor so that evicting a row frees its bytes. Not thread-safe: callers hold a lock."""
+
+    def __init__(self, store: MemoryStore, capacity: int, capacity_bytes: int):
+        self.store, self.capacity, self.capacity_bytes = store, capacity, capacity_bytes
         self.items: OrderedDict[str, tuple[torch.Tensor, dict[str, Any]]] = OrderedDict()
-        self.hits = self.misses = 0
+        self.sizes: dict[str, int] = {}
+        self.bytes = self.hits = self.misses = 0
 
     def get(self, entry: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         mid = entry["memory_id"]
@@ -153,16 +407,57 @@ class MemoryCache:
         self.misses += 1
         table = pq.read_table(entry["part"], filesystem=self.store.fs)
         _, memories = records.from_table(table)
-        meta = table.drop_columns(["memory"]).to_pylist()
-        for i, row in enumerate(meta):
-            self.put(row["memory_id"], memories.tensor[i], row)
-        return self.items[mid]
+        wanted = None
+        for i, row in enumerate(table.drop_columns(["memory"]).to_pylist()):
+            item = (memories.tensor[i].clone(), row)
+            self.put(row["memory_id"], *item)
+            wanted = item if row["memory_id"] == mid else wanted
+        if wanted is None:
+            raise LookupError(f"memory {mid} is not in the part the index names")
+        return wanted
 
     def put(self, mid: str, tensor: torch.Tensor, meta: dict[str, Any]) -> None:
+        self.bytes -= self.sizes.pop(mid, 0)
         self.items[mid] = (tensor, meta)
         self.items.move_to_end(mid)
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+        self.sizes[mid] = _approx_bytes(tensor, meta)
+        self.bytes += self.sizes[mid]
+        while self.items and (len(self.items) > self.capacity or self.bytes > self.capacity_bytes):
+            old, _ = self.items.popitem(last=False)
+            self.bytes -= self.sizes.pop(old)
+
+
+def _node_host() -> str:
+    """This node's address as Ray knows it (the one it was started with), bracketed for IPv6."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def bind_internal_grpc_to_node() -> None:
+    """Ray Serve 2.60 starts each replica's inter-deployment gRPC server on "[::]:0" (every interface) right
+    after the deployment's constructor, with no option to choose the address. Nothing here uses that channel
+    (no deployment calls another), and it must not face the network: in this replica process, wrap the helper
+    Ray binds it with so that the wildcard becomes the node's own address. Checked by
+    tests/test_serve.py::test_replica_listens_on_the_node_address_only."""
+    from ray.serve._private import replica as replica_module
+
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None:
+        logger.warning("Ray Serve changed: the replica's internal gRPC address could not be pinned to the node")
+        return
+    if getattr(original, "gradmem_node_bound", False):
+        return
+    host = _node_host()
+
+    def bind_on_node(server: Any, address: str) -> int:
+        if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    bind_on_node.gradmem_node_bound = True  # type: ignore[attr-defined]
+    replica_module.add_port_to_grpc_server = bind_on_node
 
 
 @serve.deployment
@@ -172,6 +467,9 @@ class GradMemService:
         from gradmem.runtime import configure_cpu
 
         self.cfg = ServeConfig(**config)
+        self.cfg.validate()
+        bind_internal_grpc_to_node()
+        Guard.configure(GuardSettings(key=replica_key(self.cfg), max_body_bytes=self.cfg.max_body_bytes))
         configure_cpu(threads=max(1, int(self.cfg.cpus_per_replica)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.reader = Reader.from_pretrained(local_dir(self.cfg.reader, self.cfg.s3_endpoint), device=device)
@@ -181,22 +479,14 @@ class GradMemService:
         self.index = MemoryIndex(self.store)
         self.index.refresh()
         self.last_refresh = time.monotonic()
-        self.cache = MemoryCache(self.store, self.cfg.cache_size)
+        self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes)
         self._answer_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        self.api_key = os.environ.get(self.cfg.api_key_env) or None
         self.lock = asyncio.Lock()  # the reader is not thread-safe: one forward at a time per replica
+        self.store_lock = threading.Lock()  # index and cache, used from worker threads
         logger.info("serving %d memories from %s with reader %s", len(self.index), self.cfg.memories, self.fingerprint)
 
-    # ------------------------------------------------------------------ helpers
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[len("Bearer "):] if given.startswith("Bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
-
+    # ------------------------------------------------------------------ helpers (blocking: worker threads only)
     def _maybe_refresh(self) -> None:
         if time.monotonic() - self.last_refresh >= self.cfg.refresh_interval_s:
             self.last_refresh = time.monotonic()
@@ -205,6 +495,7 @@ class GradMemService:
                 logger.info("index: %d new memories (%d in all)", added, len(self.index))
 
     def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None) -> dict:
+        """The index entry of an id (caller holds store_lock). Messages name the id, never the store."""
         for attempt in range(2):
             mid = memory_id if memory_id is not None else self.index.by_doc.get((doc_id, chunk or 0))
             entry = self.index.by_id.get(mid) if mid is not None else None
@@ -214,7 +505,7 @@ class GradMemService:
                 self._maybe_refresh()
         if entry is None:
             what = f"memory {memory_id}" if memory_id else f"document {doc_id!r}" + (f" chunk {chunk}" if chunk else "")
-            raise ApiError(404, f"unknown {what}: not in {self.cfg.memories}")
+            raise ApiError(404, f"unknown {what}")
         if doc_id is not None and chunk is None and entry["n_chunks"] > 1:
             raise ApiError(422, f"document {doc_id!r} was split into {entry['n_chunks']} chunks: give 'chunk' "
                            f"(0..{entry['n_chunks'] - 1})")
@@ -222,6 +513,28 @@ class GradMemService:
             raise ApiError(409, f"memory {entry['memory_id']} was written by reader {entry['fingerprint']}, not by the "
                            f"served reader {self.fingerprint}; rewrite it with this reader")
         return entry
+
+    def _load(self, memory_id: str | None = None, doc_id: str | None = None,
+              chunk: int | None = None) -> tuple[dict, torch.Tensor, dict[str, Any]]:
+        with self.store_lock:
+            entry = self._entry(memory_id, doc_id, chunk)
+            tensor, meta = self.cache.get(entry)
+        return entry, tensor, meta
+
+    def _prepare_query(self, body: QueryRequest, budget: int) -> tuple[dict, torch.Tensor, int, list[list[int]]]:
+        """The blocking part of a query (index refresh, store read, tokenization), run in a worker thread so
+        that the event loop keeps answering other requests meanwhile."""
+        entry, tensor, meta = self._load(body.memory_id, body.doc_id, body.chunk)
+        if not torch.isfinite(tensor).all():
+            raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
+        n_tokens = meta["n_context_tokens"]
+        rows = int(methods.prefix_lengths(self.reader, tensor[None], torch.tensor([n_tokens]))[0])
+        q_ids = tokenize(self.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
+        try:  # here, not in the batch: one bad question must not fail a batch shared with other requests
+            self.reader.check_questions([rows] * len(q_ids), q_ids, budget)
+        except ValueError as e:
+            raise ApiError(413, str(e)) from e
+        return entry, tensor, n_tokens, q_ids
 
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -245,15 +558,15 @@ class GradMemService:
                 out[i] = answer
         return out  # type: ignore[return-value]
 
-    # ------------------------------------------------------------------ routes
-    @app.get("/healthz")
+    # ------------------------------------------------------------------ routes (the key is checked by Guard)
+    @app.get("/healthz", responses=errors(413, 500))
     async def healthz(self) -> dict:
         return {"status": "ok", "reader_fingerprint": self.fingerprint, "memories": len(self.index),
-                "cache": {"size": len(self.cache.items), "hits": self.cache.hits, "misses": self.cache.misses}}
+                "cache": {"size": len(self.cache.items), "bytes": self.cache.bytes, "hits": self.cache.hits,
+                          "misses": self.cache.misses}}
 
-    @app.post("/v1/query", response_model=QueryResponse)
-    async def query(self, body: QueryRequest, request: Request) -> QueryResponse:
-        self._authorize(request)
+    @app.post("/v1/query", response_model=QueryResponse, responses=errors(401, 404, 409, 413, 415, 422, 500))
+    async def query(self, body: QueryRequest) -> QueryResponse:
         if len(body.questions) > self.cfg.max_questions:
             raise ApiError(413, f"{len(body.questions)} questions: at most {self.cfg.max_questions} per request")
         if any(len(q) > self.cfg.max_question_chars for q in body.questions):
@@ -261,24 +574,13 @@ class GradMemService:
         budget = body.max_new_tokens or self.cfg.default_new_tokens
         if budget > self.cfg.max_new_tokens:
             raise ApiError(413, f"max_new_tokens {budget} is over this service's limit of {self.cfg.max_new_tokens}")
-        entry = self._entry(body.memory_id, body.doc_id, body.chunk)
-        tensor, meta = self.cache.get(entry)
-        if not torch.isfinite(tensor).all():
-            raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
-        n_tokens = meta["n_context_tokens"]
-        rows = int(methods.prefix_lengths(self.reader, tensor[None], torch.tensor([n_tokens]))[0])
-        q_ids = tokenize(self.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
-        try:  # here, not in the batch: one bad question must not fail a batch shared with other requests
-            self.reader.check_questions([rows] * len(q_ids), q_ids, budget)
-        except ValueError as e:
-            raise ApiError(413, str(e)) from e
+        entry, tensor, n_tokens, q_ids = await run_in_threadpool(self._prepare_query, body, budget)
         answers = await asyncio.gather(*(self._answer_batch((tensor, n_tokens, q, budget)) for q in q_ids))
         return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=self.fingerprint,
                              answers=list(answers))
 
-    @app.post("/v1/memories", response_model=WriteResponse)
-    async def write(self, body: WriteRequest, request: Request) -> WriteResponse:
-        self._authorize(request)
+    @app.post("/v1/memories", response_model=WriteResponse, responses=errors(401, 409, 413, 415, 422, 500))
+    async def write(self, body: WriteRequest) -> WriteResponse:
         if len(body.text) > self.cfg.max_text_chars:
             raise ApiError(413, f"text of {len(body.text)} characters: at most {self.cfg.max_text_chars}")
         if not body.text.strip():
@@ -292,10 +594,11 @@ class GradMemService:
             raise ApiError(422, "text has no tokens: there is nothing to write")
         if len(ids) > self.reader.max_context_tokens:
             raise ApiError(413, f"text has {len(ids)} tokens, over the reader's maximum of {self.reader.max_context_tokens}")
-        self._maybe_refresh()
         steps, lr = self.reader.config.write_steps, self.reader.config.write_lr
         mid = records.memory_id(self.fingerprint, steps, lr, ids)
-        known = self.index.by_doc.get((body.doc_id, 0))
+        with self.store_lock:
+            self._maybe_refresh()
+            known = self.index.by_doc.get((body.doc_id, 0))
         if known == mid:
             return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=self.fingerprint)
         if known is not None:
@@ -310,31 +613,29 @@ class GradMemService:
         table = records.to_table(memories, [body.doc_id], [ids], write_time_s=time.perf_counter() - start,
                                  recon_greedy=greedy)
         part = self.store.write_part("memories", table)
-        self.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
-                        "fingerprint": self.fingerprint})
-        self.index.parts.add(part)
-        self.cache.put(mid, memories.tensor[0], table.drop_columns(["memory"]).to_pylist()[0])
+        with self.store_lock:
+            self.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
+                            "fingerprint": self.fingerprint})
+            self.index.parts.add(part)
+            self.cache.put(mid, memories.tensor[0].clone(), table.drop_columns(["memory"]).to_pylist()[0])
         return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=True, reader_fingerprint=self.fingerprint)
 
-    @app.get("/v1/memories/{memory_id}")
-    async def metadata(self, memory_id: str, request: Request) -> dict:
-        self._authorize(request)
-        if not MEMORY_ID.match(memory_id):
-            raise ApiError(422, "memory_id must be 32 lowercase hex characters")
-        entry = self._entry(memory_id=memory_id)
-        _, meta = self.cache.get(entry)
+    @app.get("/v1/memories/{memory_id}", responses=errors(401, 404, 409, 413, 422, 500))
+    async def metadata(self, memory_id: Annotated[MemoryId, Path()]) -> dict:
+        entry, _, meta = await run_in_threadpool(self._load, memory_id)
         return {**meta, "reader_fingerprint": entry["fingerprint"]}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for ``ServeConfig(**args)`` (also the import path of a RayService:
-    ``pipelines.serve:build_app``)."""
+    ``pipelines.serve:build_app``). A key in this process's environment reaches the replicas only as a salted
+    hash in the deployment's arguments: never in a runtime_env, which Ray's dashboard lists."""
     cfg = ServeConfig(**args)
+    key = os.environ.get(cfg.api_key_env)
+    if key and not cfg.api_key_sha256:
+        cfg.api_key_sha256 = str(KeyDigest.of(key))
     cfg.validate()
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
-    key = os.environ.get(cfg.api_key_env)
-    if key:  # handed to the replicas from the deploying process; on Kubernetes prefer a Secret in the pod env
-        actor_options["runtime_env"] = {"env_vars": {cfg.api_key_env: key}}
     deployment = GradMemService.options(
         num_replicas=cfg.replicas,
         ray_actor_options=actor_options,

@@ -22,6 +22,9 @@ Checkpoints (reported with ``ray.train.report`` and persisted by Ray to the stor
 
 Nothing is unpickled on resume (DeepSpeed's own checkpoints are, so they are not used). Resume needs the same
 number of workers and ZeRO stage as the run that wrote the checkpoint (optimizer partitions are per rank).
+
+The rank-0 rendezvous (torch.distributed's TCPStore, MASTER_ADDR:MASTER_PORT) listens on rank 0's node address
+as Ray knows it (``NodeBoundTorchConfig``), not on every interface as Ray Train's own setup leaves it.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +397,53 @@ def reference_gradients(cfg: TrainConfig, world: int, micro: int) -> dict[str, t
     return {n: p.grad.detach().clone() for n, p in reader.named_parameters()}
 
 
+# ------------------------------------------------------------------------------------------------ rendezvous
+def init_process_group_on_node(backend: str, rank: int, world: int, addr: str, port: int, timeout_s: int) -> None:
+    """Join the process group through a TCPStore that rank 0 serves on ``addr`` only.
+
+    torch's TCPStore binds its server to every interface ("::") whatever host it is given; handing it a socket
+    already bound to the node's address (``master_listen_fd``) is the one way to keep the rendezvous port off
+    the other interfaces. MASTER_ADDR/PORT are set as well, for anything (DeepSpeed) that reads them."""
+    os.environ.update({"MASTER_ADDR": addr, "MASTER_PORT": str(port)})
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        listener = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((addr, port))
+        listener.listen(max(128, world))
+        store = dist.TCPStore(addr, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach())
+    else:
+        store = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _node_bound_torch_config(backend: str):
+    """A Ray Train ``TorchConfig`` whose process group rendezvous binds rank 0's node address (Ray's own
+    setup, ``TorchBackend.on_start``, lets the TCPStore listen on all interfaces). Built lazily: Ray Train is
+    imported on the driver only."""
+    import ray
+    from ray.train._internal.utils import get_address_and_port
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars
+    from ray.train.torch.config import _TorchBackend as TorchBackend  # private in Ray 2.60: on_start is what changes
+
+    class NodeBoundTorchBackend(TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            addr, port = worker_group.execute_single(0, get_address_and_port)  # rank 0's node IP, as Ray knows it
+            if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own on_start: LOCAL_RANK etc. (Train V2)
+                worker_group.execute(_set_torch_distributed_env_vars)
+            world = len(worker_group)  # positional: execute_single_async's own first parameter is named rank
+            ray.get([worker_group.execute_single_async(i, init_process_group_on_node, backend_config.backend, i, world,
+                                                       addr, port, backend_config.timeout_s) for i in range(world)])
+
+    class NodeBoundTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return NodeBoundTorchBackend
+
+    return NodeBoundTorchConfig(backend=backend)
+
+
 # ------------------------------------------------------------------------------------------------ driver side
 def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | None = None, resume: bool = False,
         loop=worker_loop, extra: dict[str, Any] | None = None):
@@ -400,7 +452,7 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
     A run is ``storage/name``. If it already holds checkpoints, ``resume=True`` continues from the latest
     (same step, optimizer and scheduler state); without it the run is refused rather than overwritten."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     cfg.validate()
     dcfg.validate()
@@ -415,7 +467,7 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
         datasets=datasets,
         train_loop_config={"train": cfg.to_dict(), "deepspeed": dcfg.deepspeed, "threads": dcfg.threads_per_worker,
                            **(extra or {})},
-        torch_config=TorchConfig(backend="nccl" if dcfg.use_gpu else "gloo"),
+        torch_config=_node_bound_torch_config("nccl" if dcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=dcfg.use_gpu,
                                      resources_per_worker={"CPU": dcfg.cpus_per_worker}),
         run_config=RunConfig(

@@ -195,3 +195,40 @@ def test_ray_restores_a_killed_worker_from_the_latest_checkpoint(ray_cluster, tm
     resumed = [int(line.rsplit("resumed at step", 1)[1].split()[0]) for line in log.splitlines() if "resumed at step" in line]
     assert resumed and min(resumed) >= 100, log[-3000:]  # kv_tiny checkpoints every 100 steps
     assert "step_00000300" in _checkpoints(fs, str(storage / name))
+
+
+def test_rendezvous_listens_on_the_node_address_only(ray_cluster, tmp_path):
+    """Ray Train's own setup lets rank 0's TCPStore (MASTER_ADDR:MASTER_PORT) listen on every interface; fit()
+    binds it to rank 0's node address as Ray knows it (127.0.0.1: this Ray was started with that address)."""
+    out = tmp_path / "listening"
+    out.mkdir()
+
+    def loop(config):  # local: Ray ships it by value to the workers
+        import json
+        import os
+        from pathlib import Path
+
+        import psutil
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        rank = ray.train.get_context().get_world_rank()
+        total = torch.ones(1)
+        dist.all_reduce(total)  # the group works
+        listening = sorted({f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet")
+                            if c.status == psutil.CONN_LISTEN})
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
+            "listening": listening, "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            "sum": total.item()}))
+
+    dcfg = pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path / "runs"), name="listen")
+    result = pt.fit(probe_config(), dcfg, loop=loop, extra={"out": str(out)})
+    assert result.error is None
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert all(r["sum"] == WORLD for r in ranks), ranks
+    port = ranks[0]["master"].rsplit(":", 1)[1]
+    assert ranks[0]["master"] == f"127.0.0.1:{port}" and ranks[0]["master"] in ranks[0]["listening"], ranks[0]
+    for r in ranks:
+        wild = [a for a in r["listening"] if a.startswith(("0.0.0.0:", ":::"))]
+        assert not wild, r

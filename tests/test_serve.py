@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+import logging
+import socket
 import time
+from collections import Counter
 
 import pytest
 import requests
+import torch
 
 from conftest import _port, make_reader
 from gradmem import Reader, records
@@ -15,6 +21,8 @@ from pipelines.compress import CompressConfig, compress
 from pipelines.serve import build_app
 
 KEY_ENV = "GRADMEM_TEST_API_KEY"
+KEY = "s3cret-for-tests-only"
+logger = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +40,15 @@ def service(ray_cluster, s3, kv_reader_dir, tmp_path_factory):
     assert manifest["complete"] and manifest["memories"] == 40
 
     port = _port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
     args = {"reader": str(kv_reader_dir), "memories": f"s3://{out}", "s3_endpoint": s3.endpoint,
             "refresh_interval_s": 0.0, "max_questions": 8, "max_text_chars": 2000, "api_key_env": KEY_ENV}
     serve.run(build_app(args), name="open", route_prefix="/")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KEY_ENV, "s3cret")  # the deploying process holds the key; build_app hands it to the replicas
+        mp.setenv(KEY_ENV, KEY)  # the deploying process holds the key; build_app hands a salted hash to the replicas
         serve.run(build_app(args), name="secured", route_prefix="/secured")
-    yield {"base": f"http://127.0.0.1:{port}", "store": MemoryStore(fs, out), "exs": exs, "fs": fs}
+    yield {"base": f"http://127.0.0.1:{port}", "port": port, "store": MemoryStore(fs, out), "exs": exs, "fs": fs,
+           "memories": out}
     serve.shutdown()
 
 
@@ -129,7 +138,7 @@ def test_api_key_is_enforced_when_set(service):
     body = {"doc_id": "doc-0", "questions": ["?!ab:"], "max_new_tokens": 4}
     assert _query(base, body).status_code == 401
     assert _query(base, body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert _query(base, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert _query(base, body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert requests.get(f"{base}/healthz", timeout=10).status_code == 200  # probes need no key
     assert _query(service["base"], body).status_code == 200  # the open app asks for none
 
@@ -138,3 +147,306 @@ def test_openapi_document_lists_the_api(service):
     spec = requests.get(f"{service['base']}/openapi.json", timeout=30).json()
     assert {"/v1/query", "/v1/memories", "/v1/memories/{memory_id}", "/healthz"} <= set(spec["paths"])
     assert requests.get(f"{service['base']}/docs", timeout=30).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- hardening (issue 14)
+def _assert_error_shape(r: requests.Response, status: int) -> str:
+    """The one error shape: JSON {"error": str, "status": int}, nothing else, no trace."""
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error", "status"} and body["status"] == status and isinstance(body["error"], str), body
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    return body["error"]
+
+
+def _raw(base: str, path: str, body: bytes, method: str = "POST", **headers) -> requests.Response:
+    return requests.request(method, f"{base}{path}", data=body, timeout=30,
+                            headers={"content-type": "application/json", **headers})
+
+
+def test_every_failure_has_the_one_error_shape(service):
+    base = service["base"]
+    _assert_error_shape(requests.get(f"{base}/no/such/route", timeout=30), 404)
+    r = requests.delete(f"{base}/v1/query", timeout=30)
+    _assert_error_shape(r, 405)
+    assert "POST" in r.headers["allow"]
+    _assert_error_shape(requests.get(f"{base}/v1/query", timeout=30), 405)
+    _assert_error_shape(_raw(base, "/v1/query", b'{"doc_id": "doc-1", "questions": [', ), 422)
+    _assert_error_shape(_raw(base, "/v1/query", b"[1, 2]"), 422)
+    not_utf8 = b'{"doc_id": "\xff\xfe", "questions": ["?"]}'
+    _assert_error_shape(_raw(base, "/v1/query", not_utf8), 422)  # was FastAPI's 400, outside the documented set
+    _assert_error_shape(_raw(base, "/v1/query", b"doc_id=doc-1", **{"content-type": "text/plain"}), 415)
+    _assert_error_shape(_raw(base, "/v1/memories", b"doc_id=x&text=y",
+                             **{"content-type": "application/x-www-form-urlencoded"}), 415)
+
+
+def test_a_lone_surrogate_is_a_clean_422(service):
+    """'\\ud800' is valid JSON but not text: before, the tokenizer raised TypeError and the client got a
+    plain-text 500."""
+    base = service["base"]
+    for path, raw in [("/v1/query", b'{"doc_id": "doc-1", "questions": ["ab\\ud800cd"]}'),
+                      ("/v1/query", b'{"doc_id": "doc-\\udfff", "questions": ["?!ab:"]}'),
+                      ("/v1/memories", b'{"doc_id": "sur", "text": "!ab\\ud800:cd!|"}'),
+                      ("/v1/memories", b'{"doc_id": "\\ud800", "text": "!ab:cd!|"}')]:
+        message = _assert_error_shape(_raw(base, path, raw), 422).lower()
+        assert "surrogate" in message or "unicode" in message, message
+
+
+def test_strict_types_and_bounded_ids_are_enforced(service):
+    base, q = service["base"], ["?!ab:"]
+    cases = [
+        {"doc_id": "doc-1", "questions": q, "max_new_tokens": True},  # was accepted as 1
+        {"doc_id": "doc-1", "questions": q, "max_new_tokens": 2.0},
+        {"doc_id": "doc-1", "questions": q, "chunk": 2**70},  # was accepted
+        {"doc_id": "doc-1", "questions": q, "chunk": True},
+        {"doc_id": "doc-1", "questions": q, "chunk": -1},
+        {"memory_id": "a" * 32 + "\n", "questions": q},  # passed the unanchored regex
+        {"memory_id": "A" * 32, "questions": q},
+        {"doc_id": "x" * (records.MAX_ID_CHARS + 1), "questions": q},
+        {"doc_id": 7, "questions": q},
+    ]
+    for body in cases:
+        _assert_error_shape(_query(base, body), 422)
+    _assert_error_shape(requests.get(f"{base}/v1/memories/{'a' * 32}%0A", timeout=30), 422)
+    long_id = {"doc_id": "x" * (records.MAX_ID_CHARS + 1), "text": "!ab:cd!|"}
+    _assert_error_shape(requests.post(f"{base}/v1/memories", json=long_id, timeout=30), 422)
+    # the limit itself is accepted (an unknown document, not a malformed request)
+    _assert_error_shape(_query(base, {"doc_id": "x" * records.MAX_ID_CHARS, "questions": q}), 404)
+
+
+def test_not_found_never_names_the_store(service):
+    base, where = service["base"], service["memories"]
+    for r in (_query(base, {"doc_id": "nope", "questions": ["?!ab:"]}),
+              _query(base, {"memory_id": "0" * 32, "questions": ["?!ab:"]}),
+              requests.get(f"{base}/v1/memories/{'b' * 32}", timeout=30)):
+        message = _assert_error_shape(r, 404)
+        assert where not in message and "s3" not in message and "gradmem-test" not in message, message
+
+
+def _http_exchange(port: int, head: str, chunks: list[bytes] = (), timeout: float = 20) -> tuple[int, dict, int]:
+    """Send a request head and some body bytes over a raw socket, WITHOUT finishing the body, then read the
+    answer: a server that waited for the whole body would time out here. Returns (status, JSON body, sent)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        sent = 0
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server answered and closed: it stopped reading, as it should
+                break
+            sent += len(chunk)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read()), sent
+
+
+def test_key_is_checked_before_the_body_and_the_body_is_capped_while_read(service):
+    base, port, secured = service["base"], service["port"], f"{service['base']}/secured"
+    # no key: 401 before the (malformed, oversized) body is parsed
+    r = _raw(secured, "/v1/query", b"{not json")
+    _assert_error_shape(r, 401)
+    assert r.headers["www-authenticate"] == "Bearer"
+    _assert_error_shape(_raw(secured, "/v1/query", b"\x00" * 2_000_000), 401)
+    # docs and the schema need the key when one is set; health probes do not
+    _assert_error_shape(requests.get(f"{secured}/openapi.json", timeout=30), 401)
+    _assert_error_shape(requests.get(f"{secured}/docs", timeout=30), 401)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert requests.get(f"{secured}/openapi.json", headers=auth, timeout=30).status_code == 200
+    assert requests.get(f"{secured}/docs", headers=auth, timeout=30).status_code == 200
+    assert requests.get(f"{secured}/healthz", timeout=30).status_code == 200
+    # a 50 MB Content-Length is refused from the head alone: not one body byte is sent
+    fifty_mb = 50 * 2**20
+    head = (f"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {fifty_mb}\r\n\r\n")
+    start = time.monotonic()
+    status, body, _ = _http_exchange(port, head)
+    assert status == 413 and body["status"] == 413 and time.monotonic() - start < 10, body
+    # a chunked body with no length is cut at the cap: 2 MB sent of an endless body, the answer comes anyway
+    head = ("POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    piece = 64 * 1024
+    chunks = [f"{piece:x}\r\n".encode() + b"a" * piece + b"\r\n"] * 32
+    status, body, sent = _http_exchange(port, head, chunks)
+    assert status == 413 and body == {"error": body["error"], "status": 413} and "bytes" in body["error"], body
+    # a body just under the cap is read and parsed as usual
+    r = _raw(base, "/v1/memories", json.dumps({"doc_id": "cap", "text": "a" * 900_000}).encode())
+    _assert_error_shape(r, 413)  # over max_text_chars, decided after parsing: the body was accepted
+    assert "characters" in r.json()["error"]
+
+
+def test_an_unexpected_failure_is_a_500_in_the_error_shape(service, kv_reader_dir):
+    """A part that vanishes after it was indexed (deleted by hand) fails the read: the client gets the shape,
+    not a trace, and nothing about where the store is."""
+    base, store = service["base"], service["store"]
+    reader = Reader.from_pretrained(kv_reader_dir)
+    text = KVTask(1).examples(1, seed=[77, 7])[0].context
+    table = records.to_table(reader.write([text]), ["vanishing"], reader.encode_contexts([text]))
+    part = store.write_part("memories", table)
+    mid = table.column("memory_id")[0].as_py()
+    _assert_error_shape(requests.get(f"{base}/v1/memories/{'c' * 32}", timeout=30), 404)  # re-lists: indexes part
+    service["fs"].delete_file(part)
+    message = _assert_error_shape(requests.get(f"{base}/v1/memories/{mid}", timeout=30), 500)
+    assert service["memories"] not in message and "part-" not in message, message
+
+
+def test_the_api_key_is_in_no_view_of_ray(service, ray_cluster):
+    """Before, the key travelled in the runtime_env's env_vars, which the dashboard lists."""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    views = {
+        "serve.status": repr(serve.status()),
+        "dashboard /api/serve/applications/": requests.get(
+            f"{ray_cluster['dashboard']}/api/serve/applications/", timeout=30).text,
+        "actors": json.dumps([a.__dict__ if hasattr(a, "__dict__") else a
+                              for a in list_actors(address=ray_cluster["dashboard"], detail=True)], default=str),
+    }
+    assert "GradMemService" in views["dashboard /api/serve/applications/"]
+    for name, text in views.items():
+        assert KEY not in text, name
+    # and the key still works (the replica compares salted hashes)
+    r = _query(f"{service['base']}/secured", {"doc_id": "doc-0", "questions": ["?!ab:"], "max_new_tokens": 4},
+               headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+
+
+def test_serve_listens_on_the_node_address_only(service, ray_cluster):
+    """Ray Serve binds each replica's internal gRPC server to [::]; pipelines.serve pins it to the node's
+    address (127.0.0.1 here, as Ray was started). No Serve actor may listen on a wildcard address."""
+    import psutil
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(address=ray_cluster["dashboard"], filters=[("state", "=", "ALIVE")], detail=True)
+              if a.class_name.startswith(("ServeReplica", "ProxyActor", "ServeController"))]
+    assert any(a.class_name.startswith("ServeReplica") for a in actors), [a.class_name for a in actors]
+    for actor in actors:
+        listening = [c.laddr for c in psutil.Process(actor.pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening, actor.class_name
+        wild = [addr for addr in listening if addr.ip in ("0.0.0.0", "::")]
+        assert not wild, (actor.class_name, listening)
+
+
+def test_a_slow_store_read_does_not_stall_other_requests(service):
+    """Store reads and tokenization run in worker threads: while one request loads a 40,000-row part (about a second
+    here), a health check is answered. Before, the read ran on the replica's event loop and every request on
+    the replica waited for it."""
+    import threading
+
+    from gradmem import Memories, WriteStats
+
+    base, n = service["base"], 40_000
+    fingerprint = requests.get(f"{base}/healthz", timeout=30).json()["reader_fingerprint"]
+    memories = Memories(torch.randn(n, 4, 32), WriteStats(torch.zeros(n, 3), torch.zeros(n), torch.full((n,), 8)),
+                        fingerprint, 2, 0.5)
+    table = records.to_table(memories, [f"bulk-{i}" for i in range(n)], [[i] for i in range(n)])
+    service["store"].write_part("memories", table)
+    _assert_error_shape(requests.get(f"{base}/v1/memories/{'e' * 32}", timeout=120), 404)  # re-lists: indexes it
+    finished: dict[str, tuple[float, int]] = {}
+
+    def slow_read() -> None:  # a cache miss: the whole part is read and decoded
+        r = requests.get(f"{base}/v1/memories/{table.column('memory_id')[0].as_py()}", timeout=120)
+        finished["slow"] = (time.monotonic(), r.status_code)
+
+    started = time.monotonic()
+    reader = threading.Thread(target=slow_read)
+    reader.start()
+    time.sleep(0.3)
+    health = requests.get(f"{base}/healthz", timeout=120)
+    finished["health"] = (time.monotonic(), health.status_code)
+    reader.join()
+    logger.info("slow read %.2f s, health answered after %.2f s", finished["slow"][0] - started,
+                finished["health"][0] - started)
+    assert finished["slow"][1] == 200 and finished["health"][1] == 200, finished
+    assert finished["health"][0] < finished["slow"][0], finished
+
+
+def test_memory_cache_is_bounded_by_bytes(tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipelines.serve import MemoryCache
+
+    reader = make_reader("llama")
+    store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
+    entries = []
+    for p in range(2):
+        texts = [ex.context for ex in KVTask(1).examples(3, seed=[50, p])]
+        table = records.to_table(reader.write(texts), [f"d{p}-{i}" for i in range(3)], reader.encode_contexts(texts))
+        part = store.write_part("memories", table)
+        entries += [{"memory_id": m, "part": part} for m in table.column("memory_id").to_pylist()]
+    probe = MemoryCache(store, capacity=100, capacity_bytes=2**40)  # unbounded: holds all six
+    for entry in entries:
+        probe.get(entry)
+    one = max(probe.sizes.values())
+    cache = MemoryCache(store, capacity=100, capacity_bytes=int(2.5 * one))  # room for two, not for a part of 3
+    for entry in entries:
+        tensor, meta = cache.get(entry)
+        assert meta["memory_id"] == entry["memory_id"]
+        assert torch.equal(tensor, probe.get(entry)[0])
+        assert cache.bytes <= cache.capacity_bytes and len(cache.items) <= 2
+    assert cache.bytes == sum(cache.sizes.values())
+
+
+FUZZ_EXAMPLES = 50  # per operation and generation mode: 4 operations x 2 modes x 50 = at most 400 requests
+
+
+def test_fuzzing_the_openapi_document_finds_no_server_error_and_no_mismatch(service):
+    """Schemathesis generates valid and invalid requests from the service's own OpenAPI document and sends
+    them over real HTTP: no 5xx, and every response matches a status, content type and schema declared for
+    its operation. (Not positive_data_acceptance: a well-formed request for an unknown id is a documented 404.)"""
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                                   response_headers_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
+              response_schema_conformance, negative_data_rejection]
+    base = service["base"]
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    counts: Counter[str] = Counter()
+    mismatches: list[str] = []
+    session = requests.Session()
+    start = time.monotonic()
+    torch.set_flush_denormal(False)  # conftest's configure_cpu set it; hypothesis refuses to draw floats under it
+    try:
+        _fuzz_every_operation(schema, checks, base, session, counts, mismatches)
+    finally:
+        torch.set_flush_denormal(True)
+    elapsed = time.monotonic() - start
+    logger.info("fuzzed %d requests in %.1f s: %s; %d mismatches", counts["requests"], elapsed, dict(counts),
+                len(mismatches))
+    assert counts["requests"] >= 100, counts
+    assert counts["5xx"] == 0 and not mismatches, (dict(counts), mismatches[:5])
+    assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+
+
+def _fuzz_every_operation(schema, checks, base: str, session: requests.Session, counts: Counter,
+                          mismatches: list[str]) -> None:
+    """FUZZ_EXAMPLES valid and FUZZ_EXAMPLES invalid requests per operation, each response checked."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def fuzz(case) -> None:
+                response = case.call(base_url=base, session=session, timeout=30)
+                counts["requests"] += 1
+                counts[f"{response.status_code // 100}xx"] += 1
+                try:
+                    case.validate_response(response, checks=checks)
+                except (AssertionError, BaseExceptionGroup) as e:
+                    mismatches.append(f"{operation.label} {mode} -> {response.status_code}: {e}"[:600])
+                    logger.warning("mismatch: %s", mismatches[-1])
+
+            try:
+                fuzz()
+            except Unsatisfiable:  # GET /healthz has no input: nothing about it can be invalid
+                assert mode == GenerationMode.NEGATIVE and not operation.body and not operation.path_parameters
+                counts["operations without negative data"] += 1
