@@ -410,13 +410,13 @@ def finished_cells(cfg: CapacityConfig, output: Path) -> dict[str, dict[str, Any
 
 def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int | None = None,
                  command: list[str] | None = None, repo_root: str | os.PathLike | None = None,
-                 device: str = "cpu", only: list[str] | None = None) -> dict[str, Any]:
+                 device: str = "cpu", only: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     """Run every cell not already finished under ``output``; write the results after each. Returns results.json's dict.
 
     ``max_steps`` overrides every method's training budget (smoke runs); it is part of the cells' config, so
     cells finished with another budget are refused rather than mixed in. ``only``: run these methods' cells (several
     processes with disjoint lists may share one output: each writes its cells, and the results cover every finished
-    cell found there)."""
+    cell found there). ``report_only``: run no sweep and train no cell, only write the results of what is finished."""
     cfg = cfg.with_max_steps(max_steps)
     output = Path(output)
     (output / "cells").mkdir(parents=True, exist_ok=True)
@@ -426,11 +426,11 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     if cfg.sweep is not None:
         cfg = copy.deepcopy(cfg)
         cfg.tuning = tune(cfg.methods, cfg.sweep, output, lambda spec: cfg.cell_config(spec, cfg.sweep_pairs()),
-                          only=only, device=device)
+                          only=only, run=not report_only, device=device)
 
     cells = cfg.cells()
     results = finished_cells(cfg, output)
-    todo = [(spec, pairs) for spec, pairs in cfg.cells(only) if cell_name(spec, pairs) not in results]
+    todo = [] if report_only else [(spec, pairs) for spec, pairs in cfg.cells(only) if cell_name(spec, pairs) not in results]
     if results:
         logger.info("resuming: %d/%d cells already finished under %s (skipped: %s)", len(results), len(cells),
                     output, ", ".join(results))

@@ -152,15 +152,16 @@ def sweep_record(output: Path, name: str) -> dict[str, Any] | None:
 
 
 def tune(specs: list[Any], sweep: SweepConfig, output: Path, config_for: Callable[[Any], TrainConfig],
-         only: list[str] | None = None, device: str = "cpu") -> dict[str, dict[str, float]]:
+         only: list[str] | None = None, run: bool = True, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Method name -> picked candidate, for every method whose sweep is recorded under ``output``; the sweeps of
     the methods in ``only`` (all when None) are run first when missing. ``specs``: MethodSpecs (name, method);
     ``config_for(spec)``: the TrainConfig the method's candidates start from. Several processes with disjoint
-    ``only`` lists share one output: each sweeps its own methods and sees the others' picks once recorded."""
+    ``only`` lists share one output: each sweeps its own methods and sees the others' picks once recorded.
+    ``run=False`` runs no sweep (reports)."""
     picks = {}
     for spec in specs:
         record = sweep_record(output, spec.name)
-        if record is None and (not only or spec.name in only):
+        if record is None and run and (not only or spec.name in only):
             record = run_sweep(spec.name, spec.method, config_for(spec), sweep, output, device=device)
         if record is not None:
             picks[spec.name] = record["picked"]
@@ -171,10 +172,11 @@ def sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown lines: what each method tried and what it picked."""
     if not records:
         return []
-    lines = ["", "Tuning (validation only; each candidate trained the same steps from scratch):", "",
-             "| method | tried (validation EM %) | picked |", "|---|---|---|"]
+    lines = ["", "Tuning (validation only; each candidate trained the same steps from scratch, stopping at EM 1.0):", "",
+             "| method | tried: best validation EM % @ the step it was first reached | picked |", "|---|---|---|"]
     for name, rec in records.items():
-        tried = ", ".join(f"{fmt(t['candidate'])}: {100 * t['validation']['em']:.1f}" if t["validation"] else
+        tried = ", ".join(f"{fmt(t['candidate'])}: {100 * t['validation']['em']:.1f} @{t['validation']['step']}"
+                          if t["validation"] else
                           f"{fmt(t['candidate'])}: -" for t in rec["trials"])
         lines.append(f"| {name} | {tried} | {fmt(rec['picked'])} |")
     return lines

@@ -12,6 +12,8 @@
     # a quick end-to-end check of any configuration: every cell with 20 training steps
     python jobs/capacity.py --config jobs/configs/capacity_cpu.yaml --output /tmp/cap_check --max-steps 20
 
+A partial table while cells still train elsewhere: the same command with --report-only (trains nothing).
+
 Interrupted? Run the same command again: finished cells (OUTPUT/cells/*.json) are skipped, and a cell cut off
 while training continues from its last Trainer checkpoint (run.save_every). Writes OUTPUT/results.json,
 OUTPUT/results.md and OUTPUT/capacity.png after every cell, and prints the table at the end.
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = _common.benchmark_parser(__doc__, "jobs/configs/capacity_*.yaml")
     parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all); "
                         "processes with disjoint lists can share one --output")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write results.json/md/png from the cells finished so far, train nothing")
     args = parser.parse_args(argv)
     only = [name for name in args.only.split(",") if name] if args.only else None
     try:
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                  .removeprefix("capacity_")))
     command = ["python", "jobs/capacity.py", *(sys.argv[1:] if argv is None else argv)]
     summary = run_capacity(cfg, output, max_steps=args.max_steps, command=command, repo_root=ROOT,
-                           device=device, only=only)
+                           device=device, only=only, report_only=args.report_only)
     print((_common.Path(output) / "results.md").read_text())
     return summary
 
