@@ -13,8 +13,9 @@ Naming and publication (why no write can delete another document)
   with the same text (same memory_id, other doc_id) land on different names.
 - Publishing never replaces an existing file (``_publish``): locally the complete part is written under a
   hidden temporary name and hard-linked to its final name, which fails if the name exists; on S3 the whole
-  part is serialized in memory first and put only when complete (an error aborts the upload, so a truncated
-  object is never published), after checking that the name is free. If the name is taken, the existing part is
+  part is serialized in memory, uploaded under a hidden temporary key, checked to hold every byte and only then
+  copied to its name (after checking that the name is free): a failed upload never publishes a truncated part
+  (``_put``; SeaweedFS is not relied on for conditional puts). If the name is taken, the existing part is
   kept when it holds the same row identities (a retry); if it holds anything else (a foreign or corrupt file,
   or a hash collision) the new part is published under a name that adds a hash of its bytes instead.
   On S3 two writers racing for one name between the check and the put write rows of the same identity, so the
@@ -155,15 +156,24 @@ class MemoryStore:
                 os.unlink(tmp)
 
     def _put(self, path: str, body: bytes) -> None:
-        """One object, complete or not at all: pyarrow's S3 stream completes the upload on close(), so an
-        error while writing must abort it instead."""
-        stream = self.fs.open_output_stream(path)
+        """One object, complete or not at all. pyarrow's S3 stream completes its upload on close() and even when
+        dropped after an error (it has no abort), so the body goes to a hidden temporary key first; only when
+        that object holds every byte is it copied to ``path`` (a server-side copy: the object appears whole)."""
+        directory, name = path.rsplit("/", 1)
+        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
         try:
-            stream.write(body)
-        except BaseException:
-            stream.abort()
-            raise
-        stream.close()
+            stream = self.fs.open_output_stream(tmp)
+            try:
+                stream.write(body)
+            finally:
+                stream.close()
+            size = self.fs.get_file_info(tmp).size
+            if size != len(body):
+                raise OSError(f"upload of {path} incomplete: {size} of {len(body)} bytes arrived")
+            self.fs.move(tmp, path)
+        finally:
+            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """The manifest is the one mutable file: replaced as a whole (rename locally, one put on S3)."""
@@ -183,21 +193,22 @@ class MemoryStore:
                 os.unlink(tmp)
 
     def clean_temporaries(self, grace_s: float = TMP_GRACE_S) -> int:
-        """Delete temporary files older than ``grace_s`` that killed writers left (local stores; S3 writes
-        leave none, an object exists only once complete). Returns how many were deleted."""
-        if not self.is_local:
-            return 0
+        """Delete temporary files older than ``grace_s`` that killed writers left (a live writer's are younger:
+        a part takes seconds). Returns how many were deleted."""
         removed = 0
-        now = time.time()
+        cutoff = time.time() - grace_s
         for directory in (self.root, *(self._dir(k) for k in KINDS)):
-            if not os.path.isdir(directory):
+            if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
                 continue
-            for entry in os.scandir(directory):
+            for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
+                if not (info.base_name.startswith(TMP_PREFIX) and info.type == pafs.FileType.File):
+                    continue
+                if info.mtime is not None and info.mtime.timestamp() > cutoff:
+                    continue
                 try:
-                    if entry.name.startswith(TMP_PREFIX) and entry.is_file() and now - entry.stat().st_mtime > grace_s:
-                        os.unlink(entry.path)
-                        removed += 1
-                except FileNotFoundError:  # its writer finished or another cleaner was first
+                    self.fs.delete_file(info.path)
+                    removed += 1
+                except FileNotFoundError:  # its writer finished, or another cleaner was first
                     continue
         if removed:
             logger.info("removed %d temporary files left by killed writers under %s", removed, self.root)
