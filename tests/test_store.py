@@ -26,13 +26,14 @@ FP = "gm1-storetest"
 
 
 def _table(docs: list[tuple[str, list[int]]], chunks: list[int] | None = None, n_chunks: list[int] | None = None,
-           fingerprint: str = FP) -> pa.Table:
+           fingerprint: str = FP, write_time_s: float = 0.0) -> pa.Table:
     """Memory records for (doc_id, token ids) without a reader: the memory is a function of the tokens, as a WRITE's is."""
     n = len(docs)
     tensor = torch.stack([torch.full((2, 4), float(sum(t) * 31 + len(t))) for _, t in docs])
     mem = Memories(tensor, WriteStats(torch.zeros(n, 3), torch.ones(n), torch.tensor([len(t) for _, t in docs])),
                    fingerprint, 2, 0.5)
-    return records.to_table(mem, [d for d, _ in docs], [t for _, t in docs], chunks=chunks, n_chunks=n_chunks)
+    return records.to_table(mem, [d for d, _ in docs], [t for _, t in docs], chunks=chunks, n_chunks=n_chunks,
+                            write_time_s=write_time_s)
 
 
 def _store(tmp_path: Path) -> MemoryStore:
@@ -217,3 +218,117 @@ def test_completeness_ignores_superseded_errors_and_online_writes(tmp_path):
 
     gap = summarize(store, _inputs([(0, "f:1", "long"), (5, "g:1", "never-written")]))
     assert not gap["complete"] and gap["missing"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- property
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+DOC_IDS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+TEXTS = st.integers(0, 2)  # few texts: many documents share one (twins)
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("batch"), st.lists(st.tuples(DOC_IDS, TEXTS), min_size=1, max_size=5), st.integers(0, 3)),
+    st.tuples(st.just("online"), DOC_IDS, TEXTS),
+    st.tuples(st.just("rerun"), st.integers(0, 20)),
+    st.tuples(st.just("garbage"), st.binary(max_size=64)),
+), min_size=1, max_size=12)
+
+
+def _tokens(text: int) -> list[int]:
+    return [text + 1] * (text + 2)
+
+
+class _Model:
+    """The store as a user sees it: which documents were accepted, with which text, and every part's bytes."""
+
+    def __init__(self, root: str):
+        self.store = MemoryStore(pafs.LocalFileSystem(), root)
+        self.live = MemoryIndex(self.store)  # a long-running service's index, refreshed as it goes
+        self.text: dict[str, int] = {}  # a document's text, fixed at its first use (a batch input's content)
+        self.accepted: dict[str, int] = {}
+        self.batches: list[list[tuple[str, int]]] = []
+        self.seen: dict[str, bytes] = {}
+
+    def batch(self, docs: list[tuple[str, int]], kill_after: int | None, retry_stamp: float = 0.0) -> None:
+        """A compression run: skip what the store holds, write the rest in parts of two rows; a kill stops it
+        after ``kill_after`` parts and leaves a temporary file; a retried part is written twice."""
+        docs = [(d, self.text.setdefault(d, t)) for d, t in dict(docs).items()]
+        self.batches.append(docs)
+        have = set(row_keys_of(self.store))
+        todo = [(d, t) for d, t in docs if (d, 0, _mid(t)) not in have]
+        for n, start in enumerate(range(0, len(todo), 2)):
+            if kill_after is not None and n >= kill_after:
+                directory = Path(self.store.root) / "memories"
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / f"{TMP_PREFIX}killed-part.parquet").write_bytes(b"PAR1 half a part")
+                return
+            rows = todo[start : start + 2]
+            for stamp in (retry_stamp, retry_stamp + 1.0):  # the task's retry writes other bytes, same rows
+                self.store.write_part("memories", _table([(d, _tokens(t)) for d, t in rows], write_time_s=stamp))
+            self.accepted.update(rows)
+
+    def online(self, doc_id: str, text: int) -> None:
+        """The service's write: refused when the doc_id holds other content, a no-op when it holds this."""
+        self.live.refresh()
+        known = self.live.by_doc.get((doc_id, 0))
+        if known is not None:
+            return
+        path = self.store.write_part("memories", _table([(doc_id, _tokens(text))]))
+        self.live.add({"memory_id": _mid(text), "doc_id": doc_id, "chunk": 0, "n_chunks": 1, "part": path,
+                       "fingerprint": FP})
+        self.text.setdefault(doc_id, text)
+        self.accepted[doc_id] = text
+
+    def check(self) -> None:
+        for path, body in self.seen.items():  # no part is ever replaced or removed
+            assert Path(path).read_bytes() == body, f"{path} changed"
+        for path in self.store.parts("memories"):
+            self.seen.setdefault(path, Path(path).read_bytes())
+        fresh = MemoryIndex(MemoryStore(self.store.fs, self.store.root))  # a service starting now
+        fresh.refresh()
+        self.live.refresh()
+        for index in (fresh, self.live):
+            assert index.conflicts == 0
+            for doc_id, text in self.accepted.items():
+                entry = index.entry(doc_id=doc_id)
+                assert entry is not None and entry["doc_id"] == doc_id and entry["memory_id"] == _mid(text)
+                row = pq.read_table(entry["part"]).filter(pa.compute.equal(pa.compute.field("doc_id"), doc_id))
+                assert row.num_rows == 1
+                _, memory = records.from_table(row)
+                expected = _table([(doc_id, _tokens(text))]).column("memory").combine_chunks().to_numpy_ndarray()
+                torch.testing.assert_close(memory.tensor, torch.from_numpy(expected.copy()))
+        keys = row_keys_of(MemoryStore(self.store.fs, self.store.root))
+        assert len(keys) == len(set(keys)), "a row was stored twice"
+
+
+def _mid(text: int) -> str:
+    return records.memory_id(FP, 2, 0.5, _tokens(text))
+
+
+def row_keys_of(store: MemoryStore) -> list[tuple]:
+    table = store.read("memories", ["doc_id", "chunk", "memory_id"])
+    return [] if table is None else list(zip(*(table.column(c).to_pylist() for c in ("doc_id", "chunk", "memory_id"))))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS)
+def test_property_every_accepted_document_stays_answerable_with_its_own_doc_id(ops):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        model = _Model(f"{root}/store")
+        for n, op in enumerate(ops):
+            if op[0] == "batch":
+                model.batch(op[1], kill_after=op[2] if op[2] < 3 else None)
+            elif op[0] == "online":
+                model.online(op[1], op[2])
+            elif op[0] == "rerun" and model.batches:  # the same input again, completing a killed run
+                model.batch(model.batches[op[1] % len(model.batches)], kill_after=None, retry_stamp=5.0)
+            elif op[0] == "garbage":  # a foreign file among the parts: skipped, never fatal
+                directory = Path(model.store.root) / "memories"
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / f"part-foreign-{n}.parquet").write_bytes(op[1])
+            model.check()
+        model.store.clean_temporaries(grace_s=0)
+        assert not list((Path(model.store.root) / "memories").glob(f"{TMP_PREFIX}*"))
+        model.check()
