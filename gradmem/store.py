@@ -252,6 +252,8 @@ class MemoryStore:
             return f"not a {kind} part: lacks columns {sorted(missing)}"
         if any(isinstance(sch.field(c).type, pa.ExtensionType) and c != "memory" for c in _REQUIRED[kind]):
             return "not a part: a key column has an extension type"
+        if kind == "memories" and not isinstance(sch.field("memory").type, pa.FixedShapeTensorType):
+            return f"not a memories part: 'memory' is {sch.field('memory').type}, not arrow.fixed_shape_tensor"
         fingerprint = records.table_metadata(sch).get("reader_fingerprint")
         if kind == "memories" and not fingerprint:
             return "not a memories part: no gradmem.reader_fingerprint metadata"
