@@ -184,13 +184,16 @@ def _parse_jsonl(f: InputFile, data: bytes) -> list[dict]:
 
 
 def _parse_json_array(f: InputFile, data: bytes) -> list[dict] | None:
-    """The records of a file that is one JSON array (source ``name[i]``); None when it is not one (JSON lines)."""
-    if not data.lstrip()[:1] == b"[":
+    """The records of a ``.json`` file that is one JSON document: an array (source ``name[i]``) or one object,
+    pretty-printed or not; None when it is not one document (then it is JSON lines)."""
+    if data.lstrip()[:1] not in (b"[", b"{"):
         return None
     try:
         items = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None  # not one JSON document: read it as JSON lines, each line its own record or error
+    if isinstance(items, dict):
+        return [_checked(f.index << _LINE_BITS, f"{f.name}:1", items, _excerpt(data))]
     if not isinstance(items, list):
         return None
     out = []

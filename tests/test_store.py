@@ -127,6 +127,8 @@ def test_a_json_file_may_hold_an_array_or_json_lines():
     lines = b'{"id": "c", "text": "three"}\n\n{"id": "d", "text": "four"}\n'
     assert [(r["source"], r["doc_id"]) for r in _parse("more.json", "json", lines)] == [("more.json:1", "c"),
                                                                                       ("more.json:3", "d")]
+    one = json.dumps({"id": "e", "text": "five"}, indent=2).encode()
+    assert [(r["source"], r["doc_id"], r["text"]) for r in _parse("one.json", "json", one)] == [("one.json:1", "e", "five")]
 
 
 # ---------------------------------------------------------------------------------------------- item 2
