@@ -437,27 +437,17 @@ EXPORT_MARKER = ".gradmem-reader-export"  # written into every exported reader: 
 
 def check_output_dir(output: str | os.PathLike) -> Path:
     """``output`` as a path the reader export may replace: absent, an empty directory, or a previous export
-    (it holds ``EXPORT_MARKER``, or is a reader directory written before the marker existed). Anything else is
-    refused before training starts: ``--output`` replaces the directory, and must never delete what a user keeps
-    there."""
+    (it holds ``EXPORT_MARKER``). Anything else, a reader saved by hand included, is refused before training
+    starts: ``--output`` replaces the directory, and must never delete what a user keeps there."""
     path = Path(output).expanduser().resolve()
     if not path.exists():
         return path
     if not path.is_dir():
         raise FileExistsError(f"--output {output}: a file is there; give a new directory or a previous export")
-    if not any(path.iterdir()) or (path / EXPORT_MARKER).is_file() or _is_reader(path):
+    if not any(path.iterdir()) or (path / EXPORT_MARKER).is_file():
         return path
-    raise FileExistsError(f"--output {output} is a non-empty directory that is not a reader exported by this tool; "
-                          "it would be replaced, so it is refused: give a new or empty directory")
-
-
-def _is_reader(path: Path) -> bool:
-    from gradmem.checkpoint import is_reader_dir
-
-    try:
-        return is_reader_dir(path)
-    except (OSError, ValueError):
-        return False
+    raise FileExistsError(f"--output {output} is a non-empty directory that is not a reader exported by this tool "
+                          f"(no {EXPORT_MARKER}); it would be replaced, so it is refused: give a new or empty directory")
 
 
 def export_reader(checkpoint, output: Path) -> Path:

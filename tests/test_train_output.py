@@ -25,6 +25,9 @@ def test_train_output_refuses_a_directory_it_did_not_write(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(FileExistsError, match="a file is there"):
         check_output_dir(tmp_path / "a-file")
+    make_reader("llama").save_pretrained(tmp_path / "saved-by-hand")  # a reader, but not an export: kept
+    with pytest.raises(FileExistsError, match="not a reader exported"):
+        check_output_dir(tmp_path / "saved-by-hand")
     (tmp_path / "empty").mkdir()
     assert check_output_dir(tmp_path / "empty") == (tmp_path / "empty").resolve()
     assert check_output_dir(tmp_path / "new") == (tmp_path / "new").resolve()
