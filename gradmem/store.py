@@ -17,7 +17,7 @@ Naming and publication (why no write can delete another document)
   copied to its name (after checking that the name is free): a failed upload never publishes a truncated part
   (``_put``; SeaweedFS is not relied on for conditional puts). If the name is taken, the existing part is
   kept when it holds the same row identities (a retry); if it holds anything else (a foreign or corrupt file,
-  or a hash collision) the new part is published under a name that adds a hash of its bytes instead.
+  or a hash collision) it is left alone and the part goes to the next of a few numbered alternative names.
   On S3 two writers racing for one name between the check and the put write rows of the same identity, so the
   object that wins holds the same documents either way.
 
@@ -58,6 +58,7 @@ _REQUIRED = {  # what a part of each kind must hold to be read at all
     "errors": {"error_id", "doc_id", "chunk", "n_chunks", "source", "reason"},
 }
 TMP_PREFIX = ".tmp-"
+_ALTERNATIVES = 8  # names tried for one part when its own name is taken by a foreign file
 TMP_GRACE_S = 15 * 60  # a temporary file older than this belongs to a writer that died (parts take seconds)
 
 
@@ -106,15 +107,12 @@ class MemoryStore:
         pq.write_table(table, sink, compression="zstd")
         body = sink.getvalue()
         self.fs.create_dir(directory, recursive=True)
-        if self._publish(path, body):
-            return path
-        if self._same_rows(kind, path, table):
-            return path  # a retry of the same rows: keep what is there
-        alternative = f"{path[: -len('.parquet')]}-{hashlib.sha256(body).hexdigest()[:16]}.parquet"
-        logger.warning("%s is taken by other content; publishing the new rows as %s instead", path, alternative)
-        if not self._publish(alternative, body) and not self._same_rows(kind, alternative, table):
-            raise FileExistsError(f"{alternative} exists with other content; refusing to replace it")
-        return alternative
+        for attempt in range(_ALTERNATIVES):  # the name, then deterministic alternatives: retries converge
+            candidate = path if attempt == 0 else f"{path[: -len('.parquet')]}-{attempt}.parquet"
+            if self._publish(candidate, body) or self._same_rows(kind, candidate, table):
+                return candidate  # published, or a retry of the same rows: keep what is there
+            logger.warning("%s is taken by other content; it is left alone", candidate)
+        raise FileExistsError(f"{path} and its {_ALTERNATIVES - 1} alternatives are taken by other content")
 
     def _same_rows(self, kind: str, path: str, table: pa.Table) -> bool:
         try:

@@ -163,7 +163,8 @@ def test_publishing_never_replaces_a_file_and_bad_parts_are_skipped(tmp_path):
 
     path = store.write_part("memories", table)
     assert path != str(squatter) and squatter.read_bytes() == b"garbage that happens to carry the name"
-    assert store.write_part("memories", table) == path  # the retry finds its own part under the other name
+    retry = _table([("a", [1, 2]), ("b", [3])], write_time_s=9.0)  # other bytes, the same rows
+    assert store.write_part("memories", retry) == path  # the retry finds its own part under the alternative name
 
     fresh = MemoryStore(store.fs, store.root)
     assert sorted(fresh.read("memories", ["doc_id"]).column("doc_id").to_pylist()) == ["a", "b", "c", "d"]
