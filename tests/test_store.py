@@ -313,7 +313,7 @@ def row_keys_of(store: MemoryStore) -> list[tuple]:
     return [] if table is None else list(zip(*(table.column(c).to_pylist() for c in ("doc_id", "chunk", "memory_id"))))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=OPS)
 def test_property_every_accepted_document_stays_answerable_with_its_own_doc_id(ops):
     import tempfile
