@@ -169,9 +169,10 @@ class MemoryStore:
             if size != len(body):
                 raise OSError(f"upload of {path} incomplete: {size} of {len(body)} bytes arrived")
             self.fs.move(tmp, path)
-        finally:
+        except BaseException:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                self.fs.delete_file(tmp)
+                self.fs.delete_file(tmp)  # what a failed upload left; clean_temporaries catches a killed one's
+            raise
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """The manifest is the one mutable file: replaced as a whole (rename locally, one put on S3)."""

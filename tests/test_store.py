@@ -192,6 +192,7 @@ def test_s3_writes_abort_instead_of_publishing_a_truncated_part(s3):
     with pytest.raises(TypeError):
         store._put(target, object())  # fails inside the upload
     assert store.fs.get_file_info(target).type == pafs.FileType.NotFound
+    assert not store.fs.get_file_info(pafs.FileSelector(f"{store.root}/memories"))  # nor a temporary left behind
     first = store.write_part("memories", _table([("alice", [1, 2])]))
     second = store.write_part("memories", _table([("bob", [1, 2])]))
     assert first != second and store.write_part("memories", _table([("alice", [1, 2])])) == first
