@@ -38,6 +38,18 @@ _META = "gradmem."
 MAX_ID_CHARS = 1024
 
 
+def safe_text(value: str | None) -> str | None:
+    """``value`` with anything UTF-8 cannot encode (lone surrogates from JSON escapes like "\\ud800") written as
+    backslash escapes: error messages and excerpts quote bad input, and Parquet strings must be valid UTF-8."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int]) -> str:
     """Content address of a memory: same reader, settings and tokens -> same id, in any process."""
     digest = hashlib.sha256(json.dumps([fingerprint, int(steps), float(lr)]).encode())
@@ -160,8 +172,9 @@ def error_schema(fingerprint: str) -> pa.Schema:
 
 
 def error_id(source: str, doc_id: str | None, chunk: int | None, reason: str) -> str:
-    """Stable id of an error row, so a rerun recognises the errors it already recorded."""
-    return hashlib.sha256(json.dumps([source, doc_id, chunk, reason]).encode()).hexdigest()[:32]
+    """Stable id of an error row, so a rerun recognises the errors it already recorded (the same for a value and
+    its ``safe_text``, which is what the row stores)."""
+    return hashlib.sha256(json.dumps([safe_text(source), safe_text(doc_id), chunk, reason]).encode()).hexdigest()[:32]
 
 
 def error_table(rows: Sequence[dict], fingerprint: str) -> pa.Table:
@@ -170,6 +183,10 @@ def error_table(rows: Sequence[dict], fingerprint: str) -> pa.Table:
     for row in rows:
         if row["reason"] not in ERROR_REASONS:
             raise ValueError(f"unknown error reason {row['reason']!r}; known: {sorted(ERROR_REASONS)}")
-    full = [{"error_id": error_id(r["source"], r.get("doc_id"), r.get("chunk"), r["reason"]),
-             **{f.name: r.get(f.name) for f in sch if f.name != "error_id"}} for r in rows]
+    text_fields = {f.name for f in sch if pa.types.is_string(f.type)}
+    full = []
+    for r in rows:
+        row = {f.name: safe_text(r.get(f.name)) if f.name in text_fields else r.get(f.name) for f in sch}
+        row["error_id"] = error_id(row["source"], row["doc_id"], row["chunk"], row["reason"])
+        full.append(row)
     return pa.Table.from_pylist(full, schema=sch)

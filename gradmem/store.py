@@ -1,22 +1,48 @@
-"""The memory store: a directory of Parquet parts that batch jobs append to and services read from.
+"""The memory store: a directory of Parquet parts that batch jobs and the service append to, and services read.
 
     ROOT/memories/part-<hash>.parquet   memory records (gradmem.records.schema)
     ROOT/errors/part-<hash>.parquet     inputs that did not become memories (gradmem.records.error_schema)
-    ROOT/manifest.json                  the last run's counts, reader fingerprint and write settings
+    ROOT/manifest.json                  the last batch run's counts, reader fingerprint and write settings
 
-ROOT is any pyarrow filesystem location (a local directory, an S3 bucket/prefix). Parts are immutable and
-named by a hash of their rows, so writing the same rows twice (a retried task) lands on the same name instead
-of duplicating them. A part becomes visible only when complete: locally it is written under a hidden name
-and renamed; on S3 an object appears when its upload completes. Readers list ``part-*.parquet`` only.
+ROOT is any pyarrow filesystem location (a local directory, an S3 bucket/prefix).
+
+Naming and publication (why no write can delete another document)
+- A part is named by a hash of the *identity* of its rows (``part_name``): for memories every row's
+  (doc_id, chunk, memory_id), for errors every error_id (itself a hash of source, doc_id, chunk, reason). A
+  retried task writing the same rows lands on the same name instead of duplicating them, while two documents
+  with the same text (same memory_id, other doc_id) land on different names.
+- Publishing never replaces an existing file (``_publish``): locally the complete part is written under a
+  hidden temporary name and hard-linked to its final name, which fails if the name exists; on S3 the whole
+  part is serialized in memory, uploaded under a hidden temporary key, checked to hold every byte and only then
+  copied to its name (after checking that the name is free): a failed upload never publishes a truncated part
+  (``_put``; SeaweedFS is not relied on for conditional puts). If the name is taken, the existing part is
+  kept when it holds the same row identities (a retry); if it holds anything else (a foreign or corrupt file,
+  or a hash collision) it is left alone and the part goes to the next of a few numbered alternative names.
+  On S3 two writers racing for one name between the check and the put write rows of the same identity, so the
+  object that wins holds the same documents either way.
+
+Duplicate texts: a memory_id is a content address (reader, write settings, tokens), so two documents with the
+same text share a memory_id, but each doc_id keeps its own row (and usually its own part): both are answerable,
+and ``MemoryIndex.entry(doc_id=...)`` returns the row of the doc_id asked for. A query by memory_id alone
+names the first doc_id indexed with that memory (all its doc_ids hold the same memory).
+
+Reading is defensive: a ``part-*.parquet`` that is not a readable part of its kind (garbage, a foreign file, a
+truncated copy) is skipped with a logged warning and counted in ``skipped`` (reported in the manifest and the
+index stats), so one bad file never stops a consumer. Files written by older versions (parts named by a hash
+of their memory_ids only) are read as before.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
+import os
+import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -26,71 +52,253 @@ import pyarrow.parquet as pq
 logger = logging.getLogger(__name__)
 
 KINDS = ("memories", "errors")
-_KEY_COLUMNS = {"memories": "memory_id", "errors": "error_id"}
+_KEY_COLUMNS = {"memories": ("doc_id", "chunk", "memory_id"), "errors": ("error_id",)}
+_REQUIRED = {  # what a part of each kind must hold to be read at all
+    "memories": {"memory_id", "doc_id", "chunk", "n_chunks", "memory", "write_steps", "write_lr"},
+    "errors": {"error_id", "doc_id", "chunk", "n_chunks", "source", "reason"},
+}
+TMP_PREFIX = ".tmp-"
+_ALTERNATIVES = 8  # names tried for one part when its own name is taken by a foreign file
+TMP_GRACE_S = 15 * 60  # a temporary file older than this belongs to a writer that died (parts take seconds)
+
+
+def row_keys(kind: str, table: pa.Table) -> list[tuple]:
+    """The identity of each row: (doc_id, chunk, memory_id) for memories, (error_id,) for errors."""
+    return list(zip(*(table.column(c).to_pylist() for c in _KEY_COLUMNS[kind])))
+
+
+def part_name(kind: str, table: pa.Table) -> str:
+    """``part-<hash>.parquet`` over the sorted identities of the rows: the same rows, the same name; another
+    document (even one with the same text, hence the same memory_id) another name."""
+    keys = sorted(json.dumps(list(k)) for k in row_keys(kind, table))
+    digest = hashlib.sha256(f"{kind}\n".encode() + "\n".join(keys).encode()).hexdigest()[:32]
+    return f"part-{digest}.parquet"
 
 
 class MemoryStore:
     def __init__(self, filesystem: pafs.FileSystem, root: str):
         self.fs = filesystem
         self.root = root.rstrip("/")
+        self._checked: dict[str, str | None] = {}  # part path -> why it is skipped (None: readable); parts are immutable
+        self.skipped: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+        self._fingerprints: dict[str, str] = {}  # readable part path -> reader fingerprint in its metadata
 
     def _dir(self, kind: str) -> str:
         if kind not in KINDS:
             raise ValueError(f"unknown part kind {kind!r}; choose one of {KINDS}")
         return f"{self.root}/{kind}"
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     # ------------------------------------------------------------------ writing
     def write_part(self, kind: str, table: pa.Table) -> str | None:
-        """Write ``table`` as one immutable part; returns its path (None for an empty table)."""
+        """Write ``table`` as one immutable part; returns its path (None for an empty table). Never replaces
+        another file: see the module docstring."""
         if table.num_rows == 0:
             return None
-        keys = sorted(table.column(_KEY_COLUMNS[kind]).to_pylist())
-        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+        missing = set(_KEY_COLUMNS[kind]) - set(table.column_names)
+        if missing:
+            raise ValueError(f"a {kind} part needs columns {sorted(missing)}")
         directory = self._dir(kind)
-        path = f"{directory}/part-{digest}.parquet"
+        path = f"{directory}/{part_name(kind, table)}"
+        sink = io.BytesIO()  # serialized whole before anything is published: an error here publishes nothing
+        pq.write_table(table, sink, compression="zstd")
+        body = sink.getvalue()
         self.fs.create_dir(directory, recursive=True)
-        self._atomic_write(path, lambda sink: pq.write_table(table, sink, compression="zstd"))
-        return path
+        for attempt in range(_ALTERNATIVES):  # the name, then deterministic alternatives: retries converge
+            candidate = path if attempt == 0 else f"{path[: -len('.parquet')]}-{attempt}.parquet"
+            if self._publish(candidate, body) or self._same_rows(kind, candidate, table):
+                return candidate  # published, or a retry of the same rows: keep what is there
+            logger.warning("%s is taken by other content; it is left alone", candidate)
+        raise FileExistsError(f"{path} and its {_ALTERNATIVES - 1} alternatives are taken by other content")
+
+    def _same_rows(self, kind: str, path: str, table: pa.Table) -> bool:
+        try:
+            existing = pq.read_table(path, filesystem=self.fs, columns=list(_KEY_COLUMNS[kind]))
+        except Exception:  # noqa: BLE001 - an unreadable file is not the same rows
+            return False
+        return sorted(map(repr, row_keys(kind, existing))) == sorted(map(repr, row_keys(kind, table)))
+
+    def _publish(self, path: str, body: bytes) -> bool:
+        """Create ``path`` holding ``body`` unless it exists; True when published, False when the name was taken."""
+        if self.is_local:
+            return self._publish_local(path, body)
+        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return False
+        self._put(path, body)
+        return True
+
+    def _publish_local(self, path: str, body: bytes) -> bool:
+        directory, name = path.rsplit("/", 1)
+        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"  # hidden: no reader lists it
+        try:
+            with open(tmp, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if the name exists: never replaces a file
+            except FileExistsError:
+                return False
+            except OSError as e:  # a filesystem without hard links: check, then rename (a narrow race)
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                if os.path.exists(path):
+                    return False
+                os.rename(tmp, path)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _put(self, path: str, body: bytes) -> None:
+        """One object, complete or not at all. pyarrow's S3 stream completes its upload on close() and even when
+        dropped after an error (it has no abort), so the body goes to a hidden temporary key first; only when
+        that object holds every byte is it copied to ``path`` (a server-side copy: the object appears whole)."""
+        directory, name = path.rsplit("/", 1)
+        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        try:
+            stream = self.fs.open_output_stream(tmp)
+            try:
+                stream.write(body)
+            finally:
+                stream.close()
+            size = self.fs.get_file_info(tmp).size
+            if size != len(body):
+                raise OSError(f"upload of {path} incomplete: {size} of {len(body)} bytes arrived")
+            self.fs.move(tmp, path)
+        except BaseException:
+            if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+                self.fs.delete_file(tmp)  # what a failed upload left; clean_temporaries catches a killed one's
+            raise
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """The manifest is the one mutable file: replaced as a whole (rename locally, one put on S3)."""
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         self.fs.create_dir(self.root, recursive=True)
-        self._atomic_write(f"{self.root}/manifest.json", lambda sink: sink.write(body))
+        path = f"{self.root}/manifest.json"
+        if not self.is_local:
+            self._put(path, body)
+            return
+        tmp = f"{self.root}/{TMP_PREFIX}{uuid.uuid4().hex}-manifest.json"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
-    def _atomic_write(self, path: str, write) -> None:
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            directory, name = path.rsplit("/", 1)
-            tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"  # hidden: no reader lists it
-            try:
-                with self.fs.open_output_stream(tmp) as sink:
-                    write(sink)
-                self.fs.move(tmp, path)  # rename: atomic on one filesystem
-            finally:
-                if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-                    self.fs.delete_file(tmp)
-        else:  # object stores publish an object only when its upload completes
-            with self.fs.open_output_stream(path) as sink:
-                write(sink)
+    def clean_temporaries(self, grace_s: float = TMP_GRACE_S) -> int:
+        """Delete temporary files older than ``grace_s`` that killed writers left (a live writer's are younger:
+        a part takes seconds). Returns how many were deleted."""
+        removed = 0
+        cutoff = time.time() - grace_s
+        for directory in (self.root, *(self._dir(k) for k in KINDS)):
+            if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
+                continue
+            for info in self.fs.get_file_info(pafs.FileSelector(directory, recursive=False)):
+                if not (info.base_name.startswith(TMP_PREFIX) and info.type == pafs.FileType.File):
+                    continue
+                if info.mtime is not None and info.mtime.timestamp() > cutoff:
+                    continue
+                try:
+                    self.fs.delete_file(info.path)
+                    removed += 1
+                except FileNotFoundError:  # its writer finished, or another cleaner was first
+                    continue
+        if removed:
+            logger.info("removed %d temporary files left by killed writers under %s", removed, self.root)
+        return removed
 
     # ------------------------------------------------------------------ reading
     def parts(self, kind: str) -> list[str]:
+        """Every ``part-*.parquet`` of ``kind``, readable or not (``valid_parts`` filters)."""
         directory = self._dir(kind)
         if self.fs.get_file_info(directory).type != pafs.FileType.Directory:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(directory, recursive=False))
-        return sorted(i.path for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith("part-")
+                      and i.base_name.endswith(".parquet"))
+
+    def valid_parts(self, kind: str) -> list[str]:
+        """The parts of ``kind`` that are readable parts of that kind; the others are skipped (logged once,
+        counted in ``skipped[kind]``)."""
+        return [p for p in self.parts(kind) if self.check_part(kind, p) is None]
+
+    def check_part(self, kind: str, path: str) -> str | None:
+        """None when ``path`` is a readable part of ``kind``, else why not (the footer and schema are read,
+        no rows)."""
+        if path not in self._checked:
+            reason = self._why_unreadable(kind, path)
+            self._checked[path] = reason
+            if reason is not None:
+                self.skipped[kind][path] = reason
+                logger.warning("skipping %s: %s", path, reason)
+        return self._checked[path]
+
+    def _why_unreadable(self, kind: str, path: str) -> str | None:
+        from gradmem import records
+
+        try:
+            sch = pq.read_schema(path, filesystem=self.fs)
+        except Exception as e:  # noqa: BLE001 - garbage, truncated, or not Parquet at all
+            return f"not a readable Parquet file ({type(e).__name__}: {str(e)[:200]})"
+        missing = _REQUIRED[kind] - set(sch.names)
+        if missing:
+            return f"not a {kind} part: lacks columns {sorted(missing)}"
+        if any(isinstance(sch.field(c).type, pa.ExtensionType) and c != "memory" for c in _REQUIRED[kind]):
+            return "not a part: a key column has an extension type"
+        if kind == "memories" and not isinstance(sch.field("memory").type, pa.FixedShapeTensorType):
+            return f"not a memories part: 'memory' is {sch.field('memory').type}, not arrow.fixed_shape_tensor"
+        fingerprint = records.table_metadata(sch).get("reader_fingerprint")
+        if kind == "memories" and not fingerprint:
+            return "not a memories part: no gradmem.reader_fingerprint metadata"
+        self._fingerprints[path] = fingerprint or ""
+        return None
+
+    def fingerprints(self, kind: str = "memories") -> dict[str, str]:
+        """Readable part -> the reader fingerprint its metadata names."""
+        return {p: self._fingerprints[p] for p in self.valid_parts(kind)}
 
     def read(self, kind: str, columns: Iterable[str] | None = None, parts: list[str] | None = None) -> pa.Table | None:
-        """All rows of ``kind`` (or of the given parts) as one table; None when there are none."""
-        parts = self.parts(kind) if parts is None else parts
+        """All rows of ``kind`` (or of the given parts) as one table; None when there are none. Parts that
+        cannot be read are skipped (``skipped``), never raised."""
+        parts = self.valid_parts(kind) if parts is None else [p for p in parts if self.check_part(kind, p) is None]
         if not parts:
             return None
-        dataset = pads.dataset(parts, filesystem=self.fs, format="parquet")
-        return dataset.to_table(columns=list(columns) if columns is not None else None)
+        cols = list(columns) if columns is not None else None
+        try:  # one dataset read (parallel) when every part reads; else part by part, skipping the bad ones
+            return pads.dataset(parts, filesystem=self.fs, format="parquet").to_table(columns=cols)
+        except Exception:  # noqa: BLE001
+            pass
+        tables = []
+        for part in parts:
+            table = self._read_part(kind, part, columns)
+            if table is not None:
+                tables.append(table)
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def _read_part(self, kind: str, part: str, columns: Iterable[str] | None) -> pa.Table | None:
+        try:
+            return pq.read_table(part, filesystem=self.fs, columns=list(columns) if columns is not None else None)
+        except Exception as e:  # noqa: BLE001 - a footer that parses but data that does not (truncated pages)
+            reason = f"unreadable rows ({type(e).__name__}: {str(e)[:200]})"
+            self._checked[part] = reason
+            self.skipped[kind][part] = reason
+            logger.warning("skipping %s: %s", part, reason)
+            return None
 
     def schema(self, kind: str) -> pa.Schema | None:
-        parts = self.parts(kind)
+        parts = self.valid_parts(kind)
         return pq.read_schema(parts[0], filesystem=self.fs) if parts else None
+
+    def skipped_counts(self) -> dict[str, int]:
+        return {kind: len(paths) for kind, paths in self.skipped.items()}
 
     def manifest(self) -> dict[str, Any] | None:
         path = f"{self.root}/manifest.json"
@@ -102,29 +310,36 @@ class MemoryStore:
 
 # ---------------------------------------------------------------------------------------------- lookups
 class MemoryIndex:
-    """Where each memory lives: memory_id -> entry and (doc_id, chunk) -> memory_id, over the store's parts.
+    """Where each memory lives, over the store's readable parts.
+
+    ``by_doc``: (doc_id, chunk) -> memory_id; ``entries``: (doc_id, chunk) -> that row's entry (its own doc_id,
+    part, n_chunks, fingerprint); ``by_id``: memory_id -> the first entry indexed with that memory. Documents
+    with the same text share a memory_id but keep their own entries: look rows up with ``entry``.
 
     ``refresh`` reads only parts it has not seen (a few small columns each), so a service can call it when an
     id is unknown and pick up what a batch job or another replica wrote since. A (doc_id, chunk) written twice
     with different content keeps the first part's memory (parts are listed in name order) and is counted in
-    ``conflicts``."""
+    ``conflicts``; unreadable parts are skipped and counted in ``stats()``."""
 
     def __init__(self, store: MemoryStore):
         self.store = store
         self.by_id: dict[str, dict[str, Any]] = {}
         self.by_doc: dict[tuple[str, int], str] = {}
+        self.entries: dict[tuple[str, int], dict[str, Any]] = {}
         self.parts: set[str] = set()
         self.conflicts = 0
 
     def refresh(self) -> int:
-        """Index new parts; returns how many memories were added."""
+        """Index new parts; returns how many (doc_id, chunk) rows were added."""
         from gradmem import records
 
         added = 0
-        for part in self.store.parts("memories"):
+        for part in self.store.valid_parts("memories"):
             if part in self.parts:
                 continue
-            table = pq.read_table(part, filesystem=self.store.fs, columns=["memory_id", "doc_id", "chunk", "n_chunks"])
+            table = self.store.read("memories", ["memory_id", "doc_id", "chunk", "n_chunks"], parts=[part])
+            if table is None:
+                continue  # unreadable: skipped and counted by the store
             fingerprint = records.table_metadata(table).get("reader_fingerprint", "")
             for row in table.to_pylist():
                 added += self.add({**row, "part": part, "fingerprint": fingerprint})
@@ -132,15 +347,28 @@ class MemoryIndex:
         return added
 
     def add(self, entry: dict[str, Any]) -> int:
+        """Index one row; returns 1 when its (doc_id, chunk) is new."""
         key = (entry["doc_id"], entry["chunk"])
         known = self.by_doc.get(key)
-        if known is not None and known != entry["memory_id"]:
-            self.conflicts += 1
+        if known is not None:
+            if known != entry["memory_id"]:
+                self.conflicts += 1
             return 0
-        new = entry["memory_id"] not in self.by_id
         self.by_id.setdefault(entry["memory_id"], entry)
         self.by_doc[key] = entry["memory_id"]
-        return int(new)
+        self.entries[key] = entry
+        return 1
+
+    def entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int = 0) -> dict[str, Any] | None:
+        """The row asked for: by doc_id (and chunk) the row of that doc_id, by memory_id the first row with
+        that memory; None when unknown."""
+        if doc_id is not None:
+            return self.entries.get((doc_id, chunk))
+        return self.by_id.get(memory_id) if memory_id is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        return {"memories": len(self.by_id), "documents": len(self.entries), "parts": len(self.parts),
+                "conflicts": self.conflicts, "skipped_parts": len(self.store.skipped["memories"])}
 
     def __len__(self) -> int:
         return len(self.by_id)

@@ -10,11 +10,12 @@ On this machine (no RAY_ADDRESS: a local Ray is started and stopped by the job):
 
     python jobs/compress.py --reader runs/demo/reader --input corpus/ --output runs/demo/memories --actors 2
 
---input: a .jsonl/.json file (one {"id", "text"} object per line), a Parquet file with id and text columns, or a
-directory of such files and/or .txt files (id = the file name without .txt), local or s3://. Output:
+--input: a .jsonl file (one {"id", "text"} object per line), a .json file (JSON lines or one JSON array), a
+Parquet file with string id and text columns, or a directory of such files and/or .txt files (id = the file name
+without .txt), local or s3://. Output:
 OUTPUT/memories/*.parquet, OUTPUT/errors/*.parquet (inputs that did not become memories, with the reason) and
 OUTPUT/manifest.json. Rerunning the same command writes only what is missing; the exit status is 1 when the
-store does not account for every input (see the manifest).
+run's inputs are not all accounted for (see the manifest's "complete").
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import _common  # noqa: F401
 from _common import ROOT, setup_logging
 
 from gradmem.train import TrainConfig
-from pipelines.train import DistributedConfig, fit
+from pipelines.train import DistributedConfig, check_output_dir, fit
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
     parser.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
     parser.add_argument("--resume", action="store_true", help="continue STORAGE/NAME from its latest checkpoint")
-    parser.add_argument("--output", default=None, help="export the final reader here")
+    parser.add_argument("--output", default=None, help="export the final reader here (a new or empty directory, "
+                        "or a previous export, which is replaced)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     return parser.parse_args(argv)
 
@@ -65,6 +66,12 @@ def main(argv: list[str] | None = None) -> None:
                              max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker)
     cfg.validate()
     dcfg.validate()  # fail before a cluster is touched
+    if args.output is not None:
+        try:
+            check_output_dir(args.output)
+        except FileExistsError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     import ray
 

@@ -10,15 +10,23 @@
 
 Guarantees
 - Every input record ends as memories or as error rows with a reason (``gradmem.records.ERROR_REASONS``); the
-  manifest checks ``inputs + extra_chunks == memories + errors`` over the store (``extra_chunks`` is 0
-  without ``chunk``).
-- Duplicate ids: a first pass over the ids (a Ray Data group-by) finds them; the first record in input order
-  (files sorted by path, then line) wins, later ones become ``duplicate_id`` errors. The input is read twice
-  for this; the first pass is cheap next to the WRITEs.
+  manifest's ``complete`` says that every input of this run is accounted for (``summarize``): its document's
+  memories hold all chunks, or it has a current error row. Error rows superseded by a later success (``too_long``,
+  then a rerun with ``--chunk``) are counted apart, and memories of other documents (online writes) are ignored.
+- One record never stops a job: anything that fails while parsing or preparing one record (invalid JSON, a line
+  nested too deeply, a lone surrogate, an id over ``records.MAX_ID_CHARS``, a type nobody foresaw) becomes its
+  error row. Parquet inputs are read with pyarrow alone and their column types checked on the schema first:
+  only plain string columns (and integer ids) are converted to Python; an extension type such as Ray's
+  pickled objects is refused unread (``malformed``), so no input can run code.
+- Duplicate ids: a first pass collects each record's (order, source, doc_id) in the driver and finds them; the
+  first record in input order (files sorted by path, then line) wins, later ones become ``duplicate_id`` errors.
+  The input is read twice for this; the first pass is cheap next to the WRITEs.
 - Reruns and restarts: memories are keyed by (doc_id, chunk, memory_id) and errors by error_id; whatever the
-  store already holds is skipped before it reaches a writer, and parts are immutable, content-named and
-  published atomically (``gradmem.store``), so a run killed at any point and started again ends with every
-  record exactly once. One output store holds one reader and one write setting; another is refused.
+  store already holds is skipped before it reaches a writer, and parts are immutable, named by their rows'
+  identities and published without ever replacing a file (``gradmem.store``), so a run killed at any point and
+  started again ends with every record exactly once; temporary files of killed runs are removed at the next run.
+  One output store holds one reader and one write setting (checked on the parts, not only the manifest);
+  another is refused.
 
 Not supported: two jobs writing the same output at once (the manifest would report the duplicates).
 """
@@ -45,7 +53,7 @@ from pipelines.storage import local_dir, resolve
 
 logger = logging.getLogger(__name__)
 
-INPUT_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+INPUT_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
 EXCERPT_CHARS = 200
 _LINE_BITS = 32  # order key = file index << 32 | record index within the file
 
@@ -127,81 +135,199 @@ _PARSED = pa.schema([
 
 
 def _record(order: int, source: str, doc_id=None, text=None, reason=None, message=None, excerpt=None) -> dict:
-    return {"order": order, "source": source, "doc_id": doc_id, "text": text, "reason": reason,
-            "message": message, "excerpt": excerpt[:EXCERPT_CHARS] if excerpt else excerpt}
+    """One parsed row. Every string that quotes the input is made UTF-8-safe here (``records.safe_text``): an
+    error row must itself be writable to Parquet."""
+    return {"order": order, "source": records.safe_text(source), "doc_id": records.safe_text(doc_id), "text": text,
+            "reason": reason, "message": records.safe_text(message),
+            "excerpt": records.safe_text(excerpt[:EXCERPT_CHARS]) if excerpt else excerpt}
+
+
+def _excerpt(raw: bytes) -> str:
+    return raw[:EXCERPT_CHARS].decode("utf-8", "replace")
+
+
+def _parse_json_value(order: int, source: str, raw: bytes) -> dict:
+    """One JSON record (a jsonl line or an array element, as bytes): any failure is this record's error row."""
+    excerpt = _excerpt(raw)
+    try:
+        row = json.loads(raw)
+    except RecursionError:
+        return _record(order, source, reason="malformed", message="not a JSON object: nested too deeply",
+                       excerpt=excerpt)
+    except (ValueError, UnicodeDecodeError) as e:
+        return _record(order, source, reason="malformed", message=f"not a JSON object: {e}", excerpt=excerpt)
+    return _checked(order, source, row, excerpt)
+
+
+def _checked(order: int, source: str, row: Any, excerpt: str | None) -> dict:
+    """``_check_row``, with any exception it raises on this record (a value nobody foresaw) as its error row."""
+    try:
+        return _check_row(order, source, row, excerpt)
+    except Exception as e:  # noqa: BLE001 - one record never stops a job
+        return _record(order, source, reason="malformed", message=f"cannot read this record: {type(e).__name__}",
+                       excerpt=excerpt)
 
 
 def _parse_jsonl(f: InputFile, data: bytes) -> list[dict]:
-    lines = data.split(b"\n")
-    if lines and lines[-1].strip() == b"":
-        lines.pop()  # the newline that ends the last record
+    """JSON lines; blank lines are skipped (not inputs), and keep the line numbering of the file. A ``.json``
+    file holding one JSON array (pretty-printed or not) is read as that array's records."""
+    if f.kind == "json":
+        array = _parse_json_array(f, data)
+        if array is not None:
+            return array
     out = []
-    for n, raw in enumerate(lines):
-        order, source = (f.index << _LINE_BITS) | n, f"{f.name}:{n + 1}"
-        excerpt = raw[:EXCERPT_CHARS].decode("utf-8", "replace")
-        try:
-            row = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            out.append(_record(order, source, reason="malformed", message=f"not a JSON object: {e}", excerpt=excerpt))
+    for n, raw in enumerate(data.split(b"\n")):
+        if not raw.strip():
             continue
-        out.append(_check_row(order, source, row, excerpt))
+        out.append(_parse_json_value((f.index << _LINE_BITS) | n, f"{f.name}:{n + 1}", raw))
     return out
 
 
+def _parse_json_array(f: InputFile, data: bytes) -> list[dict] | None:
+    """The records of a ``.json`` file that is one JSON document: an array (source ``name[i]``) or one object,
+    pretty-printed or not; None when it is not one document (then it is JSON lines)."""
+    if data.lstrip()[:1] not in (b"[", b"{"):
+        return None
+    try:
+        items = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None  # not one JSON document: read it as JSON lines, each line its own record or error
+    if isinstance(items, dict):
+        return [_checked(f.index << _LINE_BITS, f"{f.name}:1", items, _excerpt(data))]
+    if not isinstance(items, list):
+        return None
+    out = []
+    for n, item in enumerate(items):
+        order, source = (f.index << _LINE_BITS) | n, f"{f.name}[{n}]"
+        try:
+            excerpt = json.dumps(item, ensure_ascii=False)[:EXCERPT_CHARS] if not isinstance(item, dict) else None
+        except (ValueError, RecursionError):
+            excerpt = None
+        out.append(_checked(order, source, item, excerpt))
+    return out
+
+
+def _unencodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _check_row(order: int, source: str, row: Any, excerpt: str | None) -> dict:
+    """A parsed record -> a row to prepare, or its error row (reason ``malformed`` or ``not_text``)."""
     if not isinstance(row, dict):
         return _record(order, source, reason="malformed", message=f"a record must be an object, got {type(row).__name__}",
                        excerpt=excerpt)
     doc_id = row.get("id")
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id) == "":
-        return _record(order, source, reason="malformed", message=f"missing or invalid 'id' ({doc_id!r}): need a "
-                       "non-empty string or an integer", excerpt=excerpt)
+        return _record(order, source, reason="malformed", message=f"missing or invalid 'id' ({_short_repr(doc_id)}): "
+                       "need a non-empty string or an integer", excerpt=excerpt)
     doc_id = str(doc_id)
+    if _unencodable(doc_id):
+        return _record(order, source, reason="malformed", message=f"'id' {doc_id!r} is not valid Unicode text "
+                       "(a lone surrogate)", excerpt=excerpt)
+    if len(doc_id) > records.MAX_ID_CHARS:
+        return _record(order, source, reason="malformed", message=f"'id' of {len(doc_id)} characters: at most "
+                       f"{records.MAX_ID_CHARS} (the query service's limit)", excerpt=excerpt or doc_id[:EXCERPT_CHARS])
     if "text" not in row:
         return _record(order, source, doc_id, reason="malformed", message="missing field 'text'", excerpt=excerpt)
     text = row["text"]
     if not isinstance(text, str):
         return _record(order, source, doc_id, reason="not_text", message=f"'text' is {type(text).__name__}, not a string",
                        excerpt=excerpt)
+    if _unencodable(text):
+        return _record(order, source, doc_id, reason="not_text", message="'text' is not valid Unicode text (a lone "
+                       "surrogate)", excerpt=excerpt or text[:EXCERPT_CHARS])
     return _record(order, source, doc_id, text)
 
 
+def _short_repr(value: Any) -> str:
+    try:
+        return repr(value)[:100]
+    except RecursionError:
+        return type(value).__name__
+
+
+def _readable_type(t: pa.DataType, integers: bool) -> bool:
+    """Plain Arrow strings (and integers for ids) only: an extension type (Ray's pickled objects, tensors) or any
+    other type is refused by its schema, before a value is converted to Python."""
+    if isinstance(t, pa.ExtensionType):
+        return False
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or (
+        integers and pa.types.is_integer(t))
+
+
 def _parse_parquet(f: InputFile, data: bytes) -> list[dict]:
+    """Rows of a Parquet file with ``id`` and ``text`` columns, read with pyarrow alone. Column types are checked on
+    the Arrow schema first: a column of another type makes every row an error row, and its values are never
+    converted to Python (Ray's pickled-object extension type would unpickle them, running the file's code)."""
     order0 = f.index << _LINE_BITS
     try:
-        table = pq.read_table(io.BytesIO(data))
+        pfile = pq.ParquetFile(io.BytesIO(data))
+        schema, n_rows = pfile.schema_arrow, pfile.metadata.num_rows
     except Exception as e:  # noqa: BLE001 - any unreadable file is one error row, never a crash
         return [_record(order0, f.name, reason="malformed", message=f"unreadable Parquet: {e}")]
-    missing = {"id", "text"} - set(table.column_names)
+    missing = {"id", "text"} - set(schema.names)
     if missing:
         return [_record(order0, f.name, reason="malformed", message=f"Parquet file lacks columns {sorted(missing)}")]
+    refused = {c: schema.field(c).type for c in ("id", "text") if not _readable_type(schema.field(c).type, c == "id")}
+    try:
+        if refused:
+            return _refused_rows(f, pfile, n_rows, refused)
+        table = pfile.read(columns=["id", "text"])
+    except Exception as e:  # noqa: BLE001
+        return [_record(order0, f.name, reason="malformed", message=f"unreadable Parquet: {e}")]
     out = []
-    for n, row in enumerate(table.select(["id", "text"]).to_pylist()):
+    for n, row in enumerate(table.to_pylist()):
         order, source = order0 | n, f"{f.name}#{n}"
-        excerpt = str(row["text"])[:EXCERPT_CHARS] if row["text"] is not None else None
-        out.append(_check_row(order, source, row, excerpt))
+        excerpt = row["text"][:EXCERPT_CHARS] if isinstance(row["text"], str) else None
+        out.append(_checked(order, source, row, excerpt))
     return out
+
+
+def _refused_rows(f: InputFile, pfile: pq.ParquetFile, n_rows: int, refused: dict[str, pa.DataType]) -> list[dict]:
+    """One ``malformed`` row per record of a file whose id or text column has a refused type (ids kept when their
+    own column is readable)."""
+    what = ", ".join(f"'{c}' has type {t}" for c, t in refused.items())
+    message = f"{what}: only string columns are read (extension and object types are refused unread)"
+    ids: list = [None] * n_rows
+    if "id" not in refused:
+        ids = [str(x) if x is not None else None for x in pfile.read(columns=["id"]).column("id").to_pylist()]
+    order0 = f.index << _LINE_BITS
+    return [_record(order0 | n, f"{f.name}#{n}", ids[n] if ids[n] and not _unencodable(ids[n]) else None,
+                    reason="malformed", message=message) for n in range(n_rows)]
 
 
 def _parse_txt(f: InputFile, data: bytes) -> list[dict]:
     doc_id = f.name[: -len(".txt")] if f.name.lower().endswith(".txt") else f.name
+    if len(doc_id) > records.MAX_ID_CHARS:
+        return [_record(f.index << _LINE_BITS, f.name, reason="malformed", message=f"the file name gives an id of "
+                        f"{len(doc_id)} characters: at most {records.MAX_ID_CHARS}")]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         return [_record(f.index << _LINE_BITS, f.name, doc_id, reason="not_text", message=f"not UTF-8 text: {e}",
-                        excerpt=data[:EXCERPT_CHARS].decode("utf-8", "replace"))]
+                        excerpt=_excerpt(data))]
     return [_record(f.index << _LINE_BITS, f.name, doc_id, text)]
 
 
-_PARSERS = {"jsonl": _parse_jsonl, "parquet": _parse_parquet, "txt": _parse_txt}
+_PARSERS = {"jsonl": _parse_jsonl, "json": _parse_jsonl, "parquet": _parse_parquet, "txt": _parse_txt}
 
 
 def parse(batch: pa.Table, files: dict[str, InputFile]) -> pa.Table:
-    """File blocks (bytes, path) -> one row per input record (Ray Data task)."""
+    """File blocks (bytes, path) -> one row per input record (Ray Data task). A parser that fails on a file as
+    a whole makes that file one error row; it never fails the job."""
     rows: list[dict] = []
     for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
         f = files[path]
-        rows.extend(_PARSERS[f.kind](f, data))
+        try:
+            rows.extend(_PARSERS[f.kind](f, data))
+        except Exception as e:  # noqa: BLE001 - a parser bug or an input nobody foresaw: one error row, logged
+            logger.exception("parsing %s failed", f.name)
+            rows.append(_record(f.index << _LINE_BITS, f.name, reason="malformed",
+                                message=f"could not parse the file: {type(e).__name__}: {e}"))
     return pa.Table.from_pylist(rows, schema=_PARSED)
 
 
@@ -241,11 +367,8 @@ def _existing(ref) -> tuple[set, set]:
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
             chunk: bool, duplicates: dict[str, tuple[int, str]], existing_ref) -> pa.Table:
     """Validate, tokenize, chunk and content-address records; drop what the store already holds (Ray Data task)."""
-    from gradmem.data import tokenize
-
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
     memory_keys, error_ids = _existing(existing_ref)
-    limit = spec["max_context_tokens"]
     out: list[dict] = []
 
     def error(row: dict, reason: str, message: str, **extra) -> None:
@@ -257,33 +380,68 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
     rows = batch.to_pylist()
     texts = [r["text"] if r["reason"] is None and r["text"].strip() else "" for r in rows]
-    token_lists = tokenize(tokenizer, [t for t in texts if t])
-    tokens_iter = iter(token_lists)
-    for row, text in zip(rows, texts):
-        ids = next(tokens_iter) if text else None
+    tokens, failures = _tokenize_each(tokenizer, texts)
+    for i, (row, text, ids) in enumerate(zip(rows, texts, tokens)):
         if row["reason"] is not None:
             error(row, row["reason"], row["message"])
-            continue
-        first = duplicates.get(row["doc_id"])
-        if first is not None and first[0] != row["order"]:
-            error(row, "duplicate_id", f"id {row['doc_id']!r} was first used at {first[1]}")
-            continue
-        if not text or not ids:
-            error(row, "empty", records.ERROR_REASONS["empty"])
-            continue
-        if len(ids) > limit and not chunk:
-            error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
-            continue
-        pieces = [ids[i : i + limit] for i in range(0, len(ids), limit)]
-        for c, piece in enumerate(pieces):
-            mid = records.memory_id(spec["fingerprint"], steps, lr, piece)
-            if (row["doc_id"], c, mid) in memory_keys:
-                continue
-            if records.error_id(row["source"], row["doc_id"], c, "non_finite") in error_ids:
-                continue  # a WRITE of it failed before: recorded, not retried
-            out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
-                        "n_chunks": len(pieces), "token_ids": piece, "memory_id": mid})
+        elif i in failures:
+            error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
+        else:
+            try:
+                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, chunk, duplicates, memory_keys,
+                                        error_ids))
+            except Exception as e:  # noqa: BLE001 - one record never stops a job
+                logger.exception("preparing %s failed", row["source"])
+                error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
     return pa.Table.from_pylist(out, schema=_PREPARED)
+
+
+def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float, chunk: bool,
+                 duplicates: dict, memory_keys: set, error_ids: set) -> list[dict]:
+    """The chunks of one valid record still to write (``error`` records why there are none)."""
+    limit = spec["max_context_tokens"]
+    first = duplicates.get(row["doc_id"])
+    if first is not None and first[0] != row["order"]:
+        error(row, "duplicate_id", f"id {row['doc_id']!r} was first used at {first[1]}")
+        return []
+    if not text or not ids:
+        error(row, "empty", records.ERROR_REASONS["empty"])
+        return []
+    if len(ids) > limit and not chunk:
+        error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
+        return []
+    pieces = [ids[k : k + limit] for k in range(0, len(ids), limit)]
+    out = []
+    for c, piece in enumerate(pieces):
+        mid = records.memory_id(spec["fingerprint"], steps, lr, piece)
+        if (row["doc_id"], c, mid) in memory_keys:
+            continue
+        if records.error_id(row["source"], row["doc_id"], c, "non_finite") in error_ids:
+            continue  # a WRITE of it failed before: recorded, not retried
+        out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
+                    "n_chunks": len(pieces), "token_ids": piece, "memory_id": mid})
+    return out
+
+
+def _tokenize_each(tokenizer, texts: list[str]) -> tuple[list[list[int] | None], dict[int, str]]:
+    """Token ids per text (None for ""), in one batched call; if that fails, text by text, so that one text the
+    tokenizer refuses becomes its own error (``failures``: position -> message) instead of failing the batch."""
+    from gradmem.data import tokenize
+
+    try:
+        it = iter(tokenize(tokenizer, [t for t in texts if t]))
+        return [next(it) if t else None for t in texts], {}
+    except Exception:  # noqa: BLE001 - find the text(s) at fault below
+        pass
+    out: list[list[int] | None] = []
+    failures: dict[int, str] = {}
+    for i, text in enumerate(texts):
+        try:
+            out.append(tokenize(tokenizer, [text])[0] if text else None)
+        except Exception as e:  # noqa: BLE001
+            out.append(None)
+            failures[i] = f"{type(e).__name__}: {records.safe_text(str(e))[:200]}"
+    return out, failures
 
 
 # ---------------------------------------------------------------------------------------------- writers
@@ -358,20 +516,27 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float) -> None:
-    """One store, one reader and one write setting: refuse to mix (memories could not be served together)."""
+    """One store, one reader and one write setting: refuse to mix (memories could not be served together). The
+    parts themselves are checked, not only the manifest: a first run killed before its manifest still binds."""
     prior = store.manifest()
     if prior is not None:
-        theirs = (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"))
-        if theirs != (spec.fingerprint, steps, lr):
-            raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
-                             f"lr={theirs[2]}; this run uses reader {spec.fingerprint} with steps={steps}, lr={lr}. "
-                             "Use another --output.")
-    schema = store.schema("memories")
-    if schema is not None:
-        fp = records.table_metadata(schema).get("reader_fingerprint")
-        if fp != spec.fingerprint:
-            raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
-                             "use another --output")
+        _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr")),
+                      spec, steps, lr)
+    fingerprints = set(store.fingerprints("memories").values())
+    for fp in fingerprints - {spec.fingerprint}:
+        raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
+                         "Use another --output.")
+    settings = store.read("memories", ["write_steps", "write_lr"])
+    if settings is not None:
+        for theirs in sorted(set(zip(settings.column("write_steps").to_pylist(), settings.column("write_lr").to_pylist()))):
+            _refuse_other(store, (spec.fingerprint, *theirs), spec, steps, lr)
+
+
+def _refuse_other(store: MemoryStore, theirs: tuple, spec: ReaderSpec, steps: int, lr: float) -> None:
+    if theirs != (spec.fingerprint, steps, lr):
+        raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
+                         f"lr={theirs[2]}; this run uses reader {spec.fingerprint} with steps={steps}, lr={lr}. "
+                         "Use another --output.")
 
 
 def _existing_keys(store: MemoryStore) -> tuple[set, set]:
@@ -381,50 +546,96 @@ def _existing_keys(store: MemoryStore) -> tuple[set, set]:
     return memory_keys, set(err.column("error_id").to_pylist()) if err else set()
 
 
-def _find_duplicates(keys, files: list[InputFile]) -> dict[str, tuple[int, str]]:
-    """doc_id -> (order, source) of its first record, for ids used more than once (a Ray Data group-by)."""
-    from ray.data.aggregate import Count, Min
-    from ray.data.expressions import col
+def _collect_keys(keys) -> pa.Table:
+    """The (order, source, doc_id) of every input record, in the driver (a few short strings a record)."""
+    import ray
 
-    partitions = max(1, min(200, keys.count() // 100_000))  # the default 200 costs seconds on small inputs
-    groups = keys.groupby("doc_id", num_partitions=partitions).aggregate(Count(alias_name="n"), Min("order", alias_name="first"))
-    dupes = [r for r in groups.filter(expr=col("n") > 1).take_all() if r["doc_id"] is not None]  # None: malformed rows
-    by_index = {f.index: f for f in files}
-    out = {}
-    for row in dupes:
-        first = int(row["first"])
-        f = by_index[first >> _LINE_BITS]
-        line = first & ((1 << _LINE_BITS) - 1)
-        where = {"jsonl": f"{f.name}:{line + 1}", "parquet": f"{f.name}#{line}", "txt": f.name}[f.kind]
-        out[row["doc_id"]] = (first, where)
-    return out
+    tables = [t for t in ray.get(keys.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(tables) if tables else _PARSED.empty_table().select(["order", "source", "doc_id"])
 
 
-def summarize(store: MemoryStore, inputs: int) -> dict[str, Any]:
-    """Counts over the store, the duplicates it holds, and whether every input is accounted for."""
+def _find_duplicates(inputs: pa.Table) -> dict[str, tuple[int, str]]:
+    """doc_id -> (order, source) of its first record, for ids used more than once."""
+    with_id = inputs.filter(pc.is_valid(inputs.column("doc_id")))
+    if with_id.num_rows == 0:
+        return {}
+    groups = with_id.group_by("doc_id").aggregate([("order", "min"), ("order", "count")])
+    dupes = groups.filter(pc.greater(groups.column("order_count"), 1))
+    if dupes.num_rows == 0:
+        return {}
+    firsts = set(dupes.column("order_min").to_pylist())
+    source_of = {o: s for o, s in zip(inputs.column("order").to_pylist(), inputs.column("source").to_pylist())
+                 if o in firsts}
+    return {d: (o, source_of[o]) for d, o in zip(dupes.column("doc_id").to_pylist(), dupes.column("order_min").to_pylist())}
+
+
+def _complete_documents(mem: pa.Table | None) -> set[str]:
+    """doc_ids whose memories hold every chunk (0..n_chunks-1)."""
+    if mem is None:
+        return set()
+    chunks: dict[str, set[int]] = {}
+    wanted: dict[str, int] = {}
+    for doc_id, chunk, n in zip(*(mem.column(c).to_pylist() for c in ("doc_id", "chunk", "n_chunks"))):
+        chunks.setdefault(doc_id, set()).add(chunk)
+        wanted[doc_id] = max(wanted.get(doc_id, 0), n)
+    return {d for d, have in chunks.items() if have >= set(range(wanted[d]))}
+
+
+def summarize(store: MemoryStore, inputs: pa.Table) -> dict[str, Any]:
+    """Counts over the store and whether every input of this run is accounted for.
+
+    Complete means: every input record (``inputs``: order, source, doc_id) either is the first record of a
+    doc_id whose memories hold all its chunks, or has a current error row (matched by its source); and no
+    (doc_id, chunk) holds two memories. An error row is superseded (ignored, counted apart) when its document
+    has since been written in full (e.g. ``too_long``, then a rerun with ``--chunk``) or when its source is now
+    accounted for by memories. Memories of documents that are not among the inputs (online writes, other
+    corpora) neither complete nor break a run."""
     mem = store.read("memories", ["doc_id", "chunk", "n_chunks"])
-    err = store.read("errors", ["doc_id", "chunk", "n_chunks", "reason"])
-    n_mem = mem.num_rows if mem is not None else 0
-    n_err = err.num_rows if err is not None else 0
-    reasons = {}
-    if err is not None:
-        for reason, count in zip(*pc.value_counts(err.column("reason")).flatten()):
-            reasons[reason.as_py()] = count.as_py()
-    # a document split in n chunks accounts for n rows (memories or per-chunk errors)
+    err = store.read("errors", ["doc_id", "chunk", "n_chunks", "reason", "source"])
+    complete_docs = _complete_documents(mem)
+    first: dict[str, int] = {}
+    for order, doc_id in zip(inputs.column("order").to_pylist(), inputs.column("doc_id").to_pylist()):
+        if doc_id is not None and (doc_id not in first or order < first[doc_id]):
+            first[doc_id] = order
+    by_memory = {s for o, s, d in zip(*(inputs.column(c).to_pylist() for c in ("order", "source", "doc_id")))
+                 if d in complete_docs and first.get(d) == o}
+    current, superseded = _current_errors(err, complete_docs, by_memory)
+    error_sources = {r["source"] for r in current}
+    missing = [s for s in inputs.column("source").to_pylist() if s not in by_memory and s not in error_sources]
+    reasons: dict[str, int] = {}
+    for r in current:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     chunked = {}
-    for table in (mem, err):
-        if table is not None:
-            for doc_id, n in zip(table.column("doc_id").to_pylist(), table.column("n_chunks").to_pylist()):
-                if n is not None and n > 1:
-                    chunked[doc_id] = n
-    extra = sum(n - 1 for n in chunked.values())
+    for rows in (mem.select(["doc_id", "n_chunks"]).to_pylist() if mem is not None else [], current):
+        for r in rows:
+            if r["n_chunks"] is not None and r["n_chunks"] > 1:
+                chunked[r["doc_id"]] = r["n_chunks"]
     duplicates = 0
     if mem is not None:
         counts = mem.group_by(["doc_id", "chunk"]).aggregate([([], "count_all")])
         duplicates = int(pc.sum(pc.subtract(counts.column("count_all"), 1)).as_py() or 0)
-    return {"inputs": inputs, "memories": n_mem, "errors": n_err, "extra_chunks": extra,
-            "error_reasons": reasons, "duplicates": duplicates,
-            "complete": inputs + extra == n_mem + n_err and duplicates == 0}
+    input_ids = set(first)
+    n_mem = mem.num_rows if mem is not None else 0
+    other = sum(1 for d in mem.column("doc_id").to_pylist() if d not in input_ids) if mem is not None else 0
+    if missing:
+        logger.warning("%d inputs have neither memories nor a current error row, e.g. %s", len(missing), missing[:5])
+    return {"inputs": inputs.num_rows, "memories": n_mem, "errors": len(current), "extra_chunks":
+            sum(n - 1 for n in chunked.values()), "error_reasons": reasons, "duplicates": duplicates,
+            "superseded_errors": superseded, "other_memories": other, "missing": len(missing),
+            "skipped_parts": store.skipped_counts(), "complete": not missing and duplicates == 0}
+
+
+def _current_errors(err: pa.Table | None, complete_docs: set[str], by_memory: set[str]) -> tuple[list[dict], int]:
+    """Error rows still in force, and how many are superseded by memories written since."""
+    if err is None:
+        return [], 0
+    current, superseded = [], 0
+    for r in err.to_pylist():
+        if r["source"] in by_memory or (r["reason"] != "duplicate_id" and r["doc_id"] in complete_docs):
+            superseded += 1
+        else:
+            current.append(r)
+    return current, superseded
 
 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
@@ -440,6 +651,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     lr = spec.write_lr if cfg.lr is None else float(cfg.lr)
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
+    store.clean_temporaries()  # what killed runs left behind
     _check_output(store, spec, steps, lr)
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
@@ -454,9 +666,9 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
                                          override_num_blocks=len(files))
         return raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow")
 
-    keys = parsed().select_columns(["order", "doc_id"]).materialize()
-    inputs = keys.count()
-    duplicates = _find_duplicates(keys, files)
+    input_keys = _collect_keys(parsed().select_columns(["order", "source", "doc_id"]).materialize())
+    inputs = input_keys.num_rows
+    duplicates = _find_duplicates(input_keys)
     memory_keys, error_ids = _existing_keys(store)
     logger.info("%d input records, %d ids used more than once; the store already holds %d memories and %d errors",
                 inputs, len(duplicates), len(memory_keys), len(error_ids))
@@ -492,7 +704,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             last_log = now
     write_pass = time.time() - run_start
     wall = time.time() - started
-    counts = summarize(store, inputs)
+    counts = summarize(store, input_keys)
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
         "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "m": spec.num_memory,

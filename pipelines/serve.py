@@ -497,8 +497,8 @@ class GradMemService:
     def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None) -> dict:
         """The index entry of an id (caller holds store_lock). Messages name the id, never the store."""
         for attempt in range(2):
-            mid = memory_id if memory_id is not None else self.index.by_doc.get((doc_id, chunk or 0))
-            entry = self.index.by_id.get(mid) if mid is not None else None
+            # by doc_id: that doc_id's own row (a twin with the same text shares the memory, not the doc_id)
+            entry = self.index.entry(memory_id=memory_id, doc_id=doc_id if memory_id is None else None, chunk=chunk or 0)
             if entry is not None:
                 break
             if attempt == 0:

@@ -456,6 +456,8 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
 
     cfg.validate()
     dcfg.validate()
+    if output is not None:
+        check_output_dir(output)  # before hours of training, not after
     store = resolve(dcfg.storage, dcfg.s3_endpoint)
     existing = store.filesystem.get_file_info(f"{store.path}/{dcfg.name}")
     if existing.type != pafs.FileType.NotFound and not resume:
@@ -482,15 +484,35 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
     return result
 
 
+EXPORT_MARKER = ".gradmem-reader-export"  # written into every exported reader: this tool may replace it later
+
+
+def check_output_dir(output: str | os.PathLike) -> Path:
+    """``output`` as a path the reader export may replace: absent, an empty directory, or a previous export
+    (it holds ``EXPORT_MARKER``). Anything else, a reader saved by hand included, is refused before training
+    starts: ``--output`` replaces the directory, and must never delete what a user keeps there."""
+    path = Path(output).expanduser().resolve()
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise FileExistsError(f"--output {output}: a file is there; give a new directory or a previous export")
+    if not any(path.iterdir()) or (path / EXPORT_MARKER).is_file():
+        return path
+    raise FileExistsError(f"--output {output} is a non-empty directory that is not a reader exported by this tool "
+                          f"(no {EXPORT_MARKER}); it would be replaced, so it is refused: give a new or empty directory")
+
+
 def export_reader(checkpoint, output: Path) -> Path:
-    """Copy the checkpoint's reader/ to a local directory (atomically: a temp dir, then a rename)."""
-    output = output.resolve()
+    """Copy the checkpoint's reader/ to a local directory (atomically: a temp dir, then a rename). Refuses to
+    replace a directory that is not a previous export (``check_output_dir``)."""
+    output = check_output_dir(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with checkpoint.as_directory() as directory:
         shutil.copytree(Path(directory) / "reader", tmp)
     Reader.from_pretrained(tmp)  # verifies the fingerprint before it is published
+    (tmp / EXPORT_MARKER).write_text("exported by pipelines.train.export_reader; --output may replace this directory\n")
     shutil.rmtree(output, ignore_errors=True)
     os.replace(tmp, output)
     logger.info("reader exported to %s", output)

@@ -202,6 +202,7 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     (corpus / "a.txt").write_text("!ab:cd!|")
     out = tmp_path / "out"
     assert compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out)))["complete"]
+    (out / "manifest.json").unlink()  # as if the first run was killed before its manifest: the parts still bind
     with pytest.raises(ValueError, match="steps=2, lr=0.5; this run uses .* steps=3"):
         compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), steps=3))
     make_reader("llama").save_pretrained(tmp_path / "other")
@@ -268,3 +269,52 @@ def test_killed_job_restarts_and_ends_with_every_document_exactly_once(ray_clust
     assert sorted(ids) == good  # no duplicates, no gaps
     err = store.read("errors", ["doc_id", "reason"])
     assert err.num_rows == expected["errors"] - 1 and manifest["duplicates"] == 0
+
+
+def test_a_hostile_corpus_runs_no_code_and_stops_nothing_and_chunk_reruns_complete(ray_cluster, kv_reader_dir,
+                                                                                     tmp_path):
+    """Issue 14 through the real pipeline: a pickled-object Parquet file, a lone surrogate, a line nested 2,000
+    deep, an over-long id, blank lines, a pretty-printed .json array, twins, an online write, a garbage part and
+    a killed run's temporary file in the store; then the rerun with --chunk the too_long error asks for."""
+    from gradmem.store import MemoryIndex
+    from test_store import pickled_object_parquet
+
+    corpus, out, marker = tmp_path / "in", tmp_path / "out", tmp_path / "pwned"
+    corpus.mkdir()
+    (corpus / "evil.parquet").write_bytes(pickled_object_parquet(marker))
+    exs = KVTask(1).examples(6, seed=[7, 7])
+    lines = [json.dumps({"id": f"d{i}", "text": e.context}) for i, e in enumerate(exs[:3])]
+    lines += ['{"id": "sur", "text": "ab\\ud800cd"}', "[" * 2000 + "]" * 2000, "",
+              json.dumps({"id": "x" * 1025, "text": exs[0].context}),
+              json.dumps({"id": "twin-1", "text": exs[3].context}), json.dumps({"id": "twin-2", "text": exs[3].context}),
+              json.dumps({"id": "long", "text": exs[4].context * 40}), "   "]
+    (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (corpus / "more.json").write_text(json.dumps([{"id": "arr-0", "text": exs[5].context}], indent=2))
+    reader = Reader.from_pretrained(kv_reader_dir)
+    store = MemoryStore(pafs.LocalFileSystem(), str(out))
+    online = reader.write([exs[0].context])  # the service wrote "online" (d0's text) into the store earlier
+    store.write_part("memories", records.to_table(online, ["online"], reader.encode_contexts([exs[0].context])))
+    (out / "memories" / "part-garbage.parquet").write_bytes(b"not parquet")
+    stale = out / "memories" / ".tmp-0123-part-dead.parquet"
+    stale.write_bytes(b"PAR1 half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
+    cfg = CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), greedy_check=False)
+    first = compress(cfg)
+    assert not marker.exists() and not stale.exists()
+    assert first["inputs"] == 11 and first["complete"], first
+    assert first["error_reasons"] == {"malformed": 3, "not_text": 1, "too_long": 1}
+    assert first["skipped_parts"]["memories"] == 1 and first["other_memories"] == 1
+    errors = {r["source"]: r for r in store.read("errors").to_pylist()}
+    assert errors["evil.parquet#0"]["reason"] == "malformed" and errors["docs.jsonl:4"]["reason"] == "not_text"
+
+    second = compress(CompressConfig(**{**cfg.__dict__, "chunk": True}))  # what the too_long error advised
+    assert second["complete"] and second["superseded_errors"] == 1 and "too_long" not in second["error_reasons"]
+    assert second["errors"] == 4 and second["this_run"]["memories"] == 4  # the 4 chunks of "long"
+
+    index = MemoryIndex(MemoryStore(pafs.LocalFileSystem(), str(out)))
+    index.refresh()
+    one, two = index.entry(doc_id="twin-1"), index.entry(doc_id="twin-2")
+    assert (one["doc_id"], two["doc_id"]) == ("twin-1", "twin-2") and one["memory_id"] == two["memory_id"]
+    assert index.entry(doc_id="online")["memory_id"] == index.entry(doc_id="d0")["memory_id"]
+    assert index.entry(doc_id="arr-0") is not None and index.stats()["skipped_parts"] == 1

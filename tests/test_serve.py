@@ -450,3 +450,21 @@ def _fuzz_every_operation(schema, checks, base: str, session: requests.Session, 
             except Unsatisfiable:  # GET /healthz has no input: nothing about it can be invalid
                 assert mode == GenerationMode.NEGATIVE and not operation.body and not operation.path_parameters
                 counts["operations without negative data"] += 1
+
+
+def test_twins_answer_with_their_own_doc_id_and_a_garbage_part_breaks_nothing(service):
+    """Issue 14 items 2 and 5: an online write of a batch document's text under another doc_id keeps both
+    answerable, each naming its own doc_id; a garbage part in the store is skipped, not a 500."""
+    base, ex, store = service["base"], service["exs"][5], service["store"]
+    with service["fs"].open_output_stream(f"{store.root}/memories/part-garbage.parquet") as f:
+        f.write(b"not parquet at all")
+    r = requests.post(f"{base}/v1/memories", json={"doc_id": "twin-of-doc-5", "text": ex.context}, timeout=60)
+    assert r.status_code == 200 and r.json()["created"], r.text
+    for doc_id in ("doc-5", "twin-of-doc-5"):
+        answer = _query(base, {"doc_id": doc_id, "questions": [ex.query], "max_new_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["doc_id"] == doc_id and exact_match(answer.json()["answers"][0], ex.target)
+    assert answer.json()["memory_id"] == r.json()["memory_id"]  # one memory, two documents
+    assert _query(base, {"doc_id": "never-written", "questions": ["?!ab:"]}).status_code == 404
+    stored = store.read("memories", ["doc_id"]).column("doc_id").to_pylist()
+    assert {"doc-5", "twin-of-doc-5"} <= set(stored)
