@@ -144,6 +144,10 @@ def _poisoned_reader(src: Path, dst: Path) -> Reader:
     makes a NaN WRITE (a corrupted checkpoint in miniature), everything else writes as before."""
     reader = Reader.from_pretrained(src, trainable=True)
     unk = reader.tokenizer.unk_token_id
+    head = reader.lm.get_output_embeddings()
+    if head.weight is reader.lm.get_input_embeddings().weight:  # tied (the recipe's default): untie first, so the
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())  # poison reaches inputs only, not answers
+        reader.lm.config.tie_word_embeddings = False
     with torch.no_grad():
         reader.lm.get_input_embeddings().weight[unk] = float("nan")
     reader.save_pretrained(dst)
