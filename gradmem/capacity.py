@@ -494,10 +494,9 @@ def _pct(x: float | None) -> str:
 
 
 def budget_text(budget: dict[str, Any]) -> str:
-    """``steps trained x batch``, with the cap that ended training when it was not the step budget."""
-    trained = budget.get("trained_steps", budget["max_steps"])
-    cap = f" (cap {budget['max_seconds']:g} s)" if budget.get("max_seconds") else ""
-    return f"{trained} x {budget['batch_size']}{cap}"
+    """``at most max_steps x batch`` (and the wall-time cap); each cell's table entry gives the steps it trained."""
+    cap = f", cap {budget['max_seconds']:g} s" if budget.get("max_seconds") else ""
+    return f"<= {budget['max_steps']} x {budget['batch_size']}{cap}"
 
 
 def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
@@ -518,8 +517,8 @@ def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
          f"memory of gradmem and rmt: {m} vectors x {d}"),
         f"- evaluation: {cfg.eval_samples} held-out samples per cell and K_eval",
         "",
-        ("Each cell: EM at the trained K / best EM over K_eval (@K), then the paper's figures for the same "
-         "method, trained K and N (8 vectors of 128; `-`: the paper gives none)."),
+        ("Each cell: EM at the trained K / best EM over K_eval (@K), [the steps it trained: early stopping or the "
+         "cap], then the paper's figures for the same method, trained K and N (8 vectors of 128; `-`: none)."),
         "",
         "| method | K train | budget | " + " | ".join(f"N = {n}" for n in cfg.pairs) + " |",
         "|---|---|---|" + "---|" * len(cfg.pairs),
@@ -534,13 +533,14 @@ def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
                 row.append("(not run)")
                 continue
             budget = budget_text(c["budget"])
+            steps = f" [{c['budget'].get('trained_steps', c['budget']['max_steps'])} st]"
             k = str(c["k_train"]) if c["k_train"] is not None else "-"
             paper = c["paper"]["trained"] or "-"
             if c["k_train"] is None:
-                row.append(f"{_pct(c['em_trained'])} (paper {paper})")
+                row.append(f"{_pct(c['em_trained'])}{steps} (paper {paper})")
             else:
                 best = c["paper"]["best"]
-                row.append(f"{_pct(c['em_trained'])} / {_pct(c['em_best'])} @K{c['best_k_eval']} "
+                row.append(f"{_pct(c['em_trained'])} / {_pct(c['em_best'])} @K{c['best_k_eval']}{steps} "
                            f"(paper {paper}{' / ' + best if best else ''})")
         lines.append(f"| {spec.name} ({spec.method}) | {k} | {budget} | " + " | ".join(row) + " |")
 
