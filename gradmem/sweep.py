@@ -18,7 +18,6 @@ a rerun reuses it when the candidates and the method's config are unchanged), re
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -185,8 +184,3 @@ def sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
 def fmt(candidate: dict[str, float]) -> str:
     return " ".join(f"{k} {v:g}" for k, v in candidate.items()) or "(config as is)"
 
-
-def tuned(cell_config_fn: Callable[[], TrainConfig], record: dict[str, Any] | None) -> TrainConfig:
-    """A cell's config with its method's picked candidate (as is when the method has no sweep record)."""
-    cfg = cell_config_fn()
-    return apply(cfg, record["picked"]) if record else copy.deepcopy(cfg)

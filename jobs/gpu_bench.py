@@ -11,7 +11,7 @@ Readers (weights from their config, random: speed does not depend on their value
   with bf16 autocast (the bAbI GPU configuration), batch 64, contexts of 100 tokens, K = 2.
 
 For each: seconds per meta-step and per inference write (first order, K = 2) over ``--repeats`` timed calls after
-a warm-up, FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on one call (matrix products, attention
+a warm-up, FLOPs counted with ``torch.utils.flop_counter``'s formulas on one call (matrix products, attention
 and their backward / double backward, as executed), and MFU = FLOPs / time / peak, where the peak is the card's
 dense bf16 figure (``--peak-tflops``, default 989 for an H100/H200 SXM). Writes bench.json and bench.md.
 """
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import _common
-from _common import ROOT  # noqa: F401
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -138,16 +137,13 @@ def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, pea
         for p in params:
             p.grad = None
 
-    frozen = reader.freeze()
+    def write() -> None:  # an inference write of the frozen reader (first order, fast attention)
+        with attention_path(reader.lm, "sdpa"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
+            write_memory(reader, batch.ctx_ids, batch.ctx_mask, 2, reader.config.write_lr, mode="inference")
 
-    def write() -> None:
-        with attention_path(frozen.lm, "sdpa"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
-            write_memory(frozen, batch.ctx_ids, batch.ctx_mask, 2, frozen.config.write_lr, mode="inference")
-
-    reader.requires_grad_(True).train()
     step_s = timed(step, device, repeats)
     step_flops = counted_flops(step)
-    frozen = reader.freeze()
+    reader.freeze()
     write_s = timed(write, device, repeats)
     write_flops = counted_flops(write)
     n_params = sum(p.numel() for p in reader.parameters())
