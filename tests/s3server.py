@@ -72,11 +72,14 @@ def weed_binary() -> str:
 
 def start(timeout: float = 60.0) -> S3Server:
     directory = tempfile.mkdtemp(prefix="weed-")
-    s3, master, volume, filer = (_free_port() for _ in range(4))
+    s3, master, volume, filer, admin = (_free_port() for _ in range(5))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     cmd = [weed_binary(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3}",
-           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-admin.ui=false",
-           "-master.telemetry=false"]
+           f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}", "-admin.ui=false",
+           "-master.telemetry=false",
+           # No listener on a fixed default port (WebDAV 7333, Iceberg REST 8181, Lance 9101, admin 23646): a
+           # second server on the machine (another checkout's tests, an orphan) would hold it and this one fail.
+           "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
     log = open(Path(directory) / "weed.log", "w")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}", process, directory)
