@@ -243,7 +243,6 @@ class CapacityConfig(BenchmarkConfig):
         for spec in self.methods:
             for pairs in self.pairs:
                 cfg = self.cell_config(spec, pairs)
-                cfg.validate()
                 if cfg.task.name != "kv":
                     raise ValueError("the capacity benchmark runs on the key-value task (task.name: kv)")
                 longest = 2 * cfg.memory.num_memory + 7 * pairs + 1 + 9  # RMT's [M; C; M], or [M; Q; Y] + slack

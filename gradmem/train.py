@@ -24,17 +24,19 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 from transformers import GPT2Config, LlamaConfig
 
-from gradmem import checkpoint, methods
+from pydantic import Field, model_validator
+
+from gradmem import checkpoint, config, methods
 from gradmem.attention import attention_path, check_attention
-from gradmem.config import MemoryConfig, from_dict
+from gradmem.config import MemoryConfig, declared
 from gradmem.data import Batch
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
@@ -55,7 +57,9 @@ Task = KVTask | ExampleSet  # what Trainer and evaluate draw batches from
 
 
 # ---------------------------------------------------------------------------------------------- configs
-@dataclass
+# Declared with gradmem.config.declared: frozen, validated on construction, unknown keys refused; change one with
+# gradmem.config.override (which validates the result), load one with TrainConfig.from_yaml / from_dict.
+@declared
 class ModelConfig:
     """The backbone: a from-scratch Llama or GPT-2 sized here, or a local Hugging Face directory (``pretrained``).
 
@@ -63,29 +67,36 @@ class ModelConfig:
     causal LM directory such as jobs/prepare_model.py writes (wrapped into a fresh reader with ``memory``; the
     size fields here are then ignored)."""
 
-    arch: str = "llama"  # llama | gpt2 (ignored when pretrained is set)
+    arch: Literal["llama", "gpt2"] = "llama"  # ignored when pretrained is set
     pretrained: str | None = None  # a reader directory, or a plain Hugging Face causal LM directory
-    dtype: str = "float32"  # float32 | bfloat16 | float16: weights (bf16 backbones train in bf16 directly)
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 512
-    max_positions: int = 1024
+    dtype: Literal[DTYPES] = "float32"  # weights (bf16 backbones train in bf16 directly)
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=1)
+    max_positions: int = Field(1024, ge=2)
     # The authors' key-value backbone inherits Llama-3.2-1B's config ("Recipe details" of the method notes): tied
     # input/output embeddings, RoPE theta 5e5 with llama3 frequency scaling, RMSNorm eps 1e-5. These defaults are
     # theirs; a config that changes one names the deviation in its header.
     tie_embeddings: bool = True  # llama and gpt2: the LM head shares the input embedding matrix
-    rope_theta: float = 500000.0  # llama only
-    rope_scaling: str | None = "llama3"  # llama only: llama3 (Llama-3.2-1B's factor 32, low 1, high 4, original 8192) | None
-    norm_eps: float = 1e-5  # RMSNorm (llama) / LayerNorm (gpt2) epsilon
+    rope_theta: float = Field(500000.0, gt=0)  # llama only
+    rope_scaling: Literal["llama3"] | None = "llama3"  # llama only: Llama-3.2-1B's factor 32, low 1, high 4, original 8192
+    norm_eps: float = Field(1e-5, gt=0)  # RMSNorm (llama) / LayerNorm (gpt2) epsilon
     seed: int = 0  # weight initialisation
     # A reader directory whose weights start this run (curriculum: N pairs from a smaller N's reader, as the authors
     # reach large N). Unlike ``pretrained``, this config's memory settings (K, alpha) apply; the structure (backbone,
     # method, m, heads, projection) must match, or loading fails.
     warm_start: str | None = None
 
+    @model_validator(mode="after")
+    def _one_start(self) -> "ModelConfig":
+        if self.warm_start and self.pretrained:
+            raise ValueError("model.warm_start and model.pretrained exclude each other: pretrained continues a reader "
+                             "with its own settings, warm_start copies weights into this config's reader")
+        return self
 
-@dataclass
+
+@declared
 class TaskConfig:
     """``kv``: key-value examples generated on the fly. ``file``: examples with ``context``, ``query`` and
     ``target`` fields read from jsonl or Parquet (local or s3://) by Ray Data (distributed training only).
@@ -94,126 +105,98 @@ class TaskConfig:
     walks the validation split; a reader trained from scratch gets a word-level tokenizer built from the train
     split (gradmem/tasks/words.py)."""
 
-    name: str = "kv"  # kv | file | babi | squad
-    pairs: int = 8  # kv: pairs per context
+    name: Literal[TASKS] = "kv"
+    pairs: int = Field(8, ge=1)  # kv: pairs per context
     path: str | None = None  # file: a file, a directory or a glob of .jsonl / .parquet; babi: the
     # tasks_1-20_v1-2 directory; squad: dev-v1.1.json (babi, squad: None = the shared data directory)
-    tasks: list[str] = field(default_factory=lambda: ["qa1"])  # babi: qa1 .. qa20 (pooled)
-    babi_set: str = "en-10k"  # babi: en (1k train questions per task) | en-10k (10k; the paper's; no qa3 here)
-    variant: str = "c_qa"  # squad: c_qa | cq_a | qc_a
-    validation_fraction: float = 0.1  # babi: of the train file's stories; squad: of the articles
-    test_fraction: float = 0.1  # squad: of the articles (babi's test split is the released test file)
+    tasks: list[str] = Field(default_factory=lambda: ["qa1"])  # babi: qa1 .. qa20 (pooled)
+    babi_set: Literal[babi.SETS] = "en-10k"  # en: 1k train questions per task; en-10k: 10k (the paper's; no qa3 here)
+    variant: Literal[squad.VARIANTS] = "c_qa"  # squad
+    validation_fraction: float = Field(0.1, ge=0, lt=1)  # babi: of the train file's stories; squad: of the articles
+    test_fraction: float = Field(0.1, ge=0, lt=1)  # squad: of the articles (babi's test split is the released test file)
     split_seed: int = 0  # babi, squad: the permutation that carves the splits
     answer_eos: bool = True  # babi, squad: append EOS to targets (trained, not scored) so answers stop
-    vocab_min_count: int = 1  # babi, squad, from scratch: words seen fewer times in train become <unk>
-    vocab_max_size: int | None = None  # babi, squad, from scratch: keep the most frequent words only (specials included)
+    vocab_min_count: int = Field(1, ge=1)  # babi, squad, from scratch: words seen fewer times in train become <unk>
+    vocab_max_size: int | None = Field(None, ge=1)  # babi, squad, from scratch: keep the most frequent words only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TaskConfig":
+        if self.name == "file" and not self.path:
+            raise ValueError("task file needs task.path (jsonl or Parquet with context, query, target)")
+        unknown = [name for name in self.tasks if name not in babi.TASK_NAMES]
+        if self.name == "babi" and (not self.tasks or unknown):
+            raise ValueError(f"task.tasks must name bAbI tasks qa1 .. qa20, got {self.tasks}")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("task.validation_fraction + task.test_fraction must leave training data (< 1)")
+        return self
 
 
-@dataclass
+@declared
 class OptimConfig:
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 1000
-    max_steps: int = 10000
-    grad_clip: float = 1.0
-    write_mode: str = "second_order"  # second_order | first_order
-    second_order_steps: int | None = None  # second order through the last L inner steps only
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, ge=0)  # 0: weights never move (a control run)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(1000, ge=0)
+    max_steps: int = Field(10000, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    write_mode: Literal["second_order", "first_order"] = "second_order"
+    second_order_steps: int | None = Field(None, ge=0)  # second order through the last L inner steps only
     # Weight of the last inner step's write loss in the outer loss. None: the authors' recipe for the task, 0.5 for
     # key-value retrieval (kv, file) and 0 for bAbI and SQuAD (their natural-language scripts train on the READ loss
     # alone); resolved when the TrainConfig is built, so saved configs show the value used.
-    aux_write_loss: float | None = None
+    aux_write_loss: float | None = Field(None, ge=0)
     attention: str = "sdpa_math"  # must support double backward for second-order training
-    autocast: str | None = None  # bfloat16: mixed precision for the meta-step (fp32 weights); None: model.dtype throughout
+    # bfloat16: mixed precision for the meta-step (fp32 weights); None: model.dtype throughout (float16 would need
+    # loss scaling, so it is not offered)
+    autocast: Literal["bfloat16"] | None = None
     seed: int = 0  # data stream
 
 
-@dataclass
+@declared
 class RunConfig:
-    log_every: int = 20
-    eval_every: int = 500
-    eval_samples: int = 512
-    eval_batch_size: int = 128
-    save_every: int = 1000
-    keep_checkpoints: int = 2
+    log_every: int = Field(20, ge=1)
+    eval_every: int = Field(500, ge=0)  # 0: no evaluation during training
+    eval_samples: int = Field(512, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    save_every: int = Field(1000, ge=0)  # 0: a checkpoint at the end only
+    keep_checkpoints: int = Field(2, ge=1)
     # Model selection and stopping (the authors keep the best checkpoint by validation and stop early). They act on
     # the validation evaluations every ``eval_every`` steps, never on test data.
     select_best: bool = True  # export the best evaluated reader (validation EM, ties by token accuracy), not the last
-    patience: int | None = None  # stop after this many evaluations without a new best (None: train to max_steps)
-    stop_at_em: float | None = 1.0  # stop once validation EM reaches this (the authors stop at 1.0; None: never)
-    max_seconds: float | None = None  # a stated wall-time cap on training per fit() call (a resume gets it anew)
+    patience: int | None = Field(None, ge=1)  # stop after this many evaluations without a new best (None: max_steps)
+    stop_at_em: float | None = Field(1.0, ge=0, le=1)  # stop once validation EM reaches this (the authors: 1.0)
+    max_seconds: float | None = Field(None, gt=0)  # a stated wall-time cap on training per fit() call (a resume gets it anew)
 
 
-@dataclass
+@declared
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        sections = {"model": ModelConfig, "memory": MemoryConfig, "task": TaskConfig, "optim": OptimConfig, "run": RunConfig}
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise ValueError(f"unknown config sections {unknown}; known: {sorted(sections)}")
-        return cls(**{name: from_dict(kind, data.get(name) or {}) for name, kind in sections.items()})
+        return config.from_dict(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
-
-    def __post_init__(self) -> None:
-        if self.optim.aux_write_loss is None:  # the recipe's value for this task (see OptimConfig)
-            self.optim.aux_write_loss = RECIPE_AUX_WRITE_LOSS.get(self.task.name, 0.0)
+        return config.from_yaml(cls, path)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return config.to_dict(self)
 
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> "TrainConfig":
+        if self.optim.aux_write_loss is None:  # the recipe's value for this task (see OptimConfig)
+            resolved = RECIPE_AUX_WRITE_LOSS.get(self.task.name, 0.0)
+            object.__setattr__(self, "optim", dataclasses.replace(self.optim, aux_write_loss=resolved))
         o = self.optim
-        if o.aux_write_loss is None or o.aux_write_loss < 0:
-            raise ValueError(f"optim.aux_write_loss must be >= 0, got {o.aux_write_loss}")
-        r = self.run
-        if r.patience is not None and r.patience < 1:
-            raise ValueError(f"run.patience must be >= 1 or null, got {r.patience}")
-        if r.max_seconds is not None and not r.max_seconds > 0:
-            raise ValueError(f"run.max_seconds must be > 0 or null, got {r.max_seconds}")
-        if self.model.warm_start and self.model.pretrained:
-            raise ValueError("model.warm_start and model.pretrained exclude each other: pretrained continues a reader "
-                             "with its own settings, warm_start copies weights into this config's reader")
-        if self.model.rope_scaling not in (None, "llama3"):
-            raise ValueError(f"model.rope_scaling must be llama3 or null, got {self.model.rope_scaling!r}")
-        if o.write_mode not in ("second_order", "first_order"):
-            raise ValueError(f"optim.write_mode must be second_order or first_order, got {o.write_mode!r}")
         second_order = (self.memory.method in methods.SECOND_ORDER_METHODS and o.write_mode == "second_order"
                         and self.memory.write_steps > 0 and o.second_order_steps != 0)
         check_attention(o.attention, second_order)
-        if o.autocast not in (None, "bfloat16"):
-            raise ValueError(f"optim.autocast must be bfloat16 or null, got {o.autocast!r} (float16 would need loss scaling)")
-        if o.batch_size < 1 or o.max_steps < 0 or o.warmup_steps < 0:
-            raise ValueError("optim.batch_size must be >= 1; max_steps and warmup_steps >= 0")
-        t = self.task
-        if t.name not in TASKS:
-            raise ValueError(f"task {t.name!r} is not available {TASKS}")
-        if t.name == "file" and not t.path:
-            raise ValueError("task file needs task.path (jsonl or Parquet with context, query, target)")
-        if t.name == "babi":
-            unknown = [name for name in t.tasks if name not in babi.TASK_NAMES]
-            if not t.tasks or unknown:
-                raise ValueError(f"task.tasks must name bAbI tasks qa1 .. qa20, got {t.tasks}")
-            if t.babi_set not in babi.SETS:
-                raise ValueError(f"task.babi_set must be one of {babi.SETS}, got {t.babi_set!r}")
-        if t.name == "squad" and t.variant not in squad.VARIANTS:
-            raise ValueError(f"task.variant must be one of {squad.VARIANTS}, got {t.variant!r}")
-        if not (0 <= t.validation_fraction < 1 and 0 <= t.test_fraction < 1
-                and t.validation_fraction + t.test_fraction < 1):
-            raise ValueError("task.validation_fraction and task.test_fraction must be in [0, 1) and leave training data")
-        if self.model.arch not in ("llama", "gpt2"):
-            raise ValueError(f"model.arch must be llama or gpt2, got {self.model.arch!r}")
-        if self.model.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.model.dtype!r}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -393,7 +376,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, device: str | torch.device = "cpu"):
-        cfg.validate()
         if cfg.task.name == "file":
             raise ValueError("the single-process Trainer generates or loads its data (kv, babi, squad); train on "
                              "files with jobs/train.py (Ray Data feeds the workers)")

@@ -28,36 +28,24 @@ import sys
 import _common  # noqa: F401
 from _common import ROOT, setup_logging
 
+from gradmem.config import add_flags, from_flags
 from pipelines.compress import CompressConfig, compress
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> CompressConfig:
+    """Every field of CompressConfig is a flag (``batch_size`` -> ``--batch-size``); defaults live there."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reader", required=True, help="reader directory (local or s3://)")
-    parser.add_argument("--input", required=True, help="file or directory of .jsonl/.json/.parquet/.txt (local or s3://)")
-    parser.add_argument("--output", required=True, help="memory store root (local or s3://)")
-    parser.add_argument("--steps", type=int, default=None, help="WRITE steps K (default: the reader's)")
-    parser.add_argument("--lr", type=float, default=None, help="WRITE step size (default: the reader's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="contexts per WRITE batch")
-    parser.add_argument("--actors", type=int, default=1, help="writer actors")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
-    parser.add_argument("--chunk", action="store_true", help="split over-long documents into ordered chunks")
-    parser.add_argument("--no-greedy-check", action="store_true",
-                        help="skip the free-running reconstruction check (one decoding step per token)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each writer's backbone")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
-    return parser.parse_args(argv)
+    add_flags(parser, CompressConfig)
+    args = parser.parse_args(argv)
+    try:
+        return from_flags(CompressConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    cfg = parse(argv)
     setup_logging()
-    cfg = CompressConfig(reader=args.reader, input=args.input, output=args.output, steps=args.steps, lr=args.lr,
-                         batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                         gpus_per_actor=args.gpus_per_actor, chunk=args.chunk, greedy_check=not args.no_greedy_check,
-                         compile=args.compile, s3_endpoint=args.s3_endpoint)
-    cfg.validate()
 
     import ray
 
@@ -66,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = compress(cfg)
     print(json.dumps({k: manifest[k] for k in ("inputs", "memories", "errors", "error_reasons", "complete")}))
     if not manifest["complete"]:
-        print(f"the store at {args.output} does not account for every input exactly once: see its manifest.json",
+        print(f"the store at {cfg.output} does not account for every input exactly once: see its manifest.json",
               file=sys.stderr)
         sys.exit(1)
 

@@ -25,6 +25,7 @@ import _common  # noqa: F401
 from _common import ROOT, free_port, setup_logging
 
 from gradmem.tasks.kv import KVTask, exact_match
+from gradmem.config import override
 from gradmem.train import TrainConfig
 
 logger = logging.getLogger("demo")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out / stale, ignore_errors=True)
     cfg = TrainConfig.from_yaml(args.config)
     if args.max_steps is not None:
-        cfg.optim.max_steps = args.max_steps
+        cfg = override(cfg, {"optim.max_steps": args.max_steps})
     started = time.perf_counter()
     ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     try:

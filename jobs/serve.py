@@ -30,34 +30,31 @@ import time
 import _common  # noqa: F401
 from _common import ROOT, setup_logging
 
+from gradmem.config import add_flags, from_flags, to_dict
 from pipelines.serve import ServeConfig, build_app
 
 logger = logging.getLogger("jobs.serve")
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> tuple[ServeConfig, argparse.Namespace]:
+    """Every field of ServeConfig is a flag (``cache_size`` -> ``--cache-size``; defaults live there), plus where
+    this job binds HTTP and what it does after deploying."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reader", required=True, help="reader directory (local or s3://)")
-    parser.add_argument("--memories", required=True, help="memory store written by jobs/compress.py (local or s3://)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--gpus-per-replica", type=float, default=0.0)
-    parser.add_argument("--max-batch-size", type=int, default=32, help="questions per forward pass (1: no batching)")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
-    parser.add_argument("--name", default="gradmem", help="Serve application name")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    parser.add_argument("--name", default="gradmem", help="Serve application name (default: %(default)s)")
     parser.add_argument("--detach", action="store_true", help="deploy and return (the cluster keeps serving)")
-    return parser.parse_args(argv)
+    add_flags(parser, ServeConfig, skip=("api_key_sha256",))  # derived from the key by build_app, never given
+    args = parser.parse_args(argv)
+    try:
+        return from_flags(ServeConfig, args), args
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    cfg, args = parse(argv)
     setup_logging()
-    cfg = ServeConfig(reader=args.reader, memories=args.memories, s3_endpoint=args.s3_endpoint, replicas=args.replicas,
-                      cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                      max_batch_size=args.max_batch_size)
-    cfg.validate()
 
     import ray
     from ray import serve
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
     # No gRPC servicers: Serve starts no gRPC proxy (it would listen on every interface); HTTP only, on --host.
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options={"grpc_servicer_functions": []})
-    serve.run(build_app(vars(cfg)), name=args.name, route_prefix="/")
+    serve.run(build_app(to_dict(cfg)), name=args.name, route_prefix="/")
     logger.info("serving on http://%s:%d (docs at /docs)", args.host, args.port)
     if args.detach:
         return

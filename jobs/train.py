@@ -23,49 +23,50 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import _common  # noqa: F401
 from _common import ROOT, setup_logging
 
+from gradmem.config import add_flags, from_flags, override, parse_assignment
 from gradmem.train import TrainConfig
 from pipelines.train import DistributedConfig, check_output_dir, fit
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedConfig, argparse.Namespace]:
+    """The training config comes from --config (YAML) with --set overrides; every field of DistributedConfig is a
+    flag (``num_workers`` -> ``--num-workers``; defaults live there), the DeepSpeed config a JSON file."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training config (jobs/configs/*.yaml)")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (jobs/configs/ds_zero*.json); "
-                        "omit for plain data parallel")
-    parser.add_argument("--storage", default=str(ROOT / "runs" / "ray"), help="local directory or s3://bucket/prefix")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
-    parser.add_argument("--name", default=None, help="run name under --storage (default: the config's name)")
-    parser.add_argument("--max-steps", type=int, default=None, help="override optim.max_steps")
-    parser.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a training config field, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--max-steps", type=int, default=None, help="shorthand for --set optim.max_steps=N")
+    parser.add_argument("--deepspeed", default=None, metavar="JSON_FILE",
+                        help="DeepSpeed config (jobs/configs/ds_zero*.json); omit for plain data parallel")
     parser.add_argument("--resume", action="store_true", help="continue STORAGE/NAME from its latest checkpoint")
     parser.add_argument("--output", default=None, help="export the final reader here (a new or empty directory, "
                         "or a previous export, which is replaced)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    return parser.parse_args(argv)
+    add_flags(parser, DistributedConfig, skip=("deepspeed",))
+    args = parser.parse_args(argv)
+    try:
+        updates = dict(parse_assignment(text) for text in args.overrides)
+        if args.max_steps is not None:
+            updates["optim.max_steps"] = args.max_steps
+        cfg = override(TrainConfig.from_yaml(args.config), updates)
+        try:
+            ds_config = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--deepspeed {args.deepspeed} is not JSON: {exc}") from None
+        name = getattr(args, "name", None) or Path(args.config).name.removesuffix(".yaml")
+        dcfg = from_flags(DistributedConfig, args, deepspeed=ds_config, name=name)
+    except (OSError, ValueError) as exc:  # fail before a cluster is touched
+        parser.error(str(exc))
+    return cfg, dcfg, args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    cfg, dcfg, args = parse(argv)
     setup_logging()
-    cfg = TrainConfig.from_yaml(args.config)
-    if args.max_steps is not None:
-        cfg.optim.max_steps = args.max_steps
-    ds_config = None
-    if args.deepspeed:
-        with open(args.deepspeed) as f:
-            ds_config = json.load(f)
-    name = args.name or os.path.basename(args.config).removesuffix(".yaml")
-    dcfg = DistributedConfig(num_workers=args.num_workers, use_gpu=args.use_gpu, deepspeed=ds_config,
-                             storage=args.storage, s3_endpoint=args.s3_endpoint, name=name,
-                             max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker)
-    cfg.validate()
-    dcfg.validate()  # fail before a cluster is touched
     if args.output is not None:
         try:
             check_output_dir(args.output)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
         sys.exit(1)
-    print(f"done: {name}, latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    print(f"done: {dcfg.name}, latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from gradmem import records
+from gradmem.config import declared
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore
 from pipelines.storage import local_dir, resolve
@@ -58,37 +60,29 @@ EXCERPT_CHARS = 200
 _LINE_BITS = 32  # order key = file index << 32 | record index within the file
 
 
-@dataclass
+@declared
 class CompressConfig:
-    """One compression run. ``steps``/``lr`` default to the reader's own WRITE settings."""
+    """One compression run (frozen, validated on construction; jobs/compress.py's flags are its fields)."""
 
-    reader: str  # reader directory (local or s3://)
-    input: str  # a file or a directory of .jsonl/.json/.parquet/.txt (local or s3://)
-    output: str  # the memory store root (local or s3://)
-    steps: int | None = None
-    lr: float | None = None
-    batch_size: int = 32  # contexts per WRITE batch
-    batches_per_call: int = 8  # WRITE batches per actor call: the pool a call sorts by length (bucketing)
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    cpus_per_prepare_task: float = 0.5  # parse + tokenize tasks (cheap; a different request keeps them unfused)
-    chunk: bool = False  # split over-long documents into several memories instead of rejecting them
-    greedy_check: bool = True  # measure free-running reconstruction accuracy (one decoding step per token)
-    compile: bool = False  # torch.compile the backbone in each writer (pays off on large corpora)
-    s3_endpoint: str | None = None
-    progress_every_s: float = 10.0
-
-    def validate(self) -> None:
-        for name in ("batch_size", "batches_per_call", "actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
-            raise ValueError("cpus_per_actor must be > 0 and gpus_per_actor >= 0")
+    reader: str = Field(description="reader directory (local or s3://)")
+    input: str = Field(description="a file or a directory of .jsonl/.json/.parquet/.txt (local or s3://)")
+    output: str = Field(description="the memory store root (local or s3://)")
+    steps: int | None = Field(None, ge=0, description="WRITE steps K (None: the reader's own)")
+    lr: float | None = Field(None, gt=0, description="WRITE step size alpha (None: the reader's own)")
+    batch_size: int = Field(32, ge=1, description="contexts per WRITE batch")
+    batches_per_call: int = Field(8, ge=1, description="WRITE batches per actor call: the pool a call sorts by "
+                                  "length (bucketing)")
+    actors: int = Field(1, ge=1, description="writer actors")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs each writer actor reserves")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs each writer actor reserves")
+    cpus_per_prepare_task: float = Field(0.5, gt=0, description="CPUs of each parse + tokenize task (cheap; a "
+                                         "different request keeps them unfused)")
+    chunk: bool = Field(False, description="split over-long documents into ordered chunks instead of rejecting them")
+    greedy_check: bool = Field(True, description="measure free-running reconstruction accuracy (one decoding step "
+                               "per token)")
+    compile: bool = Field(False, description="torch.compile each writer's backbone (pays off on large corpora)")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
+    progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -643,7 +637,6 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     import ray
     import ray.data
 
-    cfg.validate()
     started = time.time()
     reader_path = local_dir(cfg.reader, cfg.s3_endpoint)
     spec = ReaderSpec.from_dir(reader_path)

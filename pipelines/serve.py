@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradmem import Memories, NonFiniteWriteError, Reader, WriteStats, methods, records
+from gradmem.config import declared, from_dict, override
 from gradmem.data import tokenize
 from gradmem.store import MemoryIndex, MemoryStore
 from pipelines.storage import local_dir, resolve
@@ -59,42 +60,47 @@ MAX_INT32 = 2**31 - 1  # chunk and n_context_tokens are int32 columns; no count 
 PUBLIC_PATHS = frozenset({"/healthz"})  # liveness probes carry no key
 
 
-@dataclass
+@declared
 class ServeConfig:
-    """Everything a replica needs; plain values so a RayService manifest can carry them as ``args``."""
+    """Everything a replica needs; plain values so a RayService manifest can carry them as ``args``
+    (frozen, validated on construction; jobs/serve.py's flags are its fields)."""
 
-    reader: str
-    memories: str  # a memory store root (jobs/compress.py --output), local or s3://
-    s3_endpoint: str | None = None
-    replicas: int = 1
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
-    max_batch_size: int = 32  # questions answered in one forward pass (1 turns batching off)
-    batch_wait_timeout_s: float = 0.01
-    cache_size: int = 100_000  # memories kept per replica
-    cache_bytes: int = 2 * 2**30  # and at most this many bytes of them (tensors plus an estimate of their metadata)
-    max_questions: int = 64  # per request
-    max_question_chars: int = 2_000
-    max_text_chars: int = 100_000  # online writes; the token limit is the reader's
-    max_body_bytes: int = 1_000_000  # a request body over this is refused (413) while it is read, before parsing
-    max_new_tokens: int = 64
-    default_new_tokens: int = 16
-    api_key_env: str = "GRADMEM_API_KEY"  # the variable holding the key; unset or empty: no key required
-    api_key_file: str | None = None  # or a file on every node holding the key (e.g. a mounted Secret)
+    reader: str = Field(description="reader directory (local or s3://)")
+    memories: str = Field(description="a memory store root (jobs/compress.py --output), local or s3://")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
+    replicas: int = Field(1, ge=1, description="Serve replicas of the reader deployment")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each replica reserves")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica reserves")
+    max_batch_size: int = Field(32, ge=1, description="questions answered in one forward pass (1 turns batching off)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    cache_size: int = Field(100_000, ge=1, description="memories kept per replica")
+    cache_bytes: int = Field(2 * 2**30, ge=1, description="and at most this many bytes of them (tensors plus an "
+                             "estimate of their metadata)")
+    max_questions: int = Field(64, ge=1, description="questions per request")
+    max_question_chars: int = Field(2_000, ge=1, description="characters per question")
+    max_text_chars: int = Field(100_000, ge=1, description="characters of an online write's text (the token limit "
+                                "is the reader's)")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="a request body over this is refused (413) while it is "
+                                "read, before parsing")
+    max_new_tokens: int = Field(64, ge=1, description="the most answer tokens a request may ask for")
+    default_new_tokens: int = Field(16, ge=1, description="answer tokens when a request does not say")
+    api_key_env: str = Field("GRADMEM_API_KEY", description="the variable holding the key; unset or empty: no key "
+                             "required")
+    api_key_file: str | None = Field(None, description="or a file on every node holding the key (e.g. a mounted "
+                                     "Secret)")
     # Set by build_app from the deploying process's key: "sha256:<salt hex>:<digest hex>". Deployment arguments
     # can show up in Ray's views; a salted hash of a high-entropy key reveals nothing usable, the key would.
-    api_key_sha256: str | None = None
-    refresh_interval_s: float = 5.0  # at most one re-listing of the store per interval, on unknown ids
+    api_key_sha256: str | None = Field(None, description="set by build_app from the key; never the key itself")
+    refresh_interval_s: float = Field(5.0, ge=0, description="at most one re-listing of the store per interval, on "
+                                      "unknown ids")
 
-    def validate(self) -> None:
-        for name in ("replicas", "max_batch_size", "cache_size", "cache_bytes", "max_questions", "max_new_tokens",
-                     "max_body_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.default_new_tokens <= self.max_new_tokens:
-            raise ValueError("default_new_tokens must be in [1, max_new_tokens]")
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.default_new_tokens > self.max_new_tokens:
+            raise ValueError("default_new_tokens must be <= max_new_tokens")
         if self.api_key_sha256 is not None:
             KeyDigest.parse(self.api_key_sha256)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- the API key
@@ -466,8 +472,7 @@ class GradMemService:
     def __init__(self, config: dict[str, Any]):
         from gradmem.runtime import configure_cpu
 
-        self.cfg = ServeConfig(**config)
-        self.cfg.validate()
+        self.cfg = from_dict(ServeConfig, config)
         bind_internal_grpc_to_node()
         Guard.configure(GuardSettings(key=replica_key(self.cfg), max_body_bytes=self.cfg.max_body_bytes))
         configure_cpu(threads=max(1, int(self.cfg.cpus_per_replica)))
@@ -630,11 +635,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The Serve application for ``ServeConfig(**args)`` (also the import path of a RayService:
     ``pipelines.serve:build_app``). A key in this process's environment reaches the replicas only as a salted
     hash in the deployment's arguments: never in a runtime_env, which Ray's dashboard lists."""
-    cfg = ServeConfig(**args)
+    cfg = from_dict(ServeConfig, args)
     key = os.environ.get(cfg.api_key_env)
     if key and not cfg.api_key_sha256:
-        cfg.api_key_sha256 = str(KeyDigest.of(key))
-    cfg.validate()
+        cfg = override(cfg, {"api_key_sha256": str(KeyDigest.of(key))})
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     deployment = GradMemService.options(
         num_replicas=cfg.replicas,

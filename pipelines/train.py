@@ -37,7 +37,6 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,9 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
+from pydantic import Field, field_validator
+
+from gradmem.config import declared
 from gradmem.data import Example, collate
 from gradmem.reader import Reader
 from gradmem.runtime import configure_cpu
@@ -58,33 +60,34 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 
 
-@dataclass
+@declared
 class DistributedConfig:
-    """How to spread meta-training over Ray Train workers."""
+    """How to spread meta-training over Ray Train workers (frozen, validated on construction; jobs/train.py's
+    flags are its fields)."""
 
-    num_workers: int = 2
-    use_gpu: bool = False
-    deepspeed: dict[str, Any] | None = None  # a DeepSpeed config; None = plain data parallel
-    storage: str = "runs/ray"  # local directory or s3://bucket/prefix
-    s3_endpoint: str | None = None
-    name: str = "gradmem"  # the run's folder under storage; the same name resumes
-    max_failures: int = 0  # Ray restarts the workers from the latest checkpoint this many times
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int = 1
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    deepspeed: dict[str, Any] | None = Field(None, description="a DeepSpeed config; None: plain data parallel")
+    storage: str = Field("runs/ray", description="checkpoints: local directory or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
+    name: str = Field("gradmem", description="the run's folder under storage; the same name resumes")
+    max_failures: int = Field(0, ge=0, description="Ray restarts the workers from the latest checkpoint this many "
+                              "times")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker reserves")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker")
 
-    def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if self.deepspeed is not None:
-            stage = zero_stage(self.deepspeed)
-            if stage not in SUPPORTED_ZERO_STAGES:
-                raise ValueError(
-                    f"ZeRO stage {stage} is not supported for GradMem meta-training: stage 3 partitions the "
-                    "parameters and releases them after each module's forward, but the second-order step "
-                    "differentiates the inner gradient again in the outer backward, so gradients would be wrong "
-                    f"or fail. Use stage 0, 1 or 2 ({SUPPORTED_ZERO_STAGES}); they shard optimizer state and "
-                    "gradients, which is what saves memory for a reader this size."
-                )
+    @field_validator("deepspeed")
+    @classmethod
+    def _supported_stage(cls, ds_config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ds_config is not None and zero_stage(ds_config) not in SUPPORTED_ZERO_STAGES:
+            raise ValueError(
+                f"ZeRO stage {zero_stage(ds_config)} is not supported for GradMem meta-training: stage 3 partitions "
+                "the parameters and releases them after each module's forward, but the second-order step "
+                "differentiates the inner gradient again in the outer backward, so gradients would be wrong "
+                f"or fail. Use stage 0, 1 or 2 ({SUPPORTED_ZERO_STAGES}); they shard optimizer state and "
+                "gradients, which is what saves memory for a reader this size."
+            )
+        return ds_config
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
@@ -454,8 +457,6 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg.validate()
-    dcfg.validate()
     if output is not None:
         check_output_dir(output)  # before hours of training, not after
     store = resolve(dcfg.storage, dcfg.s3_endpoint)

@@ -134,12 +134,12 @@ def _stop_cluster(temp_dir: str, address: str) -> None:
 def kv_reader_dir(tmp_path_factory) -> Path:
     """A tiny Llama reader trained in-process on 1-pair key-value retrieval (jobs/configs/kv_tiny.yaml, 200 steps,
     ~15 s): it answers from memory, so pipeline tests can check answers, not just shapes."""
+    from gradmem.config import override
     from gradmem.train import TrainConfig, Trainer
 
     cfg = TrainConfig.from_yaml(str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "kv_tiny.yaml"))
-    cfg.optim.max_steps = 200
-    cfg.memory.max_context_tokens = 100  # so that chunking and over-long inputs are cheap to test
-    cfg.run.eval_every = cfg.run.save_every = 0
+    cfg = override(cfg, {"optim.max_steps": 200, "run.eval_every": 0, "run.save_every": 0,
+                         "memory.max_context_tokens": 100})  # so that chunking and over-long inputs are cheap to test
     out = tmp_path_factory.mktemp("kv_reader")
     Trainer(cfg, out).fit()
     return out / "reader"

@@ -33,13 +33,14 @@ def test_rayjob_manifest_is_well_formed_and_its_command_parses():
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     spec = manifest["spec"]
     assert spec["jobId"] and spec["shutdownAfterJobFinishes"] is True
-    args = train_job.parse(_entrypoint_args(spec["entrypoint"]))  # every flag exists
-    assert (ROOT / args.config).is_file() and (ROOT / args.deepspeed).is_file() and args.resume
+    cfg, dcfg, args = train_job.parse(_entrypoint_args(spec["entrypoint"]))  # every flag exists, the files load
+    assert args.resume and dcfg.deepspeed["zero_optimization"]["stage"] in (1, 2) and dcfg.use_gpu
+    assert cfg.optim.batch_size >= dcfg.num_workers
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"].startswith("rayproject/ray:")
     workers = cluster["workerGroupSpecs"][0]
     gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-    assert int(gpus) >= 1 and workers["replicas"] >= args.num_workers
+    assert int(gpus) >= 1 and workers["replicas"] >= dcfg.num_workers
     yaml.safe_load(spec["runtimeEnvYAML"])
 
 
@@ -54,6 +55,7 @@ def test_runtime_env_and_deepspeed_configs_parse():
 def test_rayservice_manifest_matches_serves_schema_and_builds_our_config():
     from ray.serve.schema import ServeDeploySchema
 
+    from gradmem.config import from_dict
     from pipelines.serve import ServeConfig
 
     manifest = yaml.safe_load((ROOT / "cluster/rayservice.yaml").read_text())
@@ -64,7 +66,7 @@ def test_rayservice_manifest_matches_serves_schema_and_builds_our_config():
     import importlib
 
     assert callable(getattr(importlib.import_module(module), attr))
-    ServeConfig(**app.args).validate()  # the args are exactly our config's fields
+    from_dict(ServeConfig, app.args)  # the args are exactly our config's fields, valid
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert gpus >= app.args["gpus_per_replica"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gradmem.attention import attention_path, check_attention
+from gradmem.config import override
 from gradmem.read import read_teacher_forced
 from gradmem.tasks.kv import KVTask, exact_match
 from gradmem.train import TrainConfig, Trainer, meta_step
@@ -43,8 +44,7 @@ def test_tiny_reader_answers_from_memory_far_above_no_context(arch, tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    cfg = tiny_config("llama", write_steps=2, max_steps=6, batch_size=8)
-    cfg.run.save_every = 2
+    cfg = override(tiny_config("llama", write_steps=2, max_steps=6, batch_size=8), {"run.save_every": 2})
     straight = Trainer(cfg, tmp_path / "straight")
     straight.fit()
     interrupted = Trainer(cfg, tmp_path / "resumed")
@@ -74,10 +74,9 @@ def test_meta_step_reports_metrics_and_reaches_every_parameter():
 
 @pytest.mark.parametrize("path", ["sdpa", "sdpa_flash", "sdpa_efficient", "flash_attention_2"])
 def test_second_order_training_refuses_fused_attention(path):
-    cfg = tiny_config("llama", 2, 1, attention=path)
     with pytest.raises(ValueError, match="cannot be used for second-order meta-training"):
-        cfg.validate()
-    tiny_config("llama", 2, 1, attention=path, write_mode="first_order").validate()  # first order may use them
+        tiny_config("llama", 2, 1, attention=path)
+    tiny_config("llama", 2, 1, attention=path, write_mode="first_order")  # first order may use them
     with pytest.raises(ValueError, match="unknown attention path"):
         check_attention("fast_please", second_order=False)
 
@@ -97,9 +96,9 @@ def test_math_paths_agree_on_second_order_gradients():
 
 
 def test_config_rejects_typos():
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"optim\.learning_rate: unknown key"):
         TrainConfig.from_dict({"optim": {"learning_rate": 1e-3}})
-    with pytest.raises(ValueError, match="unknown config sections"):
+    with pytest.raises(ValueError, match=r"optimizer: unknown key"):
         TrainConfig.from_dict({"optimizer": {}})
 
 
@@ -111,7 +110,6 @@ def test_bf16_autocast_meta_step_keeps_fp32_weights_and_close_gradients():
     grads, losses = {}, {}
     for mode in (None, "bfloat16"):
         cfg = tiny_config("llama", 2, 1, autocast=mode)
-        cfg.validate()
         reader.zero_grad(set_to_none=True)
         loss, _ = meta_step(reader, batch, cfg.optim, steps=2, lr=0.5)
         loss.backward()
@@ -124,4 +122,4 @@ def test_bf16_autocast_meta_step_keeps_fp32_weights_and_close_gradients():
     assert cosine > 0.98, cosine
     assert not torch.equal(grads["bfloat16"], grads[None])  # bf16 really ran
     with pytest.raises(ValueError, match="optim.autocast"):
-        tiny_config("llama", 2, 1, autocast="float16").validate()
+        tiny_config("llama", 2, 1, autocast="float16")
