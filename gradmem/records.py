@@ -81,17 +81,21 @@ def to_table(
     memories: Memories, doc_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
     write_time_s: Sequence[float] | float = 0.0, chunks: Sequence[int] | None = None,
     n_chunks: Sequence[int] | None = None, recon_greedy: Sequence[float] | None = None,
+    memory_ids: Sequence[str] | None = None,
 ) -> pa.Table:
-    """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id)."""
+    """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id).
+    ``memory_ids``: those ids when the caller already computed them with ``memory_id`` for these memories'
+    reader and write setting (the batch job does, to skip what the store holds); None: computed here."""
     n = len(memories)
-    if not (len(doc_ids) == len(token_ids) == n):
+    if not (len(doc_ids) == len(token_ids) == n) or (memory_ids is not None and len(memory_ids) != n):
         raise ValueError(f"need one doc_id and one token list per memory: {n} memories, {len(doc_ids)} ids, "
                          f"{len(token_ids)} token lists")
     _, m, d = memories.tensor.shape
     times = [float(write_time_s)] * n if isinstance(write_time_s, (int, float)) else [float(t) for t in write_time_s]
     tensor = memories.tensor.detach().to(torch.float32).cpu().numpy()  # (B, m, d)
     columns = {
-        "memory_id": [memory_id(memories.fingerprint, memories.steps, memories.lr, t) for t in token_ids],
+        "memory_id": list(memory_ids) if memory_ids is not None else [
+            memory_id(memories.fingerprint, memories.steps, memories.lr, t) for t in token_ids],
         "doc_id": [str(x) for x in doc_ids],
         "chunk": list(chunks) if chunks is not None else [0] * n,
         "n_chunks": list(n_chunks) if n_chunks is not None else [1] * n,

@@ -18,9 +18,11 @@ Guarantees
   error row. Parquet inputs are read with pyarrow alone and their column types checked on the schema first:
   only plain string columns (and integer ids) are converted to Python; an extension type such as Ray's
   pickled objects is refused unread (``malformed``), so no input can run code.
-- Duplicate ids: a first pass collects each record's (order, source, doc_id) in the driver and finds them; the
-  first record in input order (files sorted by path, then line) wins, later ones become ``duplicate_id`` errors.
-  The input is read twice for this; the first pass is cheap next to the WRITEs.
+- The input is read, parsed, tokenized and content-addressed once: the prepared records are materialized (Ray
+  spills them to disk when they outgrow the object store), the driver collects each record's (order, source,
+  doc_id) from them, and duplicate ids are resolved before any WRITE: the first record in input order (files
+  sorted by path, then line) wins, later ones become ``duplicate_id`` errors (a record that could not be read
+  at all keeps its own reason).
 - Reruns and restarts: memories are keyed by (doc_id, chunk, memory_id) and errors by error_id; whatever the
   store already holds is skipped before it reaches a writer, and parts are immutable, named by their rows'
   identities and published without ever replacing a file (``gradmem.store``), so a run killed at any point and
@@ -326,11 +328,14 @@ def parse(batch: pa.Table, files: dict[str, InputFile]) -> pa.Table:
 
 
 # ---------------------------------------------------------------------------------------------- prepare
+# status: "write" (a chunk to WRITE), "error" (a new error row), "held" (the store already accounts for it: its
+# memory, or the same error row); every input record has at least one row, so the driver sees every record.
 _PREPARED = pa.schema([
-    ("order", pa.int64()), ("source", pa.string()), ("doc_id", pa.string()), ("chunk", pa.int32()),
-    ("n_chunks", pa.int32()), ("token_ids", pa.list_(pa.int32())), ("memory_id", pa.string()),
+    ("order", pa.int64()), ("source", pa.string()), ("doc_id", pa.string()), ("status", pa.string()),
+    ("chunk", pa.int32()), ("n_chunks", pa.int32()), ("token_ids", pa.list_(pa.int32())), ("memory_id", pa.string()),
     ("reason", pa.string()), ("message", pa.string()), ("excerpt", pa.string()),
 ])
+_UNREADABLE = ("malformed", "not_text")  # a duplicate id on a record that could not be read keeps this reason
 _TOKENIZERS: dict[str, Any] = {}
 _EXISTING: dict[str, tuple[set, set]] = {}
 
@@ -358,19 +363,24 @@ def _existing(ref) -> tuple[set, set]:
     return _EXISTING[key]
 
 
+def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) -> dict:
+    """An error row, or a ``held`` one when the store already has this very error."""
+    held = records.error_id(row["source"], row["doc_id"], extra.get("chunk"), reason) in error_ids
+    return {"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "reason": reason,
+            "status": "held" if held else "error", "message": message,
+            "excerpt": (row.get("excerpt") or (row.get("text") or "")[:EXCERPT_CHARS]), **extra}
+
+
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
-            chunk: bool, duplicates: dict[str, tuple[int, str]], existing_ref) -> pa.Table:
-    """Validate, tokenize, chunk and content-address records; drop what the store already holds (Ray Data task)."""
+            chunk: bool, existing_ref) -> pa.Table:
+    """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
+    task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``."""
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
     memory_keys, error_ids = _existing(existing_ref)
     out: list[dict] = []
 
     def error(row: dict, reason: str, message: str, **extra) -> None:
-        eid = records.error_id(row["source"], row["doc_id"], extra.get("chunk"), reason)
-        if eid not in error_ids:
-            out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "reason": reason,
-                        "message": message, "excerpt": (row.get("excerpt") or (row.get("text") or "")[:EXCERPT_CHARS]),
-                        **extra})
+        out.append(_error_row(row, reason, message, error_ids, **extra))
 
     rows = batch.to_pylist()
     texts = [r["text"] if r["reason"] is None and r["text"].strip() else "" for r in rows]
@@ -382,8 +392,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
             error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
         else:
             try:
-                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, chunk, duplicates, memory_keys,
-                                        error_ids))
+                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, chunk, memory_keys, error_ids))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
@@ -391,13 +400,9 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float, chunk: bool,
-                 duplicates: dict, memory_keys: set, error_ids: set) -> list[dict]:
-    """The chunks of one valid record still to write (``error`` records why there are none)."""
+                 memory_keys: set, error_ids: set) -> list[dict]:
+    """The chunks of one valid record, each to write or held (``error`` records why there are none)."""
     limit = spec["max_context_tokens"]
-    first = duplicates.get(row["doc_id"])
-    if first is not None and first[0] != row["order"]:
-        error(row, "duplicate_id", f"id {row['doc_id']!r} was first used at {first[1]}")
-        return []
     if not text or not ids:
         error(row, "empty", records.ERROR_REASONS["empty"])
         return []
@@ -408,13 +413,28 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
     out = []
     for c, piece in enumerate(pieces):
         mid = records.memory_id(spec["fingerprint"], steps, lr, piece)
-        if (row["doc_id"], c, mid) in memory_keys:
-            continue
-        if records.error_id(row["source"], row["doc_id"], c, "non_finite") in error_ids:
-            continue  # a WRITE of it failed before: recorded, not retried
+        held = ((row["doc_id"], c, mid) in memory_keys  # written before
+                or records.error_id(row["source"], row["doc_id"], c, "non_finite") in error_ids)  # failed: not retried
         out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
-                    "n_chunks": len(pieces), "token_ids": piece, "memory_id": mid})
+                    "n_chunks": len(pieces), "status": "held" if held else "write",
+                    "token_ids": None if held else piece, "memory_id": mid})
     return out
+
+
+def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], existing_ref) -> pa.Table:
+    """Prepared rows -> what the writers do: the rows of a record whose id was first used by an earlier record
+    become one ``duplicate_id`` error (an unreadable record keeps its own reason); held rows are dropped."""
+    _, error_ids = _existing(existing_ref)
+    out: list[dict] = []
+    for row in batch.to_pylist():
+        first = duplicates.get(row["doc_id"]) if row["doc_id"] is not None else None
+        if first is not None and first[0] != row["order"] and row["reason"] not in _UNREADABLE:
+            if row["chunk"] in (None, 0):  # one error per record: a record's chunks may sit in several batches
+                out.append(_error_row({**row, "chunk": None, "n_chunks": None, "excerpt": None}, "duplicate_id",
+                                      f"id {row['doc_id']!r} was first used at {first[1]}", error_ids))
+            continue
+        out.append(row)
+    return pa.Table.from_pylist([r for r in out if r["status"] != "held"], schema=_PREPARED)
 
 
 def _tokenize_each(tokenizer, texts: list[str]) -> tuple[list[list[int] | None], dict[int, str]]:
@@ -447,8 +467,8 @@ class MemoryWriter:
     """A Ray Data actor: loads the reader once, WRITEs each call's contexts in length-sorted batches and
     writes that call's memory and error parts to the store before returning a one-row summary."""
 
-    def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, steps: int, lr: float,
-                 batch_size: int, greedy_check: bool, compile: bool, threads: int):
+    def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
+                 lr: float, batch_size: int, greedy_check: bool, compile: bool, threads: int):
         import torch
 
         from gradmem import Reader
@@ -457,6 +477,9 @@ class MemoryWriter:
         configure_cpu(threads=threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.reader = Reader.from_pretrained(local_dir(reader_uri, s3_endpoint), device=device)
+        if self.reader.fingerprint != fingerprint:  # the memory ids were computed for that reader, upstream
+            raise RuntimeError(f"the reader at {reader_uri} changed under the job: fingerprint "
+                               f"{self.reader.fingerprint}, the job prepared its records for {fingerprint}")
         if compile:
             self.reader.compile()
         target = resolve(output, s3_endpoint)
@@ -494,10 +517,8 @@ class MemoryWriter:
                 memories[keep], [r["doc_id"] for r in kept], [r["token_ids"] for r in kept],
                 write_time_s=seconds / len(good), chunks=[r["chunk"] for r in kept],
                 n_chunks=[r["n_chunks"] for r in kept], recon_greedy=greedy,
+                memory_ids=[r["memory_id"] for r in kept],  # computed once, upstream, for this reader and setting
             )
-            if table.column("memory_id").to_pylist() != [r["memory_id"] for r in kept]:
-                raise RuntimeError("memory ids differ between the prepare step and the writer: the reader or the "
-                                   "write settings changed under the job")
             self.store.write_part("memories", table)
         if errors:
             self.store.write_part("errors", records.error_table(errors, self.reader.fingerprint))
@@ -541,11 +562,16 @@ def _existing_keys(store: MemoryStore) -> tuple[set, set]:
 
 
 def _collect_keys(keys) -> pa.Table:
-    """The (order, source, doc_id) of every input record, in the driver (a few short strings a record)."""
+    """The (order, source, doc_id) of every input record, one row each, in the driver (a few short strings a
+    record; a chunked record's rows share its order)."""
     import ray
 
     tables = [t for t in ray.get(keys.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables(tables) if tables else _PARSED.empty_table().select(["order", "source", "doc_id"])
+    if not tables:
+        return _PARSED.empty_table().select(["order", "source", "doc_id"])
+    rows = pa.concat_tables(tables)
+    unique = rows.group_by(["order", "source"], use_threads=False).aggregate([("doc_id", "first")])
+    return unique.rename_columns(["order", "source", "doc_id"]).sort_by("order")
 
 
 def _find_duplicates(inputs: pa.Table) -> dict[str, tuple[int, str]]:
@@ -654,30 +680,28 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver logs documents/s and ETA instead
 
-    def parsed():
-        raw = ray.data.read_binary_files([f.path for f in files], filesystem=fs, include_paths=True,
-                                         override_num_blocks=len(files))
-        return raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow")
-
-    input_keys = _collect_keys(parsed().select_columns(["order", "source", "doc_id"]).materialize())
-    inputs = input_keys.num_rows
-    duplicates = _find_duplicates(input_keys)
     memory_keys, error_ids = _existing_keys(store)
-    logger.info("%d input records, %d ids used more than once; the store already holds %d memories and %d errors",
-                inputs, len(duplicates), len(memory_keys), len(error_ids))
-
     existing_ref = ray.put((memory_keys, error_ids))
-    prepared = parsed().map_batches(
+    raw = ray.data.read_binary_files([f.path for f in files], filesystem=fs, include_paths=True,
+                                     override_num_blocks=len(files))
+    prepared = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow").map_batches(
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": steps,
-                   "lr": lr, "chunk": cfg.chunk, "duplicates": duplicates, "existing_ref": existing_ref},
-    )
-    written = prepared.map_batches(
+                   "lr": lr, "chunk": cfg.chunk, "existing_ref": existing_ref},
+    ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
+    input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
+    inputs = input_keys.num_rows
+    duplicates = _find_duplicates(input_keys)
+    logger.info("%d input records, %d ids used more than once; the store already holds %d memories and %d errors",
+                inputs, len(duplicates), len(memory_keys), len(error_ids))
+    to_write = prepared.map_batches(resolve_duplicates, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,
+                                    fn_kwargs={"duplicates": duplicates, "existing_ref": existing_ref})
+    written = to_write.map_batches(
         MemoryWriter, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.batches_per_call,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         fn_constructor_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "output": cfg.output,
-                               "steps": steps, "lr": lr, "batch_size": cfg.batch_size,
+                               "fingerprint": spec.fingerprint, "steps": steps, "lr": lr, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
                                "threads": max(1, int(cfg.cpus_per_actor))},
     )

@@ -22,7 +22,7 @@ from gradmem import Reader, records
 from gradmem.store import MemoryStore
 from gradmem.tasks.kv import KVTask, exact_match
 from conftest import make_reader
-from pipelines.compress import _PARSED, CompressConfig, InputFile, compress, parse, prepare
+from pipelines.compress import _PARSED, CompressConfig, InputFile, compress, parse, prepare, resolve_duplicates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,21 +77,38 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         {"order": 4, "source": "f:5", "doc_id": None, "text": None, "reason": "malformed", "message": "bad"},
     ], schema=_PARSED)
     kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5,
-                  duplicates={"a": (0, "f:1")}, existing_ref=(set(), set()))
-    rows = prepare(batch, chunk=False, **kwargs).to_pylist()
-    assert [(r["doc_id"], r["reason"]) for r in rows] == [("a", None), ("b", "empty"), ("c", "too_long"),
-                                                          ("a", "duplicate_id"), (None, "malformed")]
+                  existing_ref=(set(), set()))
+    duplicates = {"a": (0, "f:1")}
+    prepared = prepare(batch, chunk=False, **kwargs)
+    rows = prepared.to_pylist()  # every record has a row, duplicates not yet resolved (they need every id)
+    assert [(r["doc_id"], r["status"], r["reason"]) for r in rows] == [
+        ("a", "write", None), ("b", "error", "empty"), ("c", "error", "too_long"), ("a", "write", None),
+        (None, "error", "malformed")]
     assert rows[0]["token_ids"] == reader.encode_contexts([ctx])[0]
     assert rows[0]["memory_id"] == records.memory_id(spec.fingerprint, 2, 0.5, rows[0]["token_ids"])
+    resolved = resolve_duplicates(prepared, duplicates, (set(), set())).to_pylist()
+    assert [(r["doc_id"], r["status"], r["reason"]) for r in resolved] == [
+        ("a", "write", None), ("b", "error", "empty"), ("c", "error", "too_long"), ("a", "error", "duplicate_id"),
+        (None, "error", "malformed")]
+    assert "first used at f:1" in resolved[3]["message"]
 
-    chunked = [r for r in prepare(batch, chunk=True, **kwargs).to_pylist() if r["doc_id"] == "c"]
+    chunked_table = prepare(batch, chunk=True, **kwargs)
+    chunked = [r for r in chunked_table.to_pylist() if r["doc_id"] == "c"]
     limit = spec.max_context_tokens
     assert [(r["chunk"], r["n_chunks"]) for r in chunked] == [(i, 4) for i in range(4)]  # 320 tokens, 100 a chunk
     assert sum(len(r["token_ids"]) for r in chunked) == 320 and all(len(r["token_ids"]) <= limit for r in chunked)
+    # a duplicate of a chunked document is one error, even with its chunks split over batches
+    twice = pa.concat_tables([chunked_table.slice(0, 3), chunked_table.slice(3)])
+    split = [resolve_duplicates(t, {"c": (-1, "g:1")}, (set(), set())).to_pylist() for t in (twice.slice(0, 3),
+                                                                                               twice.slice(3))]
+    assert [r["reason"] for part in split for r in part if r["doc_id"] == "c"] == ["duplicate_id"]
 
     done = {("a", 0, rows[0]["memory_id"])}, {records.error_id("f:2", "b", None, "empty")}
-    again = prepare(batch, chunk=False, **{**kwargs, "existing_ref": done}).to_pylist()
-    assert [(r["doc_id"], r["reason"]) for r in again] == [("c", "too_long"), ("a", "duplicate_id"), (None, "malformed")]
+    again = prepare(batch, chunk=False, **{**kwargs, "existing_ref": done})
+    assert [(r["doc_id"], r["status"]) for r in again.to_pylist()][:2] == [("a", "held"), ("b", "held")]
+    resolved = resolve_duplicates(again, duplicates, done).to_pylist()
+    assert [(r["doc_id"], r["reason"]) for r in resolved] == [("c", "too_long"), ("a", "duplicate_id"),
+                                                              (None, "malformed")]
 
 
 def test_store_parts_are_content_named_and_atomic(tmp_path):
