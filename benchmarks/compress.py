@@ -7,8 +7,8 @@
 Reader: the paper's key-value reader (4 layers, d = 128, 8 memory vectors, K = 2; weights untrained, which
 does not change the cost). Corpus: key-value contexts with N = 16 pairs (113 tokens). Cells:
 - in-process batched writes (``Reader.write_tokens``, batch 64) against a per-document loop (batch 1);
-- the Ray Data pipeline (pipelines/compress.py, what jobs/compress.py runs; a local Ray, jsonl in, Parquet out) with 1 and 2 writer
-  actors of one thread each, against in-process batched writes on one thread: the pipeline's overhead.
+- the Ray Data pipeline (``pipelines.compress``, what jobs/compress.py runs; a local Ray, jsonl in, Parquet out)
+  with 1 and 2 writer actors of one thread each, against in-process batched writes on one thread: the pipeline's overhead.
   "ctx_s" counts the writing pass (actor start-up, reader load, parse, tokenize, WRITE, Parquet out);
   "in_actor" only the time actors spent in their calls; "end_to_end" adds the duplicate-id pass;
 - bytes per memory (float32 (m, d), and the Parquet bytes actually stored) against the KV cache the same
