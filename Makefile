@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) jobs/benchmark.py
+	$(PY) -m benchmarks.core
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,8 +2,8 @@
 
 A reader writes a context into m prefix vectors by test-time gradient descent (``gradmem.write``) and answers
 queries from those vectors alone (``gradmem.read``). Like the RMT ``MemoryCell``, it only adds memory in front
-of the token embeddings; the loops that train and evaluate it live elsewhere. ``config.method`` swaps in a
-baseline (RMT forward writes, full context, no context) behind the same ``write`` / ``answer``: the choice is
+of the token embeddings; ``gradmem.train`` trains and evaluates it (on Ray: ``pipelines/train.py``). ``config.method``
+swaps in a baseline (RMT forward writes, full context, no context) behind the same ``write`` / ``answer``: the choice is
 made in ``gradmem.methods`` only.
 """
 

@@ -1,6 +1,11 @@
-"""Process-wide CPU settings that matter for speed. Called by entrypoints and workers, never on import."""
+"""Process set-up for entrypoints (jobs/, benchmarks/) and workers: CPU speed flags, logging, a loopback port.
+Called explicitly, never on import."""
 
 from __future__ import annotations
+
+import logging
+import socket
+import sys
 
 import torch
 
@@ -15,3 +20,21 @@ def configure_cpu(threads: int | None = None) -> None:
     torch.set_flush_denormal(True)
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr, and apply the process-wide CPU settings (flush denormals) every entrypoint wants."""
+    configure_cpu()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars on every checkpoint drown the progress log
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a local service)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,7 @@
 """Meta-training: the outer loop that teaches a reader to write and read memories.
 
-``meta_step`` is the unit every trainer calls (this single-process ``Trainer`` now, the Ray Train + DeepSpeed
-loop later): WRITE (second order by default), READ, outer loss = mean READ loss + ``aux_write_loss`` x the last
+``meta_step`` is the unit every trainer calls (this single-process ``Trainer``, and the Ray Train + DeepSpeed
+loop in ``pipelines/train.py``): WRITE (second order by default), READ, outer loss = mean READ loss + ``aux_write_loss`` x the last
 inner step's write loss. It returns the loss with its graph; the caller owns backward and the optimizer.
 The reader's ``config.method`` (GradMem or a baseline, see ``gradmem.methods``) decides what WRITE and READ do;
 nothing here branches on it.
@@ -108,7 +108,7 @@ class TaskConfig:
     name: Literal[TASKS] = "kv"
     pairs: int = Field(8, ge=1)  # kv: pairs per context
     path: str | None = None  # file: a file, a directory or a glob of .jsonl / .parquet; babi: the
-    # tasks_1-20_v1-2 directory; squad: dev-v1.1.json (babi, squad: None = the shared data directory)
+    # tasks_1-20_v1-2 directory; squad: dev-v1.1.json (babi, squad: None = under $GRADMEM_DATA)
     tasks: list[str] = Field(default_factory=lambda: ["qa1"])  # babi: qa1 .. qa20 (pooled)
     babi_set: Literal[babi.SETS] = "en-10k"  # en: 1k train questions per task; en-10k: 10k (the paper's; no qa3 here)
     variant: Literal[squad.VARIANTS] = "c_qa"  # squad

@@ -39,7 +39,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--babi-set", default="en-10k", choices=["en", "en-10k"])
     parser.add_argument("--variant", default="c_qa", choices=["c_qa", "cq_a", "qc_a"], help="squad variant")
     parser.add_argument("--split", default="test", choices=["validation", "test"], help="babi, squad: which split")
-    parser.add_argument("--data", default=None, help="babi: the tasks_1-20_v1-2 directory; squad: dev-v1.1.json")
+    parser.add_argument("--data", default=None, help="babi: the tasks_1-20_v1-2 directory; squad: dev-v1.1.json (default: under $GRADMEM_DATA)")
     parser.add_argument("--steps", default="1,2,4,8", help="comma-separated WRITE step counts")
     parser.add_argument("--lr", type=float, default=None, help="write lr (default: the reader's)")
     parser.add_argument("--samples", type=int, default=1000, help="kv: samples; babi, squad: at most this many")

@@ -22,6 +22,12 @@ from gradmem.runtime import configure_cpu
 
 configure_cpu(threads=1)
 
+# The released bAbI and SQuAD files are not in the repository: tests that read them take the directory from
+# GRADMEM_DATA (as the tasks do) and are skipped, saying so, when it is not set.
+DATA = os.environ.get("GRADMEM_DATA")
+needs_data = pytest.mark.skipif(not DATA, reason="GRADMEM_DATA is not set: point it at the released data directory "
+                                                 "(the one holding babi/ and squad/) to run the bAbI and SQuAD tests")
+
 
 def make_reader(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **memory) -> Reader:
     tokenizer = kv_tokenizer()
@@ -146,7 +152,8 @@ def kv_reader_dir(tmp_path_factory) -> Path:
 
 
 def load_job(name: str):
-    """``jobs/<name>.py`` as a module, so its main() runs in this process (no second torch import)."""
+    """``jobs/<name>.py`` as a module, so its main() runs in this process (no second torch import). Benchmarks are
+    a package: tests import ``benchmarks.<name>`` and call its main()."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]

@@ -10,11 +10,12 @@ from gradmem.data import Example
 from gradmem.tasks import babi
 from gradmem.tasks.words import word_tokenizer
 from gradmem.train import TrainConfig, Trainer, build_task
+from conftest import DATA, needs_data
 
-ROOT = babi.default_root()
-pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason=f"the bAbI data are not at {ROOT}")
+pytestmark = needs_data
+ROOT = babi.default_root() if DATA else None
 
-# (set, task) -> released questions in the train file; every test file holds 1,000 (shared/data/README.md)
+# (set, task) -> released questions in the train file; every test file holds 1,000 (the data directory's README.md)
 RELEASED = {**{("en", f"qa{i}"): 1000 for i in range(1, 6)}, **{("en-10k", f"qa{i}"): 10000 for i in (1, 2, 4, 5)}}
 STORIES = {"qa1": 200, "qa2": 200, "qa3": 200, "qa4": 1000, "qa5": 200}  # en train files
 

@@ -1,4 +1,4 @@
-"""The capacity benchmark (jobs/capacity.py, gradmem/capacity.py) on its smoke configuration.
+"""The capacity benchmark (benchmarks/capacity.py) on its smoke configuration.
 
 What is checked: the entrypoint runs every (method, N) cell end to end and writes results.json, results.md and
 capacity.png that parse; results.json round-trips; a rerun retrains only the cells whose json is missing (seen
@@ -15,25 +15,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradmem.capacity import CapacityConfig, paper_figure, run_capacity
+from benchmarks import capacity
+from benchmarks.capacity import CapacityConfig, paper_figure, run_capacity
 from gradmem.train import Trainer
-from conftest import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "jobs" / "configs" / "capacity_smoke.yaml"
+SMOKE = ROOT / "benchmarks" / "configs" / "capacity_smoke.yaml"
 
 
 def trained_cells(caplog) -> list[str]:
     """Cells that this run trained, from the benchmark's own log records."""
     return sorted(r.getMessage().split()[2] for r in caplog.records
-                  if r.name == "gradmem.capacity" and ": training " in r.getMessage())
+                  if r.name == "benchmarks.capacity" and ": training " in r.getMessage())
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The smoke config run once through the entrypoint; tests that change the output work on a copy."""
     out = tmp_path_factory.mktemp("capacity") / "smoke"
-    summary = load_job("capacity").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    summary = capacity.main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     return out, summary
 
 
@@ -70,7 +70,7 @@ def test_smoke_run_writes_every_cell_and_the_reports(smoke_run):
     for spec in CapacityConfig.from_yaml(SMOKE).methods:
         assert f"| {spec.name} ({spec.method}) |" in table
     assert "INCOMPLETE" not in table and "(not run)" not in table
-    assert "- command: `python jobs/capacity.py --config" in table and results["commit"] in table
+    assert "- command: `python -m benchmarks.capacity --config" in table and results["commit"] in table
 
     import matplotlib.image
 
@@ -98,7 +98,7 @@ def test_rerun_retrains_only_the_missing_cell(smoke_run, tmp_path, caplog):
     (cells / "rmt_N2.json").unlink()
     mtimes = {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json")}
     caplog.set_level("INFO")
-    summary = load_job("capacity").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    summary = capacity.main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     assert trained_cells(caplog) == ["rmt_N2"]
     assert {p.name: p.stat().st_mtime_ns for p in cells.glob("*.json") if p.name != "rmt_N2.json"} == mtimes
     after = json.loads((cells / "rmt_N2.json").read_text())
@@ -107,7 +107,7 @@ def test_rerun_retrains_only_the_missing_cell(smoke_run, tmp_path, caplog):
     assert summary["complete"] and len(summary["cells"]) == 8
 
     caplog.clear()
-    load_job("capacity").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    capacity.main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     assert trained_cells(caplog) == []  # everything finished: nothing retrained
 
 
@@ -160,7 +160,7 @@ def test_bad_config_exits_before_training(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**smoke_dict(), "methods": [{"name": "x", "method": "transformer_xl"}]}))
     with pytest.raises(SystemExit) as exc:
-        load_job("capacity").main(["--config", str(bad), "--output", str(tmp_path / "out")])
+        capacity.main(["--config", str(bad), "--output", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "unknown method 'transformer_xl'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""The task comparison (jobs/compare.py, gradmem/compare.py) on its smoke configuration: bAbI qa1 with a tiny reader.
+"""The task comparison (benchmarks/compare.py) on its smoke configuration: bAbI qa1 with a tiny reader.
 
 What is checked: the entrypoint trains and scores every method and writes results that parse, with the learning
 curve taken from the Trainer's log and the generated answers scored with the task metric (recomputed here from
@@ -15,19 +15,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gradmem.compare import CompareConfig, run_compare
+from benchmarks import compare
+from benchmarks.compare import CompareConfig, run_compare
 from gradmem.tasks import babi
-from conftest import load_job
+from conftest import DATA, load_job, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "jobs" / "configs" / "compare_smoke.yaml"
-pytestmark = pytest.mark.skipif(not babi.default_root().is_dir(), reason="the bAbI data are not available")
+SMOKE = ROOT / "benchmarks" / "configs" / "compare_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    if not DATA:
+        pytest.skip(needs_data.kwargs["reason"])
     out = tmp_path_factory.mktemp("compare") / "smoke"
-    summary = load_job("compare").main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
+    summary = compare.main(["--config", str(SMOKE), "--output", str(out), "--threads", "1", "--device", "cpu"])
     return out, summary
 
 
@@ -64,7 +66,7 @@ def test_every_method_is_trained_scored_and_reported(smoke_run):
 def test_rerun_skips_finished_methods_and_only_splits_the_work(smoke_run, tmp_path, caplog):
     out, summary = smoke_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-    caplog.set_level("INFO", logger="gradmem.compare")
+    caplog.set_level("INFO", logger="benchmarks.compare")
     again = run_compare(CompareConfig.from_yaml(SMOKE), out)
     assert not [r for r in caplog.records if ": training " in r.getMessage()]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
@@ -91,7 +93,7 @@ def test_a_finished_cell_of_another_config_is_refused(smoke_run, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda d: d.update(task={"name": "kv"}), "jobs/capacity.py"),
+    (lambda d: d.update(task={"name": "kv"}), "benchmarks.capacity"),
     (lambda d: d.update(colour="red"), "unknown comparison config keys"),
     (lambda d: d["methods"].append({"name": "gradmem", "method": "gradmem"}), "unique"),
     (lambda d: d["methods"].append({"name": "x", "method": "lstm"}), "unknown method"),
@@ -127,11 +129,11 @@ def test_evaluate_job_reproduces_the_comparison_scores(smoke_run, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["generated"] == result["generated"]
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "jobs" / "configs").glob("*.yaml")
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "benchmarks" / "configs").glob("*.yaml")
                                           if p.name.startswith(("babi_", "squad_", "compare_"))))
 def test_every_shipped_comparison_config_validates(config):
     """The CPU and GPU configurations parse and every method's TrainConfig validates (no training)."""
-    cfg = CompareConfig.from_yaml(ROOT / "jobs" / "configs" / config)
+    cfg = CompareConfig.from_yaml(ROOT / "benchmarks" / "configs" / config)
     assert {s.method for s in cfg.methods} >= {"gradmem", "no_context"}
     for spec in cfg.methods:
         train = cfg.cell_config(spec)
@@ -155,6 +157,7 @@ def test_a_cell_recorded_before_a_new_config_field_still_counts(smoke_run, tmp_p
     assert again["complete"] and len(again["cells"]) == 2
 
 
+@needs_data
 def test_contexts_longer_than_the_reader_accepts_fail_before_training(tmp_path):
     data = yaml.safe_load(SMOKE.read_text())
     data["memory"]["max_context_tokens"] = 20  # qa1 stories run to ~70 words

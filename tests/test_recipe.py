@@ -10,16 +10,17 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.capacity import CapacityConfig, cell_name, run_capacity
+from benchmarks.compare import CompareConfig
+from benchmarks.sweep import SweepConfig, pick
 from gradmem import Reader, methods
-from gradmem.capacity import CapacityConfig, cell_name, run_capacity
-from gradmem.compare import CompareConfig
-from gradmem.sweep import SweepConfig, pick
 from gradmem.tasks.kv import KVTask
 from gradmem.train import TrainConfig, Trainer, build_reader
 from conftest import make_reader
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "jobs" / "configs"
+# every shipped YAML by name: the training configs users run (jobs/) and the experiments' grids (benchmarks/)
+CONFIGS = {p.name: p for folder in ("jobs", "benchmarks") for p in (ROOT / folder / "configs").glob("*.yaml")}
 
 
 def tiny(**sections) -> TrainConfig:
@@ -158,7 +159,7 @@ def test_sweep_candidates_are_equal_across_methods_with_alpha_for_gradmem_only()
 
 
 def smoke_grid(tmp_path: Path, **extra) -> Path:
-    data = yaml.safe_load((CONFIGS / "capacity_smoke.yaml").read_text())
+    data = yaml.safe_load((CONFIGS["capacity_smoke.yaml"]).read_text())
     data["run"] = {**data["run"], "eval_every": 5, "eval_samples": 16}
     data["optim"] = {**data["optim"], "max_steps": 10}
     data.update(extra)
@@ -298,7 +299,7 @@ def split_claims(claims: dict[str, object]) -> tuple[dict[str, object], dict[str
 
 @pytest.mark.parametrize("name", sorted(CLAIMS))
 def test_each_shipped_config_resolves_to_what_its_header_claims(name):
-    path = CONFIGS / name
+    path = CONFIGS[name]
     header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
     assert "the paper's settings" not in header.lower()  # a config says what it keeps and what it changes
     assert "DEVIATIONS" in header  # what differs from the authors' recipe is named
@@ -311,8 +312,8 @@ def test_each_shipped_config_resolves_to_what_its_header_claims(name):
 
 
 def test_every_shipped_training_config_has_its_claims_checked():
-    trained = {p.name for p in CONFIGS.glob("*.yaml")} - {"capacity_smoke.yaml", "compare_smoke.yaml"}
+    trained = set(CONFIGS) - {"capacity_smoke.yaml", "compare_smoke.yaml"}
     unchecked = sorted(trained - set(CLAIMS) - {"kv_demo.yaml", "kv_tiny.yaml", "babi_qa1_smollm2_cpu.yaml"})
     assert not unchecked, f"configs whose header claims nobody checks: {unchecked}"
     for name in ("kv_demo.yaml", "kv_tiny.yaml", "babi_qa1_smollm2_cpu.yaml"):  # the small ones name no recipe
-        assert "DEVIATIONS" in (CONFIGS / name).read_text() or "recipe" not in (CONFIGS / name).read_text()
+        assert "DEVIATIONS" in CONFIGS[name].read_text() or "recipe" not in CONFIGS[name].read_text()

@@ -9,9 +9,10 @@ import pytest
 from gradmem.data import Example
 from gradmem.tasks import squad
 from gradmem.train import TrainConfig, Trainer
+from conftest import DATA, needs_data
 
-PATH = squad.default_path()
-pytestmark = pytest.mark.skipif(not PATH.is_file(), reason=f"the SQuAD dev set is not at {PATH}")
+pytestmark = needs_data
+PATH = squad.default_path() if DATA else None
 
 
 @pytest.fixture(scope="module")

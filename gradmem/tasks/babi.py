@@ -19,7 +19,9 @@ exactly 10% of the questions.
 Sets: ``en`` (1,000 training questions per task) and ``en-10k`` (10,000), as released. The paper's runs use the
 10k training data (BABILong's 0k split of ``en-valid-10k``: 9,000 train and 1,000 validation questions, tested on
 the 1,000 test questions). Here ``en-10k/qa3_three-supporting-facts_train.txt`` is missing (see
-``shared/data/README.md``): qa3 is available with ``set="en"`` only.
+the data directory's README.md): qa3 is available with ``set="en"`` only.
+
+Files: ``task.path`` (the ``tasks_1-20_v1-2`` directory), else ``$GRADMEM_DATA/babi/tasks_1-20_v1-2``.
 
 Metric: exact match of the answer word, after lower-casing and collapsing whitespace.
 """
@@ -35,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from gradmem.data import Example
-from gradmem.tasks.dataset import ExampleSet
+from gradmem.tasks.dataset import ExampleSet, data_root
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +46,10 @@ SPLITS = ("train", "validation", "test")
 TASK_NAMES = tuple(f"qa{i}" for i in range(1, 21))
 
 
-DATA_CANDIDATES = (Path(__file__).resolve().parents[3] / "shared" / "data", Path("/work/shared/data"))
-
-
-def data_root() -> Path:
-    """The shared data directory: ``$GRADMEM_DATA``, else ``../shared/data`` beside the repository, else the
-    workplace's ``/work/shared/data`` (a clone elsewhere, e.g. CI's, still finds the released files)."""
-    env = os.environ.get("GRADMEM_DATA")
-    if env:
-        return Path(env)
-    return next((c for c in DATA_CANDIDATES if c.is_dir()), DATA_CANDIDATES[0])
-
-
 def default_root() -> Path:
-    return data_root() / "babi" / "tasks_1-20_v1-2"
+    """The released bAbI files under ``$GRADMEM_DATA`` (FileNotFoundError naming task.path and GRADMEM_DATA when
+    it is unset)."""
+    return data_root("the bAbI tasks_1-20_v1-2 directory") / "babi" / "tasks_1-20_v1-2"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ the READ loss but not in exact match, which counts the answer's own tokens only,
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,6 +23,20 @@ from gradmem.data import Batch, Example, collate
 
 if TYPE_CHECKING:
     from gradmem.reader import Reader
+
+DATA_ENV = "GRADMEM_DATA"  # the released data directory: babi/tasks_1-20_v1-2/ and squad/dev-v1.1.json
+
+
+def data_root(files: str) -> Path:
+    """The released data directory named by ``$GRADMEM_DATA``: where a task finds its files when the config gives
+    no ``task.path``. The data are not shipped with the code, so there is no guessed default: with neither set,
+    a FileNotFoundError says both ways to point at ``files`` (the directory or file ``task.path`` would name)."""
+    root = os.environ.get(DATA_ENV)
+    if not root:
+        raise FileNotFoundError(f"no data for this task: set the config's task.path to {files}, or the {DATA_ENV} "
+                                f"environment variable to the released data directory (it holds babi/ and squad/)")
+    return Path(root)
+
 
 # prediction, gold answers -> metric name -> value in [0, 1]
 Metric = Callable[[str, Sequence[str]], dict[str, float]]

@@ -5,6 +5,7 @@ questions) is split BY ARTICLE into train / validation / test: a permutation of 
 ``split_seed`` gives the first ``round(validation_fraction * 48)`` articles (default 0.1: 5) to validation, the
 next ``round(test_fraction * 48)`` (default 0.1: 5) to test and the other 38 to train. No paragraph or topic
 is shared between splits. Results on this split are not comparable with numbers on the official dev set.
+The file: ``task.path``, else ``$GRADMEM_DATA/squad/dev-v1.1.json``.
 
 Variants (formatting as in the paper's reference code; the context and question are stripped):
 
@@ -34,8 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from gradmem.data import Example
-from gradmem.tasks.babi import data_root
-from gradmem.tasks.dataset import ExampleSet
+from gradmem.tasks.dataset import ExampleSet, data_root
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ PUNCTUATION = frozenset(string.punctuation)  # ASCII punctuation, as the officia
 
 
 def default_path() -> Path:
-    return data_root() / "squad" / "dev-v1.1.json"
+    """The released dev file under ``$GRADMEM_DATA`` (FileNotFoundError naming task.path and GRADMEM_DATA when it
+    is unset)."""
+    return data_root("SQuAD's dev-v1.1.json") / "squad" / "dev-v1.1.json"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ K_eval 1-8, with the write loss after each number of steps. Run from the reposit
 import json, sys, time
 from gradmem.runtime import configure_cpu
 configure_cpu(threads=1)
-from gradmem.capacity import CapacityConfig
+from benchmarks.capacity import CapacityConfig  # gradmem.capacity when the probe ran (before issue 13)
 from gradmem.train import Trainer, evaluate
-cfg = CapacityConfig.from_yaml("jobs/configs/capacity_cpu.yaml")
+cfg = CapacityConfig.from_yaml("benchmarks/configs/capacity_cpu.yaml")
 spec = [s for s in cfg.methods if s.name == "gradmem_k1"][0]
 out = {}
 for alpha in [float(a) for a in sys.argv[1].split(",")]:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gradmem.reports import jsonable, write_json_atomic
+from benchmarks.common import jsonable, write_json_atomic
 from gradmem.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Distributed meta-training throughput: 1 vs 2 workers, plain data parallel vs DeepSpeed ZeRO 0/1/2, in one run.
 
-    python jobs/benchmark_train.py                       # on a local Ray (about 4 minutes on 2 CPU cores)
-    python jobs/benchmark_train.py --pairs 16 --steps 20 --json train_bench.json
-    RAY_ADDRESS=... python jobs/benchmark_train.py --use-gpu --bf16
+    python -m benchmarks.train                       # on a local Ray (about 4 minutes on 2 CPU cores)
+    python -m benchmarks.train --pairs 16 --steps 20 --json train_bench.json
+    RAY_ADDRESS=... python -m benchmarks.train --use-gpu --bf16
 
 Each cell trains the paper's key-value reader (4 layers, d = 128, 8 memory vectors, K = 2, second order) for
 --steps steps at a global batch of --batch-size and reports steady-state samples/s (the first step is not
@@ -17,9 +17,7 @@ import json
 import os
 import tempfile
 
-import _common  # noqa: F401
-from _common import ROOT, bar_plot, setup_logging
-
+from benchmarks.common import ROOT, bar_plot, setup_logging
 from gradmem.train import TrainConfig
 from pipelines.train import DistributedConfig, fit
 

@@ -1,7 +1,7 @@
 """Speed of the GradMem core, each figure next to a naive implementation measured in the same run.
 
-    python jobs/benchmark.py                      # all cells, about 3 minutes on 2 CPU cores
-    python jobs/benchmark.py --repeats 5 --json bench.json
+    python -m benchmarks.core                      # all cells, about 3 minutes on 2 CPU cores
+    python -m benchmarks.core --repeats 5 --json bench.json
 
 Cells (the paper's key-value reader: 4 layers, d = 128, 8 memory vectors, batch 64, K = 2):
 - meta-training step time (second order, write + read + backward) at N = 8 and N = 16;
@@ -17,30 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-
-import _common  # noqa: F401
-from _common import bar_plot, setup_logging
 
 import torch
 import torch.nn.functional as F
 
-from gradmem import MemoryConfig, Reader
+from benchmarks.common import bar_plot, paper_reader, setup_logging, timed
+from gradmem import Reader
 from gradmem.attention import attention_path
-from gradmem.tasks.kv import KVTask, kv_tokenizer
-from gradmem.train import ModelConfig, OptimConfig, build_backbone_config, meta_step
+from gradmem.tasks.kv import KVTask
+from gradmem.train import OptimConfig, meta_step
 from gradmem.write import write_memory
 
-# The authors' reference implementation on this machine kind (../shared/ENVIRONMENT.md), for orientation only.
+# The authors' reference implementation measured on the 2-core CPU machine kind of docs/results/benchmark_core.txt (a
+# meta-training step at N = 8 and N = 16; write + read at N = 16, contexts/s), for orientation only.
 REFERENCE = {"train_step_s": {8: 1.4, 16: 2.9}, "eval_contexts_per_s": {16: 75.0}}
-
-
-def paper_reader() -> Reader:
-    tok = kv_tokenizer()
-    torch.manual_seed(0)
-    backbone = build_backbone_config(ModelConfig(), len(tok), tok)
-    return Reader.from_config(backbone, tok, MemoryConfig(num_memory=8, write_steps=2, write_lr=0.04))
 
 
 # ------------------------------------------------------------------------------------------ naive versions
@@ -95,16 +86,6 @@ def train_step(reader, batch):
 def inference_write(reader, batch, path):
     with attention_path(reader.lm, path):
         write_memory(reader, batch.ctx_ids, batch.ctx_mask, 2, 0.04, mode="inference")
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:

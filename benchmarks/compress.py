@@ -1,14 +1,14 @@
 """Throughput of batch compression, every figure beside its baseline from the same run.
 
-    python jobs/benchmark_compress.py                       # about 4 minutes on 2 CPU cores
-    python jobs/benchmark_compress.py --docs 2048 --json docs/results/benchmark_compress.json \
+    python -m benchmarks.compress                       # about 4 minutes on 2 CPU cores
+    python -m benchmarks.compress --docs 2048 --json docs/results/benchmark_compress.json \
         --plot docs/results/benchmark_compress.png
 
 Reader: the paper's key-value reader (4 layers, d = 128, 8 memory vectors, K = 2; weights untrained, which
 does not change the cost). Corpus: key-value contexts with N = 16 pairs (113 tokens). Cells:
 - in-process batched writes (``Reader.write_tokens``, batch 64) against a per-document loop (batch 1);
-- the Ray Data pipeline (jobs/compress.py's code, a local Ray, jsonl in, Parquet out) with 1 and 2 writer
-  actors of one thread each, against in-process batched writes on one thread: the pipeline's overhead.
+- the Ray Data pipeline (``pipelines.compress``, what jobs/compress.py runs; a local Ray, jsonl in, Parquet out)
+  with 1 and 2 writer actors of one thread each, against in-process batched writes on one thread: the pipeline's overhead.
   "ctx_s" counts the writing pass (actor start-up, reader load, parse, tokenize, WRITE, Parquet out);
   "in_actor" only the time actors spent in their calls; "end_to_end" adds the duplicate-id pass;
 - bytes per memory (float32 (m, d), and the Parquet bytes actually stored) against the KV cache the same
@@ -26,18 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401
-from _common import ROOT, bar_plot, setup_logging
-
 import torch
 
+from benchmarks.common import ROOT, bar_plot, paper_reader, setup_logging
 from gradmem.runtime import configure_cpu
 from gradmem.tasks.kv import KVTask
 
 
 def reader_dir(path: Path) -> Path:
-    from benchmark import paper_reader
-
     paper_reader().freeze().save_pretrained(path)
     return path
 

@@ -1,7 +1,7 @@
 """Load test of the query service, loopback only, bounded in time; batched vs unbatched in one run.
 
-    python jobs/loadtest_serve.py                      # about 2 minutes on 2 CPU cores
-    python jobs/loadtest_serve.py --clients 16 --seconds 30 --json docs/results/loadtest_serve.json \
+    python -m benchmarks.loadtest_serve                      # about 2 minutes on 2 CPU cores
+    python -m benchmarks.loadtest_serve --clients 16 --seconds 30 --json docs/results/loadtest_serve.json \
         --plot docs/results/loadtest_serve.png
 
 Starts a local Ray, writes memories of key-value contexts (N = 16 pairs, 113 tokens) with the paper's reader
@@ -24,12 +24,12 @@ import threading
 import time
 from pathlib import Path
 
-import _common  # noqa: F401
-from _common import ROOT, free_port, setup_logging
-
 import pyarrow.fs as pafs
 import requests
 import torch
+
+from benchmarks.common import ROOT, paper_reader, setup_logging, timed
+from gradmem.runtime import free_port
 
 
 def load(url: str, doc_ids: list[str], queries: dict[str, str], clients: int, seconds: float) -> dict:
@@ -80,8 +80,6 @@ def model_latency(reader, memories, contexts: list[str], questions: list[str], b
     m_rows = torch.full((batch,), reader.num_memory)
     no_rows = torch.zeros(batch, dtype=torch.long)
 
-    from benchmark import timed
-
     with torch.no_grad():
         from_memory = timed(lambda: greedy_generate(reader, prefix, m_rows, q_ids, 4, set()), repeats)
         with_context = timed(lambda: greedy_generate(reader, empty, no_rows, full, 4, set()), repeats)
@@ -99,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
     setup_logging()
-    from benchmark import paper_reader
     from gradmem import Reader, records
     from gradmem.runtime import configure_cpu
     from gradmem.store import MemoryStore

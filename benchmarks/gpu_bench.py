@@ -1,8 +1,8 @@
 """GPU speed of the GradMem core against the card's limit: meta-step and inference-write time, with model FLOP
 utilisation (MFU) from FLOPs counted as they run.
 
-    python jobs/gpu_bench.py --output runs/gpu_bench          # on a GPU machine, about 3 minutes
-    python jobs/gpu_bench.py --output /tmp/gb --smoke         # a CPU smoke run of the same code (tiny shapes)
+    python -m benchmarks.gpu_bench --output runs/gpu_bench          # on a GPU machine, about 3 minutes
+    python -m benchmarks.gpu_bench --output /tmp/gb --smoke         # a CPU smoke run of the same code (tiny shapes)
 
 Readers (weights from their config, random: speed does not depend on their values):
 - ``kv``: the paper's key-value reader (4 layers, d = 128, Llama-3.2-1B's RoPE and tied embeddings), fp32, batch
@@ -21,22 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
-
-import _common
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from transformers import LlamaConfig
 
+from benchmarks.common import setup_logging
 from gradmem import MemoryConfig, Reader
 from gradmem.attention import attention_path
+from gradmem.data import Batch
 from gradmem.tasks.kv import KVTask, kv_tokenizer
 from gradmem.train import ModelConfig, OptimConfig, build_backbone_config, meta_step
 from gradmem.write import write_memory
-from gradmem.data import Batch
 
 
 def kv_reader(smoke: bool) -> tuple[Reader, Batch, str | None]:
@@ -177,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of the code path)")
     args = parser.parse_args(argv)
-    _common.setup_logging()
+    setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "peak_tflops": args.peak_tflops, "repeats": args.repeats,
-            "command": "python jobs/gpu_bench.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+            "command": "python -m benchmarks.gpu_bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     results = []
     for name in args.readers.split(","):
         started = time.perf_counter()

@@ -1,5 +1,21 @@
 """The capacity benchmark: how many key-value pairs each method's memory holds (issue 3).
 
+    # seconds: the test's configuration (tiny model, N = 1 and 2)
+    python -m benchmarks.capacity --config benchmarks/configs/capacity_smoke.yaml --output runs/capacity_smoke --threads 1
+
+    # the CPU configuration (estimated wall time in the YAML's header; 2 cores)
+    python -m benchmarks.capacity --config benchmarks/configs/capacity_cpu.yaml --output runs/capacity_cpu --threads 1
+
+    # the paper's cells (8 vectors of 128, N = 16 and 32) on a GPU
+    python -m benchmarks.capacity --config benchmarks/configs/capacity_paper_gpu.yaml --output runs/capacity_paper_gpu
+
+    # a quick end-to-end check of any configuration: every cell with 20 training steps
+    python -m benchmarks.capacity --config benchmarks/configs/capacity_cpu.yaml --output /tmp/cap_check --max-steps 20
+
+A partial table while cells still train elsewhere: the same command with --report-only (trains nothing).
+``--only gradmem_k1,gradmem_k2``: these methods' cells only; processes with disjoint lists can share one --output.
+Interrupted? Run the same command again (see Resume below); the table is printed at the end.
+
 For every (method, N) cell of a ``CapacityConfig`` the same backbone (architecture and init seed) is trained
 on key-value retrieval with N pairs through the ordinary ``Trainer`` with the same training budget, then
 evaluated on held-out samples with every WRITE step count in ``eval_steps`` (gradmem and rmt; the bounds once).
@@ -26,6 +42,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -35,11 +52,12 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks import common
+from benchmarks.common import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
+                               write_json_atomic)
+from benchmarks.sweep import SweepConfig, sweep_record, sweep_section, tune
+from benchmarks.sweep import apply as sweep_apply
 from gradmem.config import METHODS
-from gradmem.reports import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
-                             write_json_atomic)
-from gradmem.sweep import SweepConfig, sweep_record, sweep_section, tune
-from gradmem.sweep import apply as sweep_apply
 from gradmem.train import TrainConfig, Trainer, evaluate
 
 logger = logging.getLogger(__name__)
@@ -197,7 +215,7 @@ class CapacityConfig(BenchmarkConfig):
     # Warm start each method's cell at N from its own reader at the previous N of ``pairs`` (the authors' curriculum
     # for large N); the same for every method. A cell's validation selection and stopping are its Trainer's.
     curriculum: bool = False
-    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (gradmem.sweep)
+    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (benchmarks.sweep)
     # Filled by run_capacity from the sweep records (method name -> picked candidate); not part of the YAML.
     tuning: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -631,3 +649,32 @@ def plot(cfg: CapacityConfig, summary: dict[str, Any], path: Path) -> None:
     right.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = common.benchmark_parser(__doc__, "benchmarks/configs/capacity_*.yaml")
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all); "
+                        "processes with disjoint lists can share one --output")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write results.json/md/png from the cells finished so far, train nothing")
+    args = parser.parse_args(argv)
+    only = [name for name in args.only.split(",") if name] if args.only else None
+    try:
+        device = common.start_benchmark(args)
+        cfg = CapacityConfig.from_yaml(args.config)
+        cfg.cells(only)  # unknown names fail here
+    except (OSError, ValueError) as exc:
+        print(f"capacity: bad config {args.config}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    output = args.output or str(common.ROOT / "runs" / ("capacity_" + Path(args.config).name.removesuffix(".yaml")
+                                                        .removeprefix("capacity_")))
+    command = ["python", "-m", "benchmarks.capacity", *(sys.argv[1:] if argv is None else argv)]
+    summary = run_capacity(cfg, output, max_steps=args.max_steps, command=command, repo_root=common.ROOT,
+                           device=device, only=only, report_only=args.report_only)
+    print((Path(output) / "results.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

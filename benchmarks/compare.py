@@ -1,5 +1,22 @@
 """Methods side by side on a natural-language task (bAbI, SQuAD): same backbone, same budget, learning curves.
 
+    # bAbI qa1, reader from scratch on this machine (2 cores: two one-thread processes on one output)
+    python -m benchmarks.compare --config benchmarks/configs/babi_qa1_cpu.yaml --threads 1 --only gradmem,rmt &
+    python -m benchmarks.compare --config benchmarks/configs/babi_qa1_cpu.yaml --threads 1 --only full_context,no_context
+    python -m benchmarks.compare --config benchmarks/configs/babi_qa1_cpu.yaml   # rebuilds the report (all cells done)
+
+    # SQuAD "C -> Q+A", reader from scratch on this machine
+    python -m benchmarks.compare --config benchmarks/configs/squad_cqa_cpu.yaml --threads 1
+
+    # the paper's settings on a GPU (a pretrained model directory from jobs/prepare_model.py)
+    python jobs/prepare_model.py --output runs/smollm2
+    python -m benchmarks.compare --config benchmarks/configs/babi_qa1_gpu.yaml
+
+    # any configuration end to end in seconds: every method 5 steps
+    python -m benchmarks.compare --config benchmarks/configs/babi_qa1_cpu.yaml --output /tmp/cmp_check --max-steps 5
+
+The data come from the config's ``task.path`` or from ``GRADMEM_DATA`` (the directory holding babi/ and squad/).
+
 For every entry of ``methods`` in a ``CompareConfig`` (GradMem and the baselines: RMT, full context, no
 context), the same backbone is trained on the task's train split through the ordinary ``Trainer`` with the same
 budget; its validation metrics every ``run.eval_every`` steps make the learning curve. Each trained reader is
@@ -27,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,14 +54,14 @@ from typing import Any
 import torch
 import yaml
 
-from gradmem.capacity import (BASE_SECTIONS, TRAINED_METHODS, BenchmarkConfig, MethodSpec, check_methods,
-                              method_sections, parse_methods, same_cell_config)
+from benchmarks import common
+from benchmarks.capacity import (BASE_SECTIONS, TRAINED_METHODS, BenchmarkConfig, MethodSpec, check_methods,
+                                 method_sections, parse_methods, same_cell_config)
+from benchmarks.common import device_name, git_commit, jsonable, save_figure, write_atomic, write_json_atomic
+from benchmarks.sweep import SweepConfig, sweep_record, sweep_section, tune
+from benchmarks.sweep import apply as sweep_apply
 from gradmem.data import tokenize
-from gradmem.reports import (device_name, git_commit, jsonable, save_figure, write_atomic,
-                             write_json_atomic)
 from gradmem.tasks.dataset import ExampleSet, evaluate_generated
-from gradmem.sweep import SweepConfig, sweep_record, sweep_section, tune
-from gradmem.sweep import apply as sweep_apply
 from gradmem.train import TrainConfig, Trainer, build_task, evaluate
 
 logger = logging.getLogger(__name__)
@@ -65,7 +83,7 @@ class CompareConfig(BenchmarkConfig):
     generate: bool = True  # also score greedy answers with the task's metric
     max_new_tokens: int = 16
     eval_batch_size: int | None = None  # None: the base run.eval_batch_size
-    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (gradmem.sweep)
+    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (benchmarks.sweep)
     tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # filled from the sweep records; not YAML
 
     @classmethod
@@ -91,7 +109,7 @@ class CompareConfig(BenchmarkConfig):
             cfg = self.cell_config(spec)
             if cfg.task.name not in COMPARE_TASKS:
                 raise ValueError(f"the comparison runs on {COMPARE_TASKS} (fixed splits, a task metric); got task "
-                                 f"{cfg.task.name!r} (key-value data: jobs/capacity.py)")
+                                 f"{cfg.task.name!r} (key-value data: benchmarks.capacity)")
         if self.test_split not in ("validation", "test"):
             raise ValueError(f"test_split must be validation or test, got {self.test_split!r}")
         if self.test_samples is not None and (not isinstance(self.test_samples, int) or self.test_samples < 1):
@@ -393,3 +411,28 @@ def plot(cfg: CompareConfig, summary: dict[str, Any], path: Path) -> None:
     right.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = common.benchmark_parser(__doc__, "benchmarks/configs/{babi,squad}_*.yaml")
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
+    args = parser.parse_args(argv)
+    only = [name for name in args.only.split(",") if name] if args.only else None
+    try:
+        device = common.start_benchmark(args)
+        cfg = CompareConfig.from_yaml(args.config)
+        cfg.select(only)
+    except (OSError, ValueError) as exc:
+        print(f"compare: bad config {args.config}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    output = args.output or str(common.ROOT / "runs" / Path(args.config).name.removesuffix(".yaml"))
+    command = ["python", "-m", "benchmarks.compare", *(sys.argv[1:] if argv is None else argv)]
+    summary = run_compare(cfg, output, only=only, max_steps=args.max_steps, command=command, repo_root=common.ROOT,
+                          device=device)
+    print((Path(output) / "results.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()
