@@ -19,3 +19,13 @@ if "RAY_ADDRESS" not in os.environ:  # a local Ray started by a job binds 127.0.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only cluster of this one job
 
 from gradmem.runtime import free_port, setup_logging  # noqa: E402,F401 (after sys.path: a checkout needs it)
+
+
+def send_stderr_to(path: Path) -> None:
+    """Quiet mode for a job that tells its own story on stdout: everything written to stderr from here on (our
+    logs, Ray's driver-side logs, warnings, native libraries, the processes this one starts) goes to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)

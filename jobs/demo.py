@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import ROOT, free_port, setup_logging
+from _common import ROOT, free_port, send_stderr_to, setup_logging
 
 from gradmem.tasks.kv import KVTask, exact_match
 from gradmem.config import override
@@ -48,8 +48,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="runs/demo")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--docs", type=int, default=200)
+    parser.add_argument("--verbose", action="store_true", help="show every log line of Ray, its workers and ours "
+                        "(default: only the demo's story; the logs go to OUTPUT/demo.log)")
     args = parser.parse_args(argv)
     setup_logging()
+    out = Path(args.output).resolve()
+    if not args.verbose:  # the story on stdout; every log line (ours, Ray's, warnings) in OUTPUT/demo.log
+        send_stderr_to(out / "demo.log")
+    try:
+        run(args, out)
+    except BaseException as exc:
+        if not args.verbose and not isinstance(exc, KeyboardInterrupt):
+            print(f"demo failed: {type(exc).__name__}: {exc}\n   the log says why: {out / 'demo.log'}", flush=True)
+        raise
+
+
+def run(args: argparse.Namespace, out: Path) -> None:
     import ray
     import requests
     from ray import serve
@@ -58,14 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.serve import build_app
     from pipelines.train import DistributedConfig, fit
 
-    out = Path(args.output).resolve()
     for stale in ("ray", "reader", "corpus", "memories"):
         shutil.rmtree(out / stale, ignore_errors=True)
     cfg = TrainConfig.from_yaml(args.config)
     if args.max_steps is not None:
         cfg = override(cfg, {"optim.max_steps": args.max_steps})
     started = time.perf_counter()
-    ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    # Quiet: the workers' output (Ray Train reports, DeepSpeed, Serve replicas) stays in Ray's log files.
+    ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
+             log_to_driver=args.verbose)
     try:
         print(f"== 1/4 Ray Train + DeepSpeed ZeRO-2, 2 workers: meta-training a reader on key-value retrieval with "
               f"{cfg.task.pairs} pairs ({cfg.optim.max_steps} steps)", flush=True)
@@ -113,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   the empty record was never stored: {missing.status_code} {missing.json()['error']}")
         print(f"== 4/4 exact match over HTTP from memory alone: {em:.3f} ({correct}/{len(exs)}); "
               f"total {time.perf_counter() - started:.0f}s", flush=True)
+        if not args.verbose:
+            print(f"   logs: {out / 'demo.log'} (this process), Ray's session directory for its workers "
+                  "(/tmp/ray/session_latest/logs); --verbose shows them here")
     finally:
         serve.shutdown()
         ray.shutdown()
