@@ -163,3 +163,18 @@ def load_job(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def markdown_rows(text: str, header: str) -> dict[str, dict[str, str]]:
+    """The first markdown table whose header line starts with ``header``: {first cell: {column: cell}}. Tests
+    check a report's figures against its JSON with it, rather than pinning the markdown."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    headers = [h.strip() for h in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(headers, cells))
+    return rows

@@ -18,6 +18,7 @@ import yaml
 from benchmarks import capacity
 from benchmarks.capacity import CapacityConfig, paper_figure, run_capacity
 from gradmem.train import Trainer
+from conftest import markdown_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "configs" / "capacity_smoke.yaml"
@@ -65,12 +66,15 @@ def test_smoke_run_writes_every_cell_and_the_reports(smoke_run):
         assert not (out / "runs" / cell["cell"] / "checkpoints").exists()  # dropped once the cell is saved
         assert (out / "runs" / cell["cell"] / "reader" / "config.json").exists()
 
-    table = (out / "results.md").read_text()
-    assert "| method | K train | budget | N = 1 | N = 2 |" in table
-    for spec in CapacityConfig.from_yaml(SMOKE).methods:
-        assert f"| {spec.name} ({spec.method}) |" in table
-    assert "INCOMPLETE" not in table and "(not run)" not in table
-    assert "- command: `python -m benchmarks.capacity --config" in table and results["commit"] in table
+    # the report's main table shows every cell's own figures: EM at the trained K (%) and the steps it trained
+    rows = markdown_rows((out / "results.md").read_text(), "| method | K train | budget |")
+    for cell in results["cells"]:
+        row = rows[f"{cell['name']} ({cell['method']})"]
+        shown = row[f"N = {cell['pairs']}"]
+        assert shown.startswith(f"{100 * cell['em_trained']:.1f}"), (cell["cell"], shown)
+        assert f"[{cell['budget']['trained_steps']} st]" in shown
+    assert results["command"] == ["python", "-m", "benchmarks.capacity", "--config", str(SMOKE), "--output",
+                                  str(out), "--threads", "1", "--device", "cpu"]  # how to reproduce it
 
     import matplotlib.image
 

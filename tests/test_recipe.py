@@ -12,11 +12,11 @@ import yaml
 
 from benchmarks.capacity import CapacityConfig, cell_name, run_capacity
 from benchmarks.compare import CompareConfig
-from benchmarks.sweep import SweepConfig, pick
+from benchmarks.sweep import SweepConfig, fmt, pick
 from gradmem import Reader, methods
 from gradmem.tasks.kv import KVTask
 from gradmem.train import TrainConfig, Trainer, build_reader
-from conftest import make_reader
+from conftest import make_reader, markdown_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # every shipped YAML by name: the training configs users run (jobs/) and the experiments' grids (benchmarks/)
@@ -185,7 +185,10 @@ def test_the_capacity_job_trains_each_method_with_its_validation_pick(tmp_path):
         # a trial only ever evaluates on validation: its log has eval events and nothing else scored
         log = (out / "sweep_runs" / f"{spec.name}_1" / "metrics.jsonl").read_text().splitlines()
         assert {json.loads(line)["event"] for line in log} <= {"train", "eval", "stop"}
-    assert "Tuning (validation only" in (out / "results.md").read_text()
+    rows = markdown_rows((out / "results.md").read_text(), "| method | tried")  # the sweep table: what each method picked
+    for spec in cfg.methods:
+        record = json.loads((out / "sweep" / f"{spec.name}.json").read_text())
+        assert rows[spec.name]["picked"] == fmt(record["picked"])
 
 
 def test_capacity_configs_refuse_unknown_keys(tmp_path):
