@@ -16,6 +16,15 @@ from gradmem.train import ModelConfig, build_backbone_config
 
 ARCHS = ("llama", "gpt2")
 
+# The slow tier, by rule rather than by hand: a test that uses a real service or a trained reader is slow.
+SLOW_FIXTURES = {"s3", "ray_cluster", "kv_reader_dir", "smoke_run", "service", "no_context_em", "model_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 # Tiny models gain nothing from a second OpenMP thread, and two spinning threads on a shared 2-core machine
 # (Ray workers, a second process) slow every small op down by an order of magnitude.
 from gradmem.runtime import configure_cpu
