@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pad_sequence
 from gradmem import methods
 
 if TYPE_CHECKING:
-    from gradmem.reader import Reader
+    from gradmem.cell import MemoryCell
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ReadOutput:
 
 
 def read_teacher_forced(
-    reader: "Reader",
+    reader: "MemoryCell",
     memory: torch.Tensor,  # (B, P, d) as written (P = m for gradmem and rmt)
     read_ids: torch.Tensor,  # (B, L) query then target, right-padded
     target_mask: torch.Tensor,  # (B, L)
@@ -45,7 +45,7 @@ def read_teacher_forced(
 
 
 def prefixed_hidden(
-    reader: "Reader",
+    reader: "MemoryCell",
     prefix: torch.Tensor,  # (B, P, d) input embeddings
     lengths: torch.Tensor,  # (B,) real prefix rows per sample
     ids: torch.Tensor,  # (B, L) right-padded
@@ -82,7 +82,7 @@ def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, batch: int) -> tor
 
 @torch.no_grad()
 def greedy_generate(
-    reader: "Reader",
+    reader: "MemoryCell",
     prefix: torch.Tensor,  # (B, P, d) READ prefix in input-embedding space (methods.read_prefix)
     lengths: torch.Tensor,  # (B,) real prefix rows per sample
     queries: Sequence[Sequence[int]],

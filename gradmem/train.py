@@ -39,7 +39,7 @@ from gradmem.data import Batch
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
 from gradmem.tasks import babi, squad
-from gradmem.tasks.dataset import ExampleSet
+from gradmem.tasks.base import Task
 from gradmem.tasks.kv import KVTask, kv_tokenizer
 from gradmem.tasks.words import word_tokenizer
 
@@ -51,7 +51,6 @@ RECIPE_AUX_WRITE_LOSS = {"kv": 0.5, "file": 0.5}  # the authors' key-value scrip
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 DTYPES = ("float32", "bfloat16", "float16")
-Task = KVTask | ExampleSet  # what Trainer and evaluate draw batches from
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -187,7 +186,7 @@ class TrainConfig:
             raise ValueError(f"model.rope_scaling must be llama3 or null, got {self.model.rope_scaling!r}")
         if o.write_mode not in ("second_order", "first_order"):
             raise ValueError(f"optim.write_mode must be second_order or first_order, got {o.write_mode!r}")
-        second_order = (self.memory.method in methods.SECOND_ORDER_METHODS and o.write_mode == "second_order"
+        second_order = (methods.get(self.memory.method).second_order and o.write_mode == "second_order"
                         and self.memory.write_steps > 0 and o.second_order_steps != 0)
         check_attention(o.attention, second_order)
         if o.autocast not in (None, "bfloat16"):
@@ -332,8 +331,7 @@ def evaluate(
     reader.eval()
     results: dict[int, dict[str, float]] = {}
     seed_seq = [hash_seed(seed)]
-    if isinstance(task, ExampleSet):
-        samples = max(0, min(samples, len(task) - start))
+    samples = task.eval_size(samples, start)
     if samples < 1:
         raise ValueError(f"nothing to evaluate: {samples} samples (start {start})")
     try:
@@ -342,10 +340,7 @@ def evaluate(
             done = 0
             for i, offset in enumerate(range(0, samples, batch_size)):
                 n = min(batch_size, samples - offset)
-                if isinstance(task, ExampleSet):
-                    batch = task.ordered_batch(start + offset, n, reader.tokenizer).to(reader.device)
-                else:
-                    batch = task.batch(n, seed_seq + [i], reader.tokenizer).to(reader.device)
+                batch = task.eval_batch(start + offset, n, seed_seq + [i], reader.tokenizer).to(reader.device)
                 with attention_path(reader.lm, "sdpa"):
                     out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
                     read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask,
@@ -400,7 +395,7 @@ class Trainer:
         self.cfg = cfg
         self.output = Path(output_dir)
         self.task = build_task(cfg.task, "train")
-        self.eval_task = build_task(cfg.task, "validation") if isinstance(self.task, ExampleSet) else self.task
+        self.eval_task = build_task(cfg.task, "validation")  # key-value: the same generator, other seeds
         self.reader = build_reader(cfg, self.task).to(device)  # before the optimizer: its state lives there too
         params = [p for p in self.reader.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
