@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 
 from gradmem import checkpoint, methods
 from gradmem.config import MemoryConfig
-from gradmem.read import per_sample_mean
 
 
 def max_positions(config: PretrainedConfig) -> int:
@@ -236,3 +235,9 @@ class MemoryCell(nn.Module):
         batch = ids.shape[0]
         return per_sample_mean(ce, rows, batch), per_sample_mean(correct.float(), rows, batch)
 
+
+def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Mean of flat per-token ``values`` (n,) grouped by sample index ``rows`` (n,) -> (B,)."""
+    total = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+    count = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
+    return total / count.clamp(min=1)

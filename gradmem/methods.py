@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from gradmem import config
 from gradmem.write import WriteMode, WriteOutput, check_write, gradient_steps
 
 if TYPE_CHECKING:
@@ -103,9 +104,7 @@ def register(method: Method) -> Method:
     if known is not None and known is not method:
         raise ValueError(f"method {method.name!r} is already registered")
     REGISTRY[method.name] = method
-    from gradmem import config  # MemoryConfig validates names against config.METHODS: keep it in step
-
-    if method.name not in config.METHODS:
+    if method.name not in config.METHODS:  # MemoryConfig validates names against config.METHODS: keep it in step
         config.METHODS = config.METHODS + (method.name,)
     return method
 

@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from gradmem import methods
+from gradmem.cell import per_sample_mean
 
 if TYPE_CHECKING:
     from gradmem.cell import MemoryCell
@@ -71,13 +72,6 @@ def prefixed_hidden(
     index = lengths[:, None] - 1 + torch.arange(ids.shape[1], device=lengths.device)  # (B, L) predicting position
     gathered = hidden.gather(1, index.clamp(min=0).unsqueeze(-1).expand(-1, -1, d))  # (B, L, d)
     return gathered.masked_fill((index < 0).unsqueeze(-1), 0.0)  # token 0 after an empty prefix: never scored
-
-
-def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Mean of flat per-token ``values`` (n,) grouped by sample index ``rows`` (n,) -> (B,)."""
-    total = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    count = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
-    return total / count.clamp(min=1)
 
 
 @torch.no_grad()

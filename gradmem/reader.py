@@ -101,7 +101,7 @@ class Reader(MemoryCell):
         Contexts are grouped by length into batches of ``batch_size`` to pad little; the result keeps the
         input order. Raises ``NonFiniteWriteError`` (carrying every memory) if any write produced NaN/inf.
         The memory's rows and statistics depend on the method (``gradmem.methods``)."""
-        return self.write_tokens(self.encode_contexts(contexts), steps, lr, batch_size, attention)
+        return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention)
 
     def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
         """A clear ValueError for any empty or over-long token list (what ``encode_contexts`` checks on text)."""
@@ -117,11 +117,17 @@ class Reader(MemoryCell):
         attention: str = INFERENCE_ATTENTION,
     ) -> Memories:
         """``write`` on token ids already produced by this reader's tokenizer (batch jobs tokenize upstream)."""
+        self.check_tokens(ids)
+        return self._write_checked(ids, steps, lr, batch_size, attention)
+
+    def _write_checked(
+        self, ids: Sequence[Sequence[int]], steps: int | None, lr: float | None, batch_size: int, attention: str,
+    ) -> Memories:
+        """Length-bucketed inference WRITEs of token lists already checked by ``check_tokens``."""
         steps = self.config.write_steps if steps is None else int(steps)
         lr = self.config.write_lr if lr is None else float(lr)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.check_tokens(ids)
         n = len(ids)
         slots = self.method.memory_slots(self.num_memory, self.max_context_tokens)
         tensor = torch.zeros(n, slots, self.d_model, dtype=self.memory.dtype)  # (n, P, d)
