@@ -98,8 +98,8 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
-    """Make ``method`` available under ``method.name`` (``MemoryConfig.method``). Returns it (usable as a
-    decorator on an instance factory); a name already taken by another object is refused."""
+    """Make ``method`` available under ``method.name`` (``MemoryConfig.method``) and return it; a name already
+    taken by another object is refused (a saved reader's method must mean one thing)."""
     known = REGISTRY.get(method.name)
     if known is not None and known is not method:
         raise ValueError(f"method {method.name!r} is already registered")
