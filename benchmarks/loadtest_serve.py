@@ -71,12 +71,11 @@ def model_latency(reader, memories, contexts: list[str], questions: list[str], b
     """Median seconds for greedy answers from memory vs with the context in the prompt (no memory prefix)."""
     from gradmem.data import tokenize
     from gradmem.read import greedy_generate
-    from gradmem.methods import memory_input
 
     q_ids = tokenize(reader.tokenizer, questions[:batch])
     full = [c + q for c, q in zip(tokenize(reader.tokenizer, contexts[:batch]), q_ids)]
     empty = torch.zeros(batch, 0, reader.d_model)  # (B, 0, d): no memory, the context is in the prompt
-    prefix = memory_input(reader, memories.tensor[:batch])  # (B, m, d)
+    prefix = reader.method.memory_input(reader, memories.tensor[:batch])  # (B, m, d)
     m_rows = torch.full((batch,), reader.num_memory)
     no_rows = torch.zeros(batch, dtype=torch.long)
 

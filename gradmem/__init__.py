@@ -5,14 +5,17 @@
     mem = reader.write(contexts)                    # mem.tensor (B, m, d), mem.stats
     reader.answer(mem, questions)                   # list[str]
 
-``MemoryConfig.method`` picks GradMem or a baseline (rmt, full_context, no_context) behind the same calls
-(``gradmem.methods``).
+``MemoryConfig.method`` picks GradMem or a baseline (rmt, full_context, no_context) behind the same calls: each
+is one ``gradmem.methods.Method`` object in a registry. ``Reader`` is the memory cell (``gradmem.cell``: the
+model, its memory parameters, checkpoints) with the string API on top; data flows reader -> methods ->
+write / read -> cell.
 
 This package never imports Ray: it runs and is tested in a plain Python process.
 """
 
 import logging
 
+from gradmem.cell import MemoryCell
 from gradmem.config import METHODS, MemoryConfig
 from gradmem.data import Batch, Example, collate
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
@@ -34,6 +37,6 @@ class _RopeWindowNotice(logging.Filter):
 logging.getLogger("transformers.modeling_rope_utils").addFilter(_RopeWindowNotice())
 
 __all__ = [
-    "Batch", "Example", "METHODS", "Memories", "MemoryConfig", "NonFiniteWriteError", "ReadOutput", "Reader", "WriteOutput",
+    "Batch", "Example", "METHODS", "Memories", "MemoryCell", "MemoryConfig", "NonFiniteWriteError", "ReadOutput", "Reader", "WriteOutput",
     "WriteStats", "collate", "read_teacher_forced", "write_memory",
 ]

@@ -1,8 +1,9 @@
 """The methods behind one writer/reader interface: GradMem, the RMT forward-only writer, and the two bounds.
 
-A reader's ``config.method`` picks one. Training (``gradmem.train``), evaluation, ``Reader.write`` and
-``Reader.answer`` call ``write`` and ``read_prefix`` here and never branch on the method themselves; this module
-is the only place that does.
+Each method is one object implementing ``Method``, registered by name (``register``); a reader's
+``config.method`` picks one (``of(cell)``). Training (``gradmem.train``), evaluation, ``Reader.write`` and
+``Reader.answer`` call ``write`` and ``read_prefix`` here and never branch on the method themselves: adding a
+method is registering one object (tests/test_methods.py registers a toy one).
 
 What a memory is, per method (``WriteOutput.memory`` (B, P, d), stored as ``Memories.tensor``):
 
@@ -15,15 +16,15 @@ What a memory is, per method (``WriteOutput.memory`` (B, P, d), stored as ``Memo
 - ``full_context`` (upper bound): the context's own input embeddings, zero rows after the context's end.
   ``WriteOutput.lengths`` (and ``WriteStats.n_tokens`` in ``Memories``) say how many rows are real. A token's
   input embedding is exactly what the backbone sees for that token, so the READ sees ``[C; Q]``: no removal.
-  ``Reader.write`` pads every such memory to ``reader.max_context_tokens`` rows, so all memories of a reader
-  share one shape (one Parquet schema); that costs max_context_tokens x d numbers per context, which is fine
-  for a bound that compresses nothing.
+  ``Reader.write`` pads every such memory to ``max_context_tokens`` rows, so all memories of a reader share one
+  shape (one Parquet schema); that costs max_context_tokens x d numbers per context, which is fine for a bound
+  that compresses nothing.
 - ``no_context`` (lower bound): P = 0. The READ sees ``[Q]`` alone: no prefix positions at all, not m zero
   vectors (those would still be positions the model could learn to use as a bias).
 
-READ input per sample: ``read_prefix`` rows (projected memory for gradmem, memory as written for rmt; the first n_tokens rows for
-full_context; none for no_context), then the query (and the target when teacher-forcing). No context token is
-ever fed to a READ except through full_context's prefix (tests/test_baselines.py checks it with hooks).
+READ input per sample: ``read_prefix`` rows (projected memory for gradmem, memory as written for rmt; the first
+n_tokens rows for full_context; none for no_context), then the query (and the target when teacher-forcing). No
+context token is ever fed to a READ except through full_context's prefix (tests/test_baselines.py checks it).
 
 Write statistics (``WriteOutput.losses`` (B, S), ``accuracy`` (B,)):
 
@@ -38,28 +39,91 @@ The auxiliary write loss of meta-training (``OptimConfig.aux_write_loss``) exist
 writers return ``last_step_loss=None``. Write modes: ``inference`` writes without a graph for every method;
 ``first_order`` and ``second_order`` differ only for GradMem (RMT has no inner gradient; it keeps the graph
 through its passes in both).
+
+Import direction: this module uses the memory cell's tensor primitives (``gradmem.cell``) and GradMem's inner
+loop (``gradmem.write``); neither imports it back.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from gradmem.config import METHODS
-from gradmem.write import WRITE_MODES, WriteMode, WriteOutput, write_memory
+from gradmem import config
+from gradmem.write import WriteMode, WriteOutput, check_write, gradient_steps
 
 if TYPE_CHECKING:
-    from gradmem.reader import Reader
-
-# Methods whose training differentiates through an inner gradient (needs an attention path with double backward).
-SECOND_ORDER_METHODS = ("gradmem",)
+    from gradmem.cell import MemoryCell
 
 
-# ---------------------------------------------------------------------------------------------- dispatch
+class Method(Protocol):
+    """A way to turn B contexts into memories (B, P, d) and to place a memory before a READ's query."""
+
+    name: str  # the ``MemoryConfig.method`` string: saved in reader directories, never renamed
+    has_memory: bool  # a learned M0 of m vectors is written per context (gradmem, rmt); the bounds have none
+    second_order: bool  # training differentiates an inner gradient (needs an attention path with double backward)
+    projection_bias: bool  # ``mem_proj`` (when on) is a biased default-init Linear, else a bias-free identity init
+
+    def write(
+        self, cell: "MemoryCell", ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, steps: int, lr: float,
+        mode: WriteMode, second_order_steps: int | None, final_stats: bool, keep_last_loss: bool,
+    ) -> WriteOutput:
+        """(B, L) right-padded contexts and their mask -> memories (B, P, d) and per-sample statistics.
+        Arguments are already validated (``write`` below does it once)."""
+        ...
+
+    def memory_input(self, cell: "MemoryCell", memory: torch.Tensor) -> torch.Tensor:
+        """(B, P, d) memory as stored -> (B, P, d) what the backbone sees for it (READ, write loss)."""
+        ...
+
+    def prefix_lengths(self, memory: torch.Tensor, n_tokens: torch.Tensor | None) -> torch.Tensor:
+        """(B,) rows of each memory the READ sees; ``n_tokens`` (B,) the context lengths the memories were
+        written from. Raises ValueError when they do not fit the memory."""
+        ...
+
+    def memory_slots(self, num_memory: int, max_context_tokens: int) -> int:
+        """Rows P of every stored memory, given m and the longest context the reader writes."""
+        ...
+
+    def write_overhead(self, num_memory: int) -> int:
+        """Positions a WRITE adds around the context (the context limit is the backbone's positions minus this)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- registry
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Make ``method`` available under ``method.name`` (``MemoryConfig.method``) and return it; a name already
+    taken by another object is refused (a saved reader's method must mean one thing)."""
+    known = REGISTRY.get(method.name)
+    if known is not None and known is not method:
+        raise ValueError(f"method {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+    if method.name not in config.METHODS:  # MemoryConfig validates names against config.METHODS: keep it in step
+        config.METHODS = config.METHODS + (method.name,)
+    return method
+
+
+def get(name: str) -> Method:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {tuple(REGISTRY)}") from None
+
+
+def of(cell: "MemoryCell") -> Method:
+    """The method of a memory cell (its ``config.method``)."""
+    return get(cell.config.method)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
 def write(
-    reader: "Reader",
+    cell: "MemoryCell",
     ctx_ids: torch.Tensor,  # (B, L) right-padded
     ctx_mask: torch.Tensor,  # (B, L)
     steps: int,
@@ -69,149 +133,193 @@ def write(
     final_stats: bool = True,
     keep_last_loss: bool = False,
 ) -> WriteOutput:
-    """Write each context into its memory with the reader's method. ``lr`` and ``second_order_steps`` only
+    """Write each context into its memory with the cell's method. ``lr`` and ``second_order_steps`` only
     matter for GradMem; ``steps`` is the number of SGD steps (gradmem) or forward passes (rmt)."""
-    if mode not in WRITE_MODES:
-        raise ValueError(f"unknown write mode {mode!r}; choose one of {WRITE_MODES}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    method = reader.config.method
-    if method == "gradmem":
-        return write_memory(reader, ctx_ids, ctx_mask, steps, lr, mode=mode, second_order_steps=second_order_steps,
-                            final_stats=final_stats, keep_last_loss=keep_last_loss)
-    if method == "rmt":
-        return write_rmt(reader, ctx_ids, ctx_mask, steps, mode=mode, final_stats=final_stats)
-    if method == "full_context":
-        return write_full_context(reader, ctx_ids, ctx_mask, mode=mode)
-    if method == "no_context":
-        return write_no_context(reader, ctx_ids)
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    check_write(mode, steps)
+    return of(cell).write(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
 
 
 def read_prefix(
-    reader: "Reader", memory: torch.Tensor, n_tokens: torch.Tensor | None = None
+    cell: "MemoryCell", memory: torch.Tensor, n_tokens: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What the READ places before the query: (B, P, d) input embeddings and (B,) real rows per sample.
 
     ``memory`` (B, P, d) as written; ``n_tokens`` (B,) the context lengths, needed by full_context only."""
-    return memory_input(reader, memory), prefix_lengths(reader, memory, n_tokens)
+    method = of(cell)
+    return method.memory_input(cell, memory), method.prefix_lengths(memory, n_tokens)
 
 
-def memory_input(reader: "Reader", memory: torch.Tensor) -> torch.Tensor:
-    """(B, P, d) -> (B, P, d): what the backbone sees for a written memory, at READ and in the write loss.
-
-    GradMem projects M before every use; RMT's projection belongs to its write (already applied); the bounds'
-    rows are token embeddings or nothing."""
-    if reader.config.method == "gradmem":
-        return reader.project(memory)  # (B, m, d)
-    return memory
+def max_context_tokens(num_memory: int, max_positions: int, config_limit: int, method: Method) -> int:
+    """Longest context a WRITE accepts: the config's limit, and the WRITE's input ([M; C], [M; C; M] for RMT)
+    must fit the backbone's positions."""
+    return min(config_limit, max_positions - method.write_overhead(num_memory))
 
 
-def prefix_lengths(reader: "Reader", memory: torch.Tensor, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) how many prefix rows of each memory the READ sees (cheap: no projection)."""
-    batch, slots = memory.shape[0], memory.shape[1]
-    if reader.config.method == "full_context":
-        if n_tokens is None:
-            raise ValueError("a full-context memory needs its context lengths (n_tokens) to be read")
-        lengths = n_tokens.to(device=memory.device, dtype=torch.long)
-        if bool((lengths > slots).any()):
-            raise ValueError(f"context lengths {lengths.max().item()} exceed the memory's {slots} rows")
-        return lengths
-    return torch.full((batch,), slots, dtype=torch.long, device=memory.device)
+def full_rows(memory: torch.Tensor) -> torch.Tensor:
+    """(B,) every row of every memory."""
+    return torch.full((memory.shape[0],), memory.shape[1], dtype=torch.long, device=memory.device)
 
 
-def memory_slots(reader: "Reader") -> int:
-    """Rows P of every memory this reader stores: m, the longest context (full_context) or 0 (no_context)."""
-    method = reader.config.method
-    if method == "full_context":
-        return reader.max_context_tokens
-    if method == "no_context":
-        return 0
-    return reader.num_memory
+# ---------------------------------------------------------------------------------------------- the methods
+@dataclass(frozen=True)
+class GradMem:
+    """The paper's method: K SGD steps on the reconstruction loss from the learned M0 (``gradmem.write``)."""
+
+    name: str = "gradmem"
+    has_memory: bool = True
+    second_order: bool = True
+    projection_bias: bool = False
+
+    def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss):
+        return gradient_steps(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
+
+    def memory_input(self, cell, memory):
+        return cell.project(memory)  # (B, m, d): GradMem projects M before every use
+
+    def prefix_lengths(self, memory, n_tokens):
+        return full_rows(memory)
+
+    def memory_slots(self, num_memory, max_context_tokens):
+        return num_memory
+
+    def write_overhead(self, num_memory):
+        return num_memory  # [M; C]
 
 
-def write_overhead(reader: "Reader") -> int:
-    """Positions a WRITE adds around the context: m for ``[M; C]``, 2m for RMT's ``[M; C; M]``, none for the
-    bounds (whose READ length the answer checks per question)."""
-    method = reader.config.method
-    if method == "gradmem":
-        return reader.num_memory
-    if method == "rmt":
-        return 2 * reader.num_memory
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------- writers
-def write_rmt(
-    reader: "Reader", ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, steps: int, mode: WriteMode = "second_order",
-    final_stats: bool = True,
-) -> WriteOutput:
-    """RMT-style forward writes: K passes of ``[M_k; C; M_k]``, M_{k+1} = last hidden states at the trailing m slots.
+@dataclass(frozen=True)
+class RMT:
+    """Forward-only writes: K passes of ``[M_k; C; M_k]``, M_{k+1} = last hidden states at the trailing m slots.
 
     Each pass re-reads the whole context with the current memory as both prefix and trailing slots. Training
     keeps the graph through every pass (backprop through the forward writes); ``inference`` runs without one."""
-    batch = ctx_ids.shape[0]
-    lengths = ctx_mask.sum(dim=1)  # (B,) contexts are right-padded
-    build_graph = mode != "inference" and torch.is_grad_enabled()
-    memory = reader.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d) M0 for every sample
-    if not build_graph:
-        memory = memory.detach()
-    trajectory = [memory]
-    with torch.set_grad_enabled(build_graph):
-        for _ in range(steps):
-            memory = rmt_pass(reader, memory, ctx_ids, lengths)
-            trajectory.append(memory)
 
-    losses = ctx_ids.new_zeros((batch, 0), dtype=torch.float32)
-    accuracy = None
-    if final_stats:
-        with torch.no_grad():
-            stats = [reader.write_loss(mem.detach(), ctx_ids, ctx_mask) for mem in trajectory]
-        losses = torch.stack([loss for loss, _ in stats], dim=1)  # (B, K + 1)
-        accuracy = stats[-1][1]  # (B,)
-    return WriteOutput(memory=memory, losses=losses, accuracy=accuracy, last_step_loss=None)
+    name: str = "rmt"
+    has_memory: bool = True
+    second_order: bool = False
+    projection_bias: bool = True  # the authors' recipe: default nn.Linear init with bias, applied when writing
+
+    def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss):
+        batch = ctx_ids.shape[0]
+        lengths = ctx_mask.sum(dim=1)  # (B,) contexts are right-padded
+        build_graph = mode != "inference" and torch.is_grad_enabled()
+        memory = cell.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d) M0 for every sample
+        if not build_graph:
+            memory = memory.detach()
+        trajectory = [memory]
+        with torch.set_grad_enabled(build_graph):
+            for _ in range(steps):
+                memory = rmt_pass(cell, memory, ctx_ids, lengths)
+                trajectory.append(memory)
+
+        losses = ctx_ids.new_zeros((batch, 0), dtype=torch.float32)
+        accuracy = None
+        if final_stats:
+            with torch.no_grad():  # diagnostics: the READ sees M as written, so the write loss does too
+                stats = [cell.write_loss(mem.detach(), ctx_ids, ctx_mask) for mem in trajectory]
+            losses = torch.stack([loss for loss, _ in stats], dim=1)  # (B, K + 1)
+            accuracy = stats[-1][1]  # (B,)
+        return WriteOutput(memory=memory, losses=losses, accuracy=accuracy, last_step_loss=None)
+
+    def memory_input(self, cell, memory):
+        return memory  # the projection belongs to the write (already applied)
+
+    def prefix_lengths(self, memory, n_tokens):
+        return full_rows(memory)
+
+    def memory_slots(self, num_memory, max_context_tokens):
+        return num_memory
+
+    def write_overhead(self, num_memory):
+        return 2 * num_memory  # [M; C; M]
 
 
-def rmt_pass(reader: "Reader", memory: torch.Tensor, ctx_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def rmt_pass(cell: "MemoryCell", memory: torch.Tensor, ctx_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """One forward write: (B, m, d) memory, (B, L) right-padded context, (B,) lengths -> (B, m, d) new memory.
 
     Each sample is packed as ``[M; C_i; M]`` and only then right-padded, so the trailing slots follow the
     sample's own last token (never pads) and sit at the positions they would have if written alone."""
     m, d = memory.shape[1], memory.shape[2]
-    tokens = reader.lm.get_input_embeddings()(ctx_ids)  # (B, L, d)
+    tokens = cell.lm.get_input_embeddings()(ctx_ids)  # (B, L, d)
     slots = memory.to(tokens.dtype)  # (B, m, d)
     if bool((lengths == ctx_ids.shape[1]).all()):  # no padding: one concatenation
         embeds = torch.cat([slots, tokens, slots], dim=1)  # (B, 2m + L, d)
     else:
         seqs = [torch.cat([slots[i], tokens[i, :n], slots[i]]) for i, n in enumerate(lengths.tolist())]  # (2m + L_i, d)
         embeds = pad_sequence(seqs, batch_first=True)  # (B, 2m + max L_i, d)
-    hidden = reader.last_hidden(embeds)  # (B, 2m + max L_i, d)
+    hidden = cell.last_hidden(embeds)  # (B, 2m + max L_i, d)
     index = (m + lengths)[:, None] + torch.arange(m, device=lengths.device)  # (B, m): the trailing slots
-    return reader.project(hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, d)))  # (B, m, d)
+    return cell.project(hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, d)))  # (B, m, d)
 
 
-def write_full_context(
-    reader: "Reader", ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, mode: WriteMode = "second_order"
-) -> WriteOutput:
+@dataclass(frozen=True)
+class FullContext:
     """Upper bound: the memory is the context's input embeddings (B, L, d), pads zeroed; lengths say how many
     rows are real. With a graph when training, so the READ's gradient reaches the embeddings through it."""
-    batch = ctx_ids.shape[0]
-    build_graph = mode != "inference" and torch.is_grad_enabled()
-    with torch.set_grad_enabled(build_graph):
-        tokens = reader.lm.get_input_embeddings()(ctx_ids)  # (B, L, d)
-        memory = tokens * ctx_mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, d)
-    return WriteOutput(
-        memory=memory, losses=ctx_ids.new_zeros((batch, 0), dtype=torch.float32),
-        accuracy=torch.ones(batch, device=ctx_ids.device), last_step_loss=None, lengths=ctx_mask.sum(dim=1),
-    )
+
+    name: str = "full_context"
+    has_memory: bool = False
+    second_order: bool = False
+    projection_bias: bool = False
+
+    def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss):
+        batch = ctx_ids.shape[0]
+        build_graph = mode != "inference" and torch.is_grad_enabled()
+        with torch.set_grad_enabled(build_graph):
+            tokens = cell.lm.get_input_embeddings()(ctx_ids)  # (B, L, d)
+            memory = tokens * ctx_mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, d)
+        return WriteOutput(
+            memory=memory, losses=ctx_ids.new_zeros((batch, 0), dtype=torch.float32),
+            accuracy=torch.ones(batch, device=ctx_ids.device), last_step_loss=None, lengths=ctx_mask.sum(dim=1),
+        )
+
+    def memory_input(self, cell, memory):
+        return memory  # token embeddings already
+
+    def prefix_lengths(self, memory, n_tokens):
+        if n_tokens is None:
+            raise ValueError("a full-context memory needs its context lengths (n_tokens) to be read")
+        lengths = n_tokens.to(device=memory.device, dtype=torch.long)
+        if bool((lengths > memory.shape[1]).any()):
+            raise ValueError(f"context lengths {lengths.max().item()} exceed the memory's {memory.shape[1]} rows")
+        return lengths
+
+    def memory_slots(self, num_memory, max_context_tokens):
+        return max_context_tokens
+
+    def write_overhead(self, num_memory):
+        return 0  # the READ's length is checked per question instead
 
 
-def write_no_context(reader: "Reader", ctx_ids: torch.Tensor) -> WriteOutput:
+@dataclass(frozen=True)
+class NoContext:
     """Lower bound: an empty memory (B, 0, d). The context is not even embedded."""
-    batch = ctx_ids.shape[0]
-    memory = reader.memory.new_zeros((batch, 0, reader.d_model)).detach()  # (B, 0, d)
-    return WriteOutput(
-        memory=memory, losses=ctx_ids.new_zeros((batch, 0), dtype=torch.float32),
-        accuracy=torch.zeros(batch, device=ctx_ids.device), last_step_loss=None,
-        lengths=torch.zeros(batch, dtype=torch.long, device=ctx_ids.device),
-    )
+
+    name: str = "no_context"
+    has_memory: bool = False
+    second_order: bool = False
+    projection_bias: bool = False
+
+    def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss):
+        batch = ctx_ids.shape[0]
+        memory = cell.memory.new_zeros((batch, 0, cell.d_model)).detach()  # (B, 0, d)
+        return WriteOutput(
+            memory=memory, losses=ctx_ids.new_zeros((batch, 0), dtype=torch.float32),
+            accuracy=torch.zeros(batch, device=ctx_ids.device), last_step_loss=None,
+            lengths=torch.zeros(batch, dtype=torch.long, device=ctx_ids.device),
+        )
+
+    def memory_input(self, cell, memory):
+        return memory
+
+    def prefix_lengths(self, memory, n_tokens):
+        return full_rows(memory)  # zero rows
+
+    def memory_slots(self, num_memory, max_context_tokens):
+        return 0
+
+    def write_overhead(self, num_memory):
+        return 0
+
+
+for _method in (GradMem(), RMT(), FullContext(), NoContext()):
+    register(_method)

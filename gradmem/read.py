@@ -13,9 +13,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from gradmem import methods
+from gradmem.cell import per_sample_mean
 
 if TYPE_CHECKING:
-    from gradmem.reader import Reader
+    from gradmem.cell import MemoryCell
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ReadOutput:
 
 
 def read_teacher_forced(
-    reader: "Reader",
+    reader: "MemoryCell",
     memory: torch.Tensor,  # (B, P, d) as written (P = m for gradmem and rmt)
     read_ids: torch.Tensor,  # (B, L) query then target, right-padded
     target_mask: torch.Tensor,  # (B, L)
@@ -45,7 +46,7 @@ def read_teacher_forced(
 
 
 def prefixed_hidden(
-    reader: "Reader",
+    reader: "MemoryCell",
     prefix: torch.Tensor,  # (B, P, d) input embeddings
     lengths: torch.Tensor,  # (B,) real prefix rows per sample
     ids: torch.Tensor,  # (B, L) right-padded
@@ -73,16 +74,9 @@ def prefixed_hidden(
     return gathered.masked_fill((index < 0).unsqueeze(-1), 0.0)  # token 0 after an empty prefix: never scored
 
 
-def per_sample_mean(values: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Mean of flat per-token ``values`` (n,) grouped by sample index ``rows`` (n,) -> (B,)."""
-    total = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add(0, rows, values)
-    count = torch.zeros(batch, dtype=values.dtype, device=values.device).index_add(0, rows, torch.ones_like(values))
-    return total / count.clamp(min=1)
-
-
 @torch.no_grad()
 def greedy_generate(
-    reader: "Reader",
+    reader: "MemoryCell",
     prefix: torch.Tensor,  # (B, P, d) READ prefix in input-embedding space (methods.read_prefix)
     lengths: torch.Tensor,  # (B,) real prefix rows per sample
     queries: Sequence[Sequence[int]],

@@ -41,7 +41,7 @@ from gradmem.data import Batch
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
 from gradmem.tasks import babi, squad
-from gradmem.tasks.dataset import ExampleSet
+from gradmem.tasks.base import Task
 from gradmem.tasks.kv import KVTask, kv_tokenizer
 from gradmem.tasks.words import word_tokenizer
 
@@ -53,7 +53,6 @@ RECIPE_AUX_WRITE_LOSS = {"kv": 0.5, "file": 0.5}  # the authors' key-value scrip
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 DTYPES = ("float32", "bfloat16", "float16")
-Task = KVTask | ExampleSet  # what Trainer and evaluate draw batches from
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -193,7 +192,7 @@ class TrainConfig:
             resolved = RECIPE_AUX_WRITE_LOSS.get(self.task.name, 0.0)
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, aux_write_loss=resolved))
         o = self.optim
-        second_order = (self.memory.method in methods.SECOND_ORDER_METHODS and o.write_mode == "second_order"
+        second_order = (methods.get(self.memory.method).second_order and o.write_mode == "second_order"
                         and self.memory.write_steps > 0 and o.second_order_steps != 0)
         check_attention(o.attention, second_order)
         return self
@@ -315,8 +314,7 @@ def evaluate(
     reader.eval()
     results: dict[int, dict[str, float]] = {}
     seed_seq = [hash_seed(seed)]
-    if isinstance(task, ExampleSet):
-        samples = max(0, min(samples, len(task) - start))
+    samples = task.eval_size(samples, start)
     if samples < 1:
         raise ValueError(f"nothing to evaluate: {samples} samples (start {start})")
     try:
@@ -325,10 +323,7 @@ def evaluate(
             done = 0
             for i, offset in enumerate(range(0, samples, batch_size)):
                 n = min(batch_size, samples - offset)
-                if isinstance(task, ExampleSet):
-                    batch = task.ordered_batch(start + offset, n, reader.tokenizer).to(reader.device)
-                else:
-                    batch = task.batch(n, seed_seq + [i], reader.tokenizer).to(reader.device)
+                batch = task.eval_batch(start + offset, n, seed_seq + [i], reader.tokenizer).to(reader.device)
                 with attention_path(reader.lm, "sdpa"):
                     out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
                     read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask,
@@ -382,7 +377,7 @@ class Trainer:
         self.cfg = cfg
         self.output = Path(output_dir)
         self.task = build_task(cfg.task, "train")
-        self.eval_task = build_task(cfg.task, "validation") if isinstance(self.task, ExampleSet) else self.task
+        self.eval_task = build_task(cfg.task, "validation")  # key-value: the same generator, other seeds
         self.reader = build_reader(cfg, self.task).to(device)  # before the optimizer: its state lives there too
         params = [p for p in self.reader.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 if TYPE_CHECKING:
-    from gradmem.reader import Reader
+    from gradmem.cell import MemoryCell
 
 WriteMode = Literal["second_order", "first_order", "inference"]
 WRITE_MODES = ("second_order", "first_order", "inference")
@@ -35,8 +35,16 @@ class WriteOutput:
     lengths: torch.Tensor | None = None  # (B,) real memory rows when they vary by sample (full_context); None: all
 
 
+def check_write(mode: str, steps: int) -> None:
+    """The WRITE's arguments, checked once per write (``gradmem.methods.write``, ``write_memory``)."""
+    if mode not in WRITE_MODES:
+        raise ValueError(f"unknown write mode {mode!r}; choose one of {WRITE_MODES}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+
+
 def write_memory(
-    reader: "Reader",
+    cell: "MemoryCell",
     ctx_ids: torch.Tensor,  # (B, L)
     ctx_mask: torch.Tensor,  # (B, L)
     steps: int,
@@ -46,14 +54,28 @@ def write_memory(
     final_stats: bool = True,
     keep_last_loss: bool = False,
 ) -> WriteOutput:
-    """Run K SGD steps from the reader's learned M0 and return the memories with per-sample statistics."""
-    if mode not in WRITE_MODES:
-        raise ValueError(f"unknown write mode {mode!r}; choose one of {WRITE_MODES}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    """Run K SGD steps from the cell's learned M0 and return the memories with per-sample statistics (GradMem's
+    WRITE whatever the cell's method: benchmarks and tests call it directly; everything else goes through
+    ``gradmem.methods.write``)."""
+    check_write(mode, steps)
+    return gradient_steps(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
+
+
+def gradient_steps(
+    cell: "MemoryCell",
+    ctx_ids: torch.Tensor,  # (B, L)
+    ctx_mask: torch.Tensor,  # (B, L)
+    steps: int,
+    lr: float,
+    mode: WriteMode,
+    second_order_steps: int | None,
+    final_stats: bool,
+    keep_last_loss: bool,
+) -> WriteOutput:
+    """The inner loop on checked arguments. The write loss sees ``cell.project(M)``, as the READ does."""
     n_second = steps if second_order_steps is None else max(0, min(steps, second_order_steps))
     batch = ctx_ids.shape[0]
-    memory = reader.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d), one copy per sample
+    memory = cell.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d), one copy per sample
     if mode == "inference" or not torch.is_grad_enabled():  # no outer graph wanted (or possible)
         memory = memory.detach()
 
@@ -65,7 +87,7 @@ def write_memory(
         if not memory.requires_grad:  # inference, or training with a frozen M0
             memory = memory.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss, _ = reader.write_loss(memory, ctx_ids, ctx_mask)  # (B,)
+            loss, _ = cell.write_loss(cell.project(memory), ctx_ids, ctx_mask)  # (B,)
             (grad,) = torch.autograd.grad(loss.sum(), memory, create_graph=create_graph, retain_graph=create_graph or keep)
         step_losses.append(loss.detach())
         if keep:
@@ -78,7 +100,7 @@ def write_memory(
     accuracy = None
     if final_stats:
         with torch.no_grad():
-            loss, accuracy = reader.write_loss(memory.detach(), ctx_ids, ctx_mask)
+            loss, accuracy = cell.write_loss(cell.project(memory.detach()), ctx_ids, ctx_mask)
         step_losses.append(loss)
     losses = torch.stack(step_losses, dim=1) if step_losses else ctx_ids.new_zeros((batch, 0), dtype=torch.float32)
     return WriteOutput(memory=memory, losses=losses, accuracy=accuracy, last_step_loss=last_step_loss)

@@ -24,7 +24,7 @@ import _common  # noqa: F401
 from _common import setup_logging
 
 from gradmem import Reader
-from gradmem.tasks.dataset import ExampleSet, evaluate_generated
+from gradmem.tasks.dataset import evaluate_generated
 from gradmem.train import TaskConfig, build_task, evaluate
 
 logger = logging.getLogger("evaluate")
@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     task_cfg = TaskConfig(name=args.task, pairs=args.pairs or 1, path=args.data, babi_set=args.babi_set,
                           tasks=args.babi_tasks.split(","), variant=args.variant)
     task = build_task(task_cfg, args.split)
-    samples = min(args.samples, len(task)) if isinstance(task, ExampleSet) else args.samples
+    samples = task.eval_size(args.samples)
     results = evaluate(reader, task, samples, steps, lr, seed=("evaluate", args.seed), batch_size=args.batch_size)
     generated = None
-    if args.generate and isinstance(task, ExampleSet):
+    if args.generate and args.task != "kv":  # the flag scores bAbI / SQuAD answers with their own metric
         generated, _ = evaluate_generated(reader, task, samples, lr=lr, max_new_tokens=args.max_new_tokens,
                                           batch_size=args.batch_size)
-    name = task.name if isinstance(task, ExampleSet) else f"kv N={args.pairs}"
+    name = task.name
     print(f"reader {reader.fingerprint} ({reader.config.method})  task {name}  samples {samples}  write lr {lr}")
     print(f"{'K':>4} {'exact match':>12} {'token acc':>10} {'write loss':>11} {'recon acc':>10}")
     for k, r in results.items():

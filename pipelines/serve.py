@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gradmem import Memories, NonFiniteWriteError, Reader, WriteStats, methods, records
+from gradmem import NonFiniteWriteError, Reader, records
 from gradmem.config import declared, from_dict, override
 from gradmem.data import tokenize
 from gradmem.store import MemoryIndex, MemoryStore
@@ -528,18 +528,23 @@ class GradMemService:
 
     def _prepare_query(self, body: QueryRequest, budget: int) -> tuple[dict, torch.Tensor, int, list[list[int]]]:
         """The blocking part of a query (index refresh, store read, tokenization), run in a worker thread so
-        that the event loop keeps answering other requests meanwhile."""
+        that the event loop keeps answering other requests meanwhile. Every check of a READ happens here, once
+        (the memory's reader in ``_entry``; finiteness, its rows and the questions' length below), not in the
+        batch: one bad request must not fail a batch shared with other requests. Returns the entry, the memory
+        (P, d), the rows of it the READ sees and the question token ids."""
         entry, tensor, meta = self._load(body.memory_id, body.doc_id, body.chunk)
         if not torch.isfinite(tensor).all():
             raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
-        n_tokens = meta["n_context_tokens"]
-        rows = int(methods.prefix_lengths(self.reader, tensor[None], torch.tensor([n_tokens]))[0])
+        try:
+            rows = int(self.reader.prefix_rows(tensor[None], torch.tensor([meta["n_context_tokens"]]))[0])
+        except ValueError as e:
+            raise ApiError(409, f"memory {entry['memory_id']} cannot be read: {e}") from e
         q_ids = tokenize(self.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
-        try:  # here, not in the batch: one bad question must not fail a batch shared with other requests
+        try:
             self.reader.check_questions([rows] * len(q_ids), q_ids, budget)
         except ValueError as e:
             raise ApiError(413, str(e)) from e
-        return entry, tensor, n_tokens, q_ids
+        return entry, tensor, rows, q_ids
 
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -549,17 +554,15 @@ class GradMemService:
             return await asyncio.to_thread(self._answer_now, items)
 
     def _answer_now(self, items: list[tuple[torch.Tensor, int, list[int], int]]) -> list[str]:
-        """items: (memory (P, d), context tokens, question token ids, max new tokens)."""
+        """items: (memory (P, d), rows of it the READ sees, question token ids, max new tokens), all checked in
+        ``_prepare_query``: the READ takes the memories and their rows as they are."""
         out: list[str | None] = [None] * len(items)
         for budget in sorted({item[3] for item in items}):  # requests asking for different lengths: one pass each
             picked = [i for i, item in enumerate(items) if item[3] == budget]
             tensor = torch.stack([items[i][0] for i in picked])  # (b, P, d)
-            b = len(picked)
-            n_tokens = torch.tensor([items[i][1] for i in picked])  # full_context readers need the real rows
-            memories = Memories(tensor, WriteStats(torch.zeros(b, 1), torch.zeros(b), n_tokens), self.fingerprint,
-                                0, 0.0)
-            for i, answer in zip(picked, self.reader.answer_tokens(memories, [items[i][2] for i in picked], budget,
-                                                                   batch_size=len(picked))):
+            rows = torch.tensor([items[i][1] for i in picked])  # (b,)
+            for i, answer in zip(picked, self.reader.generate_answers(tensor, rows, [items[i][2] for i in picked],
+                                                                      budget, batch_size=len(picked))):
                 out[i] = answer
         return out  # type: ignore[return-value]
 
@@ -579,8 +582,8 @@ class GradMemService:
         budget = body.max_new_tokens or self.cfg.default_new_tokens
         if budget > self.cfg.max_new_tokens:
             raise ApiError(413, f"max_new_tokens {budget} is over this service's limit of {self.cfg.max_new_tokens}")
-        entry, tensor, n_tokens, q_ids = await run_in_threadpool(self._prepare_query, body, budget)
-        answers = await asyncio.gather(*(self._answer_batch((tensor, n_tokens, q, budget)) for q in q_ids))
+        entry, tensor, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget)
+        answers = await asyncio.gather(*(self._answer_batch((tensor, rows, q, budget)) for q in q_ids))
         return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=self.fingerprint,
                              answers=list(answers))
 

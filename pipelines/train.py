@@ -51,7 +51,6 @@ from gradmem.config import declared
 from gradmem.data import Example, collate
 from gradmem.reader import Reader
 from gradmem.runtime import configure_cpu
-from gradmem.tasks.dataset import ExampleSet
 from gradmem.train import TrainConfig, build_reader, build_task, evaluate, meta_step, warmup_constant
 from pipelines.storage import resolve
 
@@ -300,11 +299,9 @@ def worker_loop(config: dict[str, Any]) -> None:
                 report["eta_s"] = (cfg.optim.max_steps - step) / steps_per_s
             window = []
         if task is not None and run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
-            per_rank = max(1, run.eval_samples // world)
             if eval_task is None:  # built once: a fixed dataset's validation split (key-value: the same generator)
-                eval_task = build_task(cfg.task, "validation") if isinstance(task, ExampleSet) else task
-            if isinstance(eval_task, ExampleSet):  # each rank takes its own slice of the validation split
-                per_rank = max(1, min(run.eval_samples, len(eval_task)) // world)
+                eval_task = build_task(cfg.task, "validation")
+            per_rank = max(1, eval_task.eval_size(run.eval_samples) // world)  # each rank: its own slice
             result = evaluate(engine.reader, eval_task, per_rank, [mem.write_steps], mem.write_lr,
                               seed=("eval", rank), batch_size=run.eval_batch_size, start=rank * per_rank)[mem.write_steps]
             report.update(all_reduce_mean({f"eval_{k}": v for k, v in result.items()}))

@@ -130,6 +130,6 @@ def test_write_tokens_is_write_on_token_ids_and_reconstruct_decodes_freely(reade
     memory, target, out = mem.tensor[1:2], ids[1], []
     with torch.no_grad():
         for _ in target:
-            hidden = reader.hidden(memory, torch.tensor([out], dtype=torch.long).reshape(1, -1))  # (1, m + t, d)
+            hidden = reader.hidden(reader.project(memory), torch.tensor([out], dtype=torch.long).reshape(1, -1))  # (1, m + t, d)
             out.append(int(reader.write_head(hidden[:, -1]).argmax(-1)))
     assert batched[1].item() == pytest.approx(sum(a == b for a, b in zip(out, target)) / len(target))

@@ -1,5 +1,5 @@
-"""Tasks over a fixed list of examples (bAbI, SQuAD) behind the interface ``KVTask`` set: ``examples(n, seed)``
-and ``batch(n, seed, tokenizer)``.
+"""Tasks over a fixed list of examples (bAbI, SQuAD) behind the ``Task`` protocol (gradmem/tasks/base.py):
+``examples(n, seed)``, ``batch(n, seed, tokenizer)``, ``eval_size`` and ``eval_batch``.
 
 Training batches are drawn with replacement by ``np.random.default_rng(seed)``, so a batch is a pure function of
 (seed, rank, step) exactly as for generated key-value data, and a resumed run sees the batches it would have
@@ -43,7 +43,7 @@ Metric = Callable[[str, Sequence[str]], dict[str, float]]
 
 
 class ExampleSet:
-    """One split of a fixed dataset: the examples, each with its gold answers, and the task's metric."""
+    """One split of a fixed dataset: the examples, each with its gold answers, and the task's metric. A ``Task``."""
 
     def __init__(self, name: str, examples: Sequence[Example], golds: Sequence[Sequence[str]], metric: Metric,
                  answer_eos: bool = True):
@@ -84,6 +84,12 @@ class ExampleSet:
 
     def ordered_batch(self, start: int, n: int, tokenizer: PreTrainedTokenizerBase) -> Batch:
         return self.collate(self.ordered(start, n), tokenizer)
+
+    def eval_size(self, samples: int, start: int = 0) -> int:
+        return max(0, min(samples, len(self) - start))  # each example counted once
+
+    def eval_batch(self, start: int, n: int, seed: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> Batch:
+        return self.ordered_batch(start, n, tokenizer)  # walked in split order; the seed is not needed
 
     def texts(self) -> Iterator[str]:
         """Every context, query and target: what a word-level tokenizer is built from."""

@@ -45,7 +45,8 @@ def _pair_string(index: int) -> str:
 
 @dataclass(frozen=True)
 class KVTask:
-    """Generator of key-value examples with ``pairs`` pairs per context; seeded, so any batch can be rebuilt."""
+    """Generator of key-value examples with ``pairs`` pairs per context; seeded, so any batch can be rebuilt.
+    A ``gradmem.tasks.base.Task``."""
 
     pairs: int = 8
     answer_stop: tuple[str, ...] = ("|",)
@@ -53,6 +54,10 @@ class KVTask:
     def __post_init__(self) -> None:
         if not 1 <= self.pairs <= KEY_SPACE:
             raise ValueError(f"pairs must be in [1, {KEY_SPACE}], got {self.pairs}")
+
+    @property
+    def name(self) -> str:
+        return f"kv N={self.pairs}"
 
     @property
     def context_chars(self) -> int:
@@ -72,6 +77,12 @@ class KVTask:
 
     def batch(self, n: int, seed: int | Sequence[int], tokenizer: PreTrainedTokenizerFast) -> Batch:
         return collate(self.examples(n, seed), tokenizer, unscored=UNSCORED)
+
+    def eval_size(self, samples: int, start: int = 0) -> int:
+        return samples  # generated: as many as asked
+
+    def eval_batch(self, start: int, n: int, seed: Sequence[int], tokenizer: PreTrainedTokenizerFast) -> Batch:
+        return self.batch(n, seed, tokenizer)  # drawn from the evaluation's own seed; no order to walk
 
 
 def exact_match(prediction: str, target: str) -> bool:
