@@ -66,3 +66,28 @@ def test_bad_config_fails_fast(tmp_path):
     proc = subprocess.run([sys.executable, "jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml", "--deepspeed",
                            "jobs/configs/ds_zero3.json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "ZeRO stage 3 is not supported" in proc.stderr
+
+
+def test_quiet_mode_sends_every_log_line_to_the_file_and_keeps_stdout_for_the_story(tmp_path):
+    """What `make demo` relies on to print only its story: logs, warnings, native writes to fd 2 and the
+    processes it starts all land in the log file; stdout is untouched."""
+    log = tmp_path / "demo.log"
+    script = f"""
+import logging, os, subprocess, sys, warnings
+sys.path.insert(0, {str(ROOT / 'jobs')!r})
+from _common import send_stderr_to, setup_logging
+setup_logging()
+send_stderr_to(__import__('pathlib').Path({str(log)!r}))
+print('the story')
+logging.getLogger('ray.train').warning('a report line')
+warnings.warn('a deprecation', DeprecationWarning, stacklevel=1)
+os.write(2, b'native write\\n')
+subprocess.run([sys.executable, '-c', 'import sys; sys.stderr.write("a child process\\\\n")'])
+"""
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "the story\n" and proc.stderr == ""
+    text = log.read_text()
+    for line in ("a report line", "a deprecation", "native write", "a child process"):
+        assert line in text, text
