@@ -300,11 +300,7 @@ def test_a_checkpoint_resumes_across_the_in_process_and_ray_loops(ray_cluster, t
     assert resumed.step == 6 and resumed.best_record()["step"] == expected_state["best"]["step"]
     _assert_close(_weights(tmp_path / "from-ray" / "checkpoints" / "step_00000006" / "reader"), _weights(end / "reader"))
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 6
-
-    with pytest.raises(Exception, match="written by 1 worker"):  # a layout that does not fit is refused, naming both
-        result = pt.fit(cfg, pt.DistributedConfig(num_workers=2, storage=str(tmp_path / "runs"), name="two"),
-                        resume_from=str(tmp_path / "local" / "checkpoints" / "step_00000004"))
-        raise RuntimeError(str(result.error))
+    # (another world size or optimizer format is refused, naming both: tests/test_train.py)
 
 
 def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_cluster, tmp_path):
@@ -321,9 +317,6 @@ def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_clust
         assert state["stopped"] == result.metrics["stop_reason"] and state["best"]["step"] == 2
         assert json.loads((Path(directory) / "best" / "best.json").read_text()) == state["best"]
         assert Reader.from_pretrained(tmp_path / "reader").fingerprint == Reader.from_pretrained(Path(directory) / "best").fingerprint
-    again = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path / "runs"), name="patience"),
-                   resume=True)  # a resume does not train past the stop
-    assert again.error is None and again.checkpoint.path == result.checkpoint.path
 
     cfg = loop_config(stop_at_em=0.0)
     cfg.optim.max_steps = 100
