@@ -63,9 +63,9 @@ def load(directory: Path, engine) -> dict[str, Any]:
             f"(engine {state.get('engine')}); this run has {engine.world} with {engine.optimizer_format} "
             f"(engine {engine.name}). Resume with the same layout, or start a new run from its reader/ directory "
             "(model.pretrained).")
-    reader_dir = directory / "reader" if (directory / "reader").is_dir() else directory  # before 2026-11: top level
+    reader_dir = directory / "reader" if (directory / "reader").is_dir() else directory  # the Trainer's layout before this one
     optim_file = optimizer_file(directory, engine.rank)
-    if not optim_file.is_file() and (directory / "optimizer.pt").is_file():  # the Trainer's files before 2026-11
+    if not optim_file.is_file() and (directory / "optimizer.pt").is_file():  # ditto
         optim_file = directory / "optimizer.pt"
     loaded = Reader.from_pretrained(reader_dir, trainable=True, device=engine.reader.device)
     engine.reader.load_state_dict(loaded.state_dict())
