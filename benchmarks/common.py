@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from gradmem.atomic import atomic_path, write_atomic  # noqa: F401 - write_atomic: the benchmarks import it here
 from gradmem.runtime import configure_cpu, setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,16 +94,6 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers and restarts never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
@@ -140,10 +131,9 @@ def save_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, title: str) -> None:

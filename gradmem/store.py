@@ -49,6 +49,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gradmem.atomic import TMP_PREFIX, write_atomic  # one temporary-name prefix: clean_temporaries finds both
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("memories", "errors")
@@ -57,7 +59,6 @@ _REQUIRED = {  # what a part of each kind must hold to be read at all
     "memories": {"memory_id", "doc_id", "chunk", "n_chunks", "memory", "write_steps", "write_lr"},
     "errors": {"error_id", "doc_id", "chunk", "n_chunks", "source", "reason"},
 }
-TMP_PREFIX = ".tmp-"
 _ALTERNATIVES = 8  # names tried for one part when its own name is taken by a foreign file
 TMP_GRACE_S = 15 * 60  # a temporary file older than this belongs to a writer that died (parts take seconds)
 
@@ -182,14 +183,7 @@ class MemoryStore:
         if not self.is_local:
             self._put(path, body)
             return
-        tmp = f"{self.root}/{TMP_PREFIX}{uuid.uuid4().hex}-manifest.json"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(body)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic(path, body)
 
     def clean_temporaries(self, grace_s: float = TMP_GRACE_S) -> int:
         """Delete temporary files older than ``grace_s`` that killed writers left (a live writer's are younger:

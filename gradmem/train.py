@@ -6,11 +6,9 @@ inner step's write loss. It returns the loss with its graph; the caller owns bac
 The reader's ``config.method`` (GradMem or a baseline, see ``gradmem.methods``) decides what WRITE and READ do;
 nothing here branches on it.
 
-``Trainer`` follows a fixed lifecycle: validate the config and fail fast, set up (reader, AdamW, warm-up
-schedule), train (clip, step, log progress, evaluate, checkpoint), export the reader, and resume from the
-latest checkpoint with the same step, optimizer and scheduler state. Not supported here: several processes
-(see pipelines/train.py), gradient accumulation. Precision: weights train in ``model.dtype``; ``optim.autocast:
-bfloat16`` runs the meta-step's matrix products in bf16 over fp32 weights (mixed precision, as the paper's bf16
+``Trainer`` is the single-process assembly of the training loop the Ray Train workers run as well
+(``gradmem.loop``: validate and fail fast, set up, resume, train, checkpoint, export). Precision: weights train
+in ``model.dtype``; ``optim.autocast: bfloat16`` runs the meta-step's matrix products in bf16 over fp32 weights (mixed precision, as the paper's bf16
 runs: pure bf16 weights lose AdamW updates of lr 1e-4 to rounding).
 """
 
@@ -20,10 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import time
 import dataclasses
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +30,7 @@ from transformers import GPT2Config, LlamaConfig
 from pydantic import Field, model_validator
 
 from gradmem import checkpoint, config, methods
+from gradmem.atomic import write_atomic
 from gradmem.attention import attention_path, check_attention
 from gradmem.config import MemoryConfig, declared
 from gradmem.data import Batch
@@ -352,25 +348,32 @@ def warmup_constant(warmup_steps: int):
 
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Single-process meta-training of a reader (GradMem or a baseline: ``memory.method``) on a task.
+    """Single-process meta-training of a reader (GradMem or a baseline: ``memory.method``) on a task: the shared
+    ``gradmem.loop.TrainLoop`` with a ``LocalEngine`` (AdamW, warm-up schedule, clipping) and a ``FileReporter``.
 
     Output directory layout::
 
         config.yaml                     the resolved config
-        metrics.jsonl                   one line per log / eval event
-        checkpoints/step_00000500/      reader files + trainer_state.json + optimizer.pt (loaded weights_only)
+        metrics.jsonl                   one line per train / eval / stop event
+        checkpoints/step_00000500/      the training checkpoint layout (gradmem/train_checkpoint.py): reader/,
+                                        best/, optimizer_rank0.pt (loaded weights_only), trainer_state.json
         best/                           the best reader so far by validation (with ``run.eval_every``) + best.json
-        reader/                         the exported reader: ``best/``'s when ``run.select_best``, else the last
+        reader/                         the exported reader: the best's when ``run.select_best``, else the last
 
     Data batches are a pure function of (seed, step), so a resumed run sees exactly the batches it would have.
+    A checkpoint of the Ray Train loop with one worker and plain data parallel resumes here (``resume_from``),
+    and this one's there (``jobs/train.py --resume-from``).
 
     Model selection follows the authors: every ``run.eval_every`` steps the reader is evaluated on validation data
     (key-value: its own seeded stream; bAbI/SQuAD: the validation split), the best (EM, then token accuracy) is kept,
     and training stops early after ``run.patience`` evaluations without a new best, at ``run.stop_at_em``, or at
     the ``run.max_seconds`` wall-time cap. Why it stopped is logged as a ``stop`` event in metrics.jsonl.
+    Not supported: several processes (pipelines/train.py), gradient accumulation.
     """
 
     def __init__(self, cfg: TrainConfig, output_dir: str | os.PathLike, device: str | torch.device = "cpu"):
+        from gradmem.loop import FileReporter, LocalEngine, TrainLoop  # gradmem.loop imports this module
+
         if cfg.task.name == "file":
             raise ValueError("the single-process Trainer generates or loads its data (kv, babi, squad); train on "
                              "files with jobs/train.py (Ray Data feeds the workers)")
@@ -378,160 +381,108 @@ class Trainer:
         self.output = Path(output_dir)
         self.task = build_task(cfg.task, "train")
         self.eval_task = build_task(cfg.task, "validation")  # key-value: the same generator, other seeds
-        self.reader = build_reader(cfg, self.task).to(device)  # before the optimizer: its state lives there too
-        params = [p for p in self.reader.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_constant(cfg.optim.warmup_steps))
-        self.step = 0
-        self.stopped: str | None = None  # why training stopped early (kept in checkpoints: a resume does not go on)
+        reader = build_reader(cfg, self.task).to(device)  # before the optimizer: its state lives there too
+        self.engine = LocalEngine(reader, cfg.optim)
+        self.reporter = FileReporter(self.output, cfg.run.keep_checkpoints)
+        self.loop = TrainLoop(cfg, self.engine, self.reporter, self.train_batch, self.eval_task, self.output)
+
+    # -- state (the loop's)
+    @property
+    def reader(self) -> Reader:
+        return self.engine.reader
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return self.engine.scheduler
+
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loop.step = value
+
+    @property
+    def stopped(self) -> str | None:
+        """Why training stopped early (kept in checkpoints: a resume does not go on), or None."""
+        return self.loop.stopped
 
     # -- data
-    def train_batch(self, step: int, rank: int = 0) -> Batch:
-        return self.task.batch(self.cfg.optim.batch_size, [self.cfg.optim.seed, rank, step], self.reader.tokenizer)
+    def train_batch(self, step: int, micro_step: int = 0, rank: int = 0) -> Batch:
+        from gradmem.loop import batch_seed
+
+        return self.task.batch(self.cfg.optim.batch_size, batch_seed(self.cfg.optim.seed, rank, step, micro_step),
+                               self.reader.tokenizer)
 
     # -- checkpoints
     @property
     def checkpoint_root(self) -> Path:
-        return self.output / "checkpoints"
+        return self.reporter.checkpoint_root
 
     def latest_checkpoint(self) -> Path | None:
         found = sorted(self.checkpoint_root.glob("step_*")) if self.checkpoint_root.is_dir() else []
         return found[-1] if found else None
 
     def save_checkpoint(self) -> Path:
-        """Write to a temporary directory, then rename: a crash never leaves a half checkpoint as the latest."""
-        final = self.checkpoint_root / f"step_{self.step:08d}"
-        tmp = self.checkpoint_root / f".tmp_step_{self.step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.reader.save_pretrained(tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt")
-        state = {"step": self.step, "stopped": self.stopped, "config": self.cfg.to_dict()}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(self.checkpoint_root.glob("step_*"))[: -self.cfg.run.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("checkpoint step %d -> %s", self.step, final)
-        return final
+        self.reporter.report(self.step, {}, self.loop.save_checkpoint)
+        self.loop.saved_step = self.step
+        return self.checkpoint_root / f"step_{self.step:08d}"
 
-    def load_checkpoint(self, path: Path) -> None:
-        loaded = Reader.from_pretrained(path, trainable=True)
-        self.reader.load_state_dict(loaded.state_dict())
-        state = torch.load(path / "optimizer.pt", weights_only=True, map_location=self.reader.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        state = json.loads((path / "trainer_state.json").read_text())
-        self.step, self.stopped = state["step"], state.get("stopped")
-        logger.info("resumed from %s at step %d", path, self.step)
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        self.loop.resume(Path(path))
 
-    # -- loop
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.output / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.reporter.log(record)
 
     # -- model selection
     @property
     def best_dir(self) -> Path:
-        return self.output / "best"
+        return self.loop.best_dir
 
     def best_record(self) -> dict[str, Any] | None:
         """The best validation evaluation so far ({"step", "em", "token_acc"}), or None before the first."""
-        path = self.best_dir / "best.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return self.loop.best
 
     def keep_if_best(self, result: dict[str, float]) -> bool:
         """Save the reader as ``best/`` when ``result`` (a validation evaluation) beats the best so far."""
-        best = self.best_record()
-        if best is not None and (result["em"], result["token_acc"]) <= (best["em"], best["token_acc"]):
-            return False
-        tmp = self.output / ".tmp_best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.reader.save_pretrained(tmp)
-        (tmp / "best.json").write_text(json.dumps({"step": self.step, "em": result["em"],
-                                                   "token_acc": result["token_acc"]}))
-        shutil.rmtree(self.best_dir, ignore_errors=True)
-        os.replace(tmp, self.best_dir)
-        return True
+        return self.loop.keep_if_best(result)
 
     def stop_reason(self, result: dict[str, float]) -> str | None:
         """Why training should stop after this validation evaluation (None: go on)."""
-        run, best = self.cfg.run, self.best_record()
-        if run.stop_at_em is not None and result["em"] >= run.stop_at_em:
-            return f"validation EM {result['em']:.4f} reached stop_at_em {run.stop_at_em}"
-        if run.patience is not None and best is not None:
-            evals_since = (self.step - best["step"]) // run.eval_every
-            if evals_since >= run.patience:
-                return f"no better validation EM for {evals_since} evaluations (best {best['em']:.4f} at step {best['step']})"
-        return None
+        return self.loop.stop_reason(result)
 
     def evaluate(self, steps_list: list[int] | None = None) -> dict[int, dict[str, float]]:
         mem = self.reader.config
         return evaluate(self.reader, self.eval_task, self.cfg.run.eval_samples, steps_list or [mem.write_steps],
                         mem.write_lr, batch_size=self.cfg.run.eval_batch_size)
 
-    def fit(self, max_steps: int | None = None, resume: bool = False) -> Path:
-        """Train to ``max_steps`` (default: the config's), evaluating and checkpointing; export the final reader."""
+    def fit(self, max_steps: int | None = None, resume: bool = False,
+            resume_from: str | os.PathLike | None = None) -> Path:
+        """Train to ``max_steps`` (default: the config's), evaluating and checkpointing; export the reader.
+
+        ``resume`` continues from this run's latest checkpoint; ``resume_from`` from a given checkpoint
+        directory (one of the Ray Train loop's with one plain data-parallel worker included)."""
+        from gradmem.train_checkpoint import export_reader
+
         self.output.mkdir(parents=True, exist_ok=True)
-        (self.output / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        if resume and (latest := self.latest_checkpoint()) is not None:
-            self.load_checkpoint(latest)
+        write_atomic(self.output / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        source = Path(resume_from) if resume_from is not None else self.latest_checkpoint() if resume else None
+        if source is not None:
+            self.load_checkpoint(source)
         elif resume:
             logger.info("no checkpoint under %s: starting from step 0", self.checkpoint_root)
-        total = self.cfg.optim.max_steps if max_steps is None else max_steps
-        run, mem = self.cfg.run, self.reader.config
-        self.reader.train()
-        window: list[dict[str, float]] = []
-        started, start_step = time.perf_counter(), self.step
-        stop = self.stopped
-        while self.step < total and stop is None:
-            step_started = time.perf_counter()
-            batch = self.train_batch(self.step).to(self.reader.device)
-            loss, metrics = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite outer loss at step {self.step}: {metrics}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.reader.parameters(), self.cfg.optim.grad_clip))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            metrics["step_s"] = time.perf_counter() - step_started  # data + meta-step + update, no evaluation
-            window.append(metrics)
-            if self.step % run.log_every == 0 or self.step == total:
-                elapsed = time.perf_counter() - started
-                rate = (self.step - start_step) / max(elapsed, 1e-9)
-                avg = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
-                window = []
-                record = {"event": "train", "step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                          "samples_per_s": rate * self.cfg.optim.batch_size, **avg}
-                self.log(record)
-                logger.info("step %d/%d loss %.4f read %.4f write %.3f->%.3f em %.3f | %.2f steps/s, eta %.0fs",
-                            self.step, total, avg["loss"], avg["read_loss"], avg["write_loss_first"], avg["write_loss_last"],
-                            avg["em"], rate, (total - self.step) / max(rate, 1e-9))
-            if run.max_seconds is not None and time.perf_counter() - started >= run.max_seconds:
-                stop = f"wall-time cap max_seconds {run.max_seconds:g} reached"
-            if run.eval_every and (self.step % run.eval_every == 0 or self.step == total or stop):
-                result = self.evaluate()[mem.write_steps]
-                improved = self.keep_if_best(result)
-                self.log({"event": "eval", "step": self.step, "best": improved, **result})
-                logger.info("eval step %d: em %.4f token_acc %.4f write_loss %.3f%s", self.step, result["em"],
-                            result["token_acc"], result["write_loss"], " (best)" if improved else "")
-                stop = stop or self.stop_reason(result)
-            if run.save_every and self.step % run.save_every == 0:
-                self.save_checkpoint()
-        if stop and not self.stopped:
-            self.stopped = stop
-            self.log({"event": "stop", "step": self.step, "reason": stop})
-            logger.info("stopped at step %d: %s", self.step, stop)
-        if self.latest_checkpoint() is None or not self.latest_checkpoint().name.endswith(f"{self.step:08d}") or stop:
-            self.save_checkpoint()
-        export = self.output / "reader"
-        shutil.rmtree(export, ignore_errors=True)
-        best = self.best_record() if run.select_best else None
-        if best is not None:
-            self.reader.load_state_dict(Reader.from_pretrained(self.best_dir, trainable=True).state_dict())
+        self.loop.run(self.cfg.optim.max_steps if max_steps is None else max_steps)
+        chosen = self.loop.export_source(self.checkpoint_root / f"step_{self.step:08d}")
+        export = export_reader(chosen, self.output / "reader")
+        if chosen.name == "best":  # the reader in memory becomes the exported one (callers evaluate it next)
+            self.reader.load_state_dict(Reader.from_pretrained(chosen, trainable=True).state_dict())
+            best = self.best_record()
             logger.info("selected the best validation reader: step %d (EM %.4f, token accuracy %.4f)", best["step"],
                         best["em"], best["token_acc"])
-        self.reader.save_pretrained(export)
         logger.info("reader exported to %s (fingerprint %s)", export, self.reader.fingerprint)
         return export

@@ -13,8 +13,10 @@ On this machine (no RAY_ADDRESS: a local Ray is started and stopped by the job):
 
 Checkpoints go to STORAGE/NAME (local directory or s3://; --s3-endpoint or AWS_ENDPOINT_URL for S3-compatible
 servers). --resume continues the run STORAGE/NAME from its latest checkpoint with the same step, optimizer and
-scheduler state; Ray also restarts failed workers from it (--max-failures). The final reader is exported to
---output, loadable with gradmem.Reader.from_pretrained.
+scheduler state; Ray also restarts failed workers from it (--max-failures). --resume-from DIR starts a new run
+from any checkpoint of the same layout, an in-process Trainer's RUN/checkpoints/step_* included (with
+--num-workers 1 and no --deepspeed). The final reader (the best by validation unless run.select_best is false)
+is exported to --output, loadable with gradmem.Reader.from_pretrained.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedConfig
     parser.add_argument("--deepspeed", default=None, metavar="JSON_FILE",
                         help="DeepSpeed config (jobs/configs/ds_zero*.json); omit for plain data parallel")
     parser.add_argument("--resume", action="store_true", help="continue STORAGE/NAME from its latest checkpoint")
+    parser.add_argument("--resume-from", default=None, help="start from this checkpoint directory (local or s3://): "
+                        "one of this job's step_* or an in-process Trainer's checkpoints/step_* (same number of "
+                        "workers and optimizer format: plain data parallel for the Trainer's)")
     parser.add_argument("--output", default=None, help="export the final reader here (a new or empty directory, "
                         "or a previous export, which is replaced)")
     add_flags(parser, DistributedConfig, skip=("deepspeed",))
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     if not ray.is_initialized():
         # RAY_ADDRESS set (ray job submit, or the user): connect; else start a local Ray on 127.0.0.1
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
-    result = fit(cfg, dcfg, output=args.output, resume=args.resume)
+    result = fit(cfg, dcfg, output=args.output, resume=args.resume, resume_from=args.resume_from)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
         sys.exit(1)

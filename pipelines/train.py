@@ -1,27 +1,24 @@
 """Distributed meta-training on Ray Train, with DeepSpeed (ZeRO 0, 1, 2) or plain data parallel.
 
-Every worker runs the core's ``gradmem.train.meta_step`` (second order through the WRITE) inside an engine:
+Every worker runs the training loop of the in-process Trainer (``gradmem.loop.TrainLoop``: the meta-step,
+optimizer and schedule, metric windows, evaluation, best reader by validation, early stopping, the checkpoint
+layout of ``gradmem.train_checkpoint``). This module supplies only what is distributed:
 
-- ``DeepSpeedEngine``: ``deepspeed.initialize`` with the user's DeepSpeed config (ZeRO stage, bf16/fp32,
+- the engines: ``DataParallelEngine`` (identical replicas, gradients all-reduced after backward) and
+  ``DeepSpeedEngine`` (``deepspeed.initialize`` with the user's DeepSpeed config: ZeRO stage, bf16/fp32,
   micro-batch size, gradient accumulation). Stage 3 is refused: ZeRO-3 gathers each parameter for a module's
   forward and releases it afterwards, but the second-order step differentiates the inner gradient again in
   the outer backward, after the parameters were released (see the docs and ``test_distributed.py``).
-- ``DataParallelEngine``: the plain fallback: identical replicas, gradients all-reduced after each backward.
+- each worker's data: key-value batches generated from ``(seed, rank, step, micro-step)`` (no two ranks see
+  the same samples, a resumed run sees the batches it would have seen; bAbI and SQuAD are drawn from their
+  train split by the same seeds), or its shard of training files through Ray Data; each rank evaluates its
+  own slice of the validation split.
+- ``RayReporter``: ``ray.train.report`` of the loop's events, with each rank's part of a checkpoint, persisted
+  by Ray to the storage path (local or S3). The Ray-specific lines are fenced off in ``worker_loop``.
 
-The Ray-specific lines are fenced off in ``worker_loop``; everything else is ordinary PyTorch. Batches for the
-key-value task are generated on each worker from ``(seed, rank, step, micro-step)``, so no two ranks ever see
-the same samples and a resumed run sees exactly the batches it would have seen; bAbI and SQuAD batches are drawn
-from their train split by the same seeds (with replacement), and each rank evaluates its own slice of the
-validation split.
-
-Checkpoints (reported with ``ray.train.report`` and persisted by Ray to the storage path, local or S3)::
-
-    reader/                    the reader at that step (safetensors, config, tokenizer): Reader.from_pretrained
-    trainer_state.json         step, world size, engine, ZeRO stage, the full config
-    optimizer_rank{R}.pt       rank R's optimizer (partition) and scheduler state, loaded with weights_only=True
-
-Nothing is unpickled on resume (DeepSpeed's own checkpoints are, so they are not used). Resume needs the same
-number of workers and ZeRO stage as the run that wrote the checkpoint (optimizer partitions are per rank).
+Resume needs the same number of workers and optimizer format as the run that wrote the checkpoint (ZeRO
+partitions are per rank): ``--resume`` continues the run's latest, ``--resume-from`` any checkpoint directory,
+an in-process Trainer's ``checkpoints/step_*`` included (one worker, plain data parallel).
 
 The rank-0 rendezvous (torch.distributed's TCPStore, MASTER_ADDR:MASTER_PORT) listens on rank 0's node address
 as Ray knows it (``NodeBoundTorchConfig``), not on every interface as Ray Train's own setup leaves it.
@@ -29,14 +26,11 @@ as Ray knows it (``NodeBoundTorchConfig``), not on every interface as Ray Train'
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import socket
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,11 +41,13 @@ import torch.distributed as dist
 
 from pydantic import Field, field_validator
 
+from gradmem import train_checkpoint
 from gradmem.config import declared
 from gradmem.data import Example, collate
+from gradmem.loop import LocalEngine, TrainLoop, batch_seed, build_optimizer, task_batches
 from gradmem.reader import Reader
 from gradmem.runtime import configure_cpu
-from gradmem.train import TrainConfig, build_reader, build_task, evaluate, meta_step, warmup_constant
+from gradmem.train import OptimConfig, TrainConfig, build_reader, build_task, meta_step
 from pipelines.storage import resolve
 
 logger = logging.getLogger(__name__)
@@ -94,50 +90,44 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ engines
-class DataParallelEngine:
-    """Plain data parallel: every rank holds the whole reader; gradients are averaged after backward."""
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the ranks (float64, so every rank gets the same numbers)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+
+
+class DataParallelEngine(LocalEngine):
+    """Plain data parallel: every rank holds the whole reader and AdamW state (the in-process Trainer's
+    optimizer format); gradients are averaged after backward."""
 
     name = "ddp"
 
-    def __init__(self, reader: Reader, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float):
-        self.reader, self.optimizer, self.scheduler, self.grad_clip = reader, optimizer, scheduler, grad_clip
+    def __init__(self, reader: Reader, optim: OptimConfig, rank: int, world: int):
+        super().__init__(reader, optim, rank, world)
         self.micro_batch_size: int | None = None
-        self.accumulation = 1
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if world > 1:
             for p in reader.parameters():  # identical start, whatever the ranks' seeds did
                 dist.broadcast(p.data, src=0)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def reduce_gradients(self) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        if self.world == 1:
+            return
         for p in self.reader.parameters():
             if p.requires_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if world > 1:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
 
     def full_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
         return param.grad
 
-    def step(self) -> float:
-        self.reduce_gradients()
-        params = [p for p in self.reader.parameters() if p.requires_grad]
-        norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def optimizer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        return all_reduce_mean(values)
 
 
 class DeepSpeedEngine:
@@ -146,19 +136,22 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, reader: Reader, optimizer, scheduler, ds_config: dict[str, Any], world: int, grad_clip: float):
+    def __init__(self, reader: Reader, optim: OptimConfig, ds_config: dict[str, Any], rank: int, world: int):
         import deepspeed
 
         ds_config = dict(ds_config)
-        ds_config.setdefault("gradient_clipping", grad_clip)
+        ds_config.setdefault("gradient_clipping", optim.grad_clip)
+        self.rank, self.world = rank, world
         self.micro_batch_size = int(ds_config["train_micro_batch_size_per_gpu"])
         self.accumulation = int(ds_config.get("gradient_accumulation_steps", 1))
         ds_config["train_batch_size"] = self.micro_batch_size * self.accumulation * world
+        optimizer, scheduler = build_optimizer(reader, optim)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=reader, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
         self.reader: Reader = self.engine.module
-        self.stage = zero_stage(ds_config)
+        self.zero_stage = zero_stage(ds_config)
+        self.optimizer_format = f"deepspeed_zero{self.zero_stage}"
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -170,6 +163,12 @@ class DeepSpeedEngine:
 
     def reduce_gradients(self) -> None:
         pass  # DeepSpeed reduces inside engine.backward
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        return all_reduce_mean(values)
 
     def full_grad(self, param: torch.nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_grad
@@ -191,67 +190,46 @@ class DeepSpeedEngine:
         self.engine.global_steps = int(state["global_steps"])
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(directory: Path, engine, step: int, rank: int, world: int, cfg: TrainConfig) -> None:
-    """This rank's part of a checkpoint; Ray merges the ranks' directories into one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(engine.optimizer_state(), directory / f"optimizer_rank{rank}.pt")
-    if rank == 0:
-        engine.reader.save_pretrained(directory / "reader")
-        state = {"step": step, "world_size": world, "engine": engine.name,
-                 "zero_stage": getattr(engine, "stage", None), "config": cfg.to_dict()}
-        (directory / "trainer_state.json").write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint(directory: Path, engine, rank: int, world: int) -> int:
-    state = json.loads((directory / "trainer_state.json").read_text())
-    if state["world_size"] != world or state["engine"] != engine.name or state["zero_stage"] != getattr(engine, "stage", None):
-        raise ValueError(
-            f"checkpoint {directory} was written by {state['world_size']} workers with {state['engine']} "
-            f"(ZeRO {state['zero_stage']}); this run has {world} workers with {engine.name} "
-            f"(ZeRO {getattr(engine, 'stage', None)}). Resume with the same layout, or start a new run from "
-            "its reader/ directory (model.pretrained)."
-        )
-    loaded = Reader.from_pretrained(directory / "reader", trainable=True, device=engine.reader.device)
-    with torch.no_grad():
-        for target, source in zip(engine.reader.parameters(), loaded.parameters()):
-            target.copy_(source)
-    engine.load_optimizer_state(torch.load(directory / f"optimizer_rank{rank}.pt", weights_only=True))
-    return int(state["step"])
-
-
 # ------------------------------------------------------------------------------------------------ the loop
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t)}
+class RayReporter:
+    """The loop's events as one ``ray.train.report`` per step (eval values prefixed ``eval_``), with this rank's
+    part of a checkpoint when saving (Ray merges the ranks' directories into ``step_*`` under the run)."""
+
+    def report(self, step: int, events: dict[str, dict[str, Any]], save) -> None:
+        import ray.train
+
+        metrics: dict[str, Any] = {"step": step, **events.get("train", {})}
+        metrics.update({f"eval_{k}": v for k, v in events.get("eval", {}).items()})
+        if "stop" in events:
+            metrics["stop_reason"] = events["stop"]["reason"]
+        if save is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{step:08d}")
 
 
-def setup(config: dict[str, Any], world: int, device: torch.device):
+def setup(config: dict[str, Any], rank: int, world: int, device: torch.device):
     """Config, task, engine and per-worker micro-batch size: the same on every worker."""
     configure_cpu(config["threads"])
     cfg = TrainConfig.from_dict(config["train"])
     task = build_task(cfg.task) if cfg.task.name != "file" else None  # file tasks arrive through Ray Data
     reader = build_reader(cfg, task).to(device)  # same model.seed on every rank: identical initial weights
-    params = [p for p in reader.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.optim.warmup_steps))
     if config["deepspeed"] is not None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-        engine = DeepSpeedEngine(reader, optimizer, scheduler, config["deepspeed"], world, cfg.optim.grad_clip)
+        engine = DeepSpeedEngine(reader, cfg.optim, config["deepspeed"], rank, world)
     else:
-        engine = DataParallelEngine(reader, optimizer, scheduler, cfg.optim.grad_clip)
+        engine = DataParallelEngine(reader, cfg.optim, rank, world)
     micro = engine.micro_batch_size or max(1, cfg.optim.batch_size // world)
     return cfg, task, engine, micro
 
 
 def worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker: the shared training loop on a distributed engine."""
     # ---- Ray-specific: who am I, where is the checkpoint to resume from --------------------------------
     import ray.train
     import ray.train.torch
@@ -259,67 +237,27 @@ def worker_loop(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    resume_from = ray.train.get_checkpoint()
+    resume_from = ray.train.get_checkpoint()  # the run's latest (a restart, --resume)
+    if resume_from is None and config.get("resume_from"):  # a given checkpoint (--resume-from), local or S3
+        store = resolve(config["resume_from"], config.get("s3_endpoint"))
+        resume_from = ray.train.Checkpoint(store.path, filesystem=store.filesystem)
     # ------------------------------------------------------------------------------------------------
-    cfg, task, engine, micro = setup(config, world, device)
-    step = 0
-    if resume_from is not None:
-        with resume_from.as_directory() as directory:
-            step = load_checkpoint(Path(directory), engine, rank, world)
-        logger.info("rank %d resumed at step %d", rank, step)
-
-    mem, run = engine.reader.config, cfg.run
-    file_batches = shard_batches(micro, engine.reader.tokenizer) if task is None else None
-    eval_task = None
-    engine.reader.train()
-    window: list[dict[str, float]] = []
-    started, start_step, timing = time.perf_counter(), step, False
-    while step < cfg.optim.max_steps:
-        for micro_step in range(engine.accumulation):
-            if file_batches is not None:
-                batch = next(file_batches).to(device)
-            else:
-                batch = task.batch(micro, [cfg.optim.seed, rank, step, micro_step], engine.reader.tokenizer).to(device)
-            loss, metrics = meta_step(engine.reader, batch, cfg.optim, mem.write_steps, mem.write_lr)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {step}: {metrics}")
-            engine.backward(loss)
-        metrics["grad_norm"] = engine.step()
-        step += 1
-        if not timing:  # throughput counts from here: the first step pays for warm-up
-            started, start_step, timing = time.perf_counter(), step, True
-        window.append(metrics)
-        report: dict[str, float] = {}
-        if step % run.log_every == 0 or step == cfg.optim.max_steps:
-            elapsed = time.perf_counter() - started
-            report = all_reduce_mean({k: sum(m[k] for m in window) / len(window) for k in window[0]})
-            if step > start_step:
-                steps_per_s = (step - start_step) / max(elapsed, 1e-9)
-                report["samples_per_s"] = steps_per_s * micro * engine.accumulation * world
-                report["eta_s"] = (cfg.optim.max_steps - step) / steps_per_s
-            window = []
-        if task is not None and run.eval_every and (step % run.eval_every == 0 or step == cfg.optim.max_steps):
-            if eval_task is None:  # built once: a fixed dataset's validation split (key-value: the same generator)
-                eval_task = build_task(cfg.task, "validation")
-            per_rank = max(1, eval_task.eval_size(run.eval_samples) // world)  # each rank: its own slice
-            result = evaluate(engine.reader, eval_task, per_rank, [mem.write_steps], mem.write_lr,
-                              seed=("eval", rank), batch_size=run.eval_batch_size, start=rank * per_rank)[mem.write_steps]
-            report.update(all_reduce_mean({f"eval_{k}": v for k, v in result.items()}))
-        save = (run.save_every and step % run.save_every == 0) or step == cfg.optim.max_steps
-        if report or save:
-            report["step"] = step
-            if rank == 0 and report.keys() - {"step"}:
-                logger.info("step %d/%d %s", step, cfg.optim.max_steps,
-                            " ".join(f"{k} {v:.4g}" for k, v in sorted(report.items()) if k != "step"))
-            # ---- Ray-specific: report metrics, with this rank's part of a checkpoint when saving ----------
-            if save:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(Path(tmp), engine, step, rank, world, cfg)
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                     checkpoint_dir_name=f"step_{step:08d}")
-            else:
-                ray.train.report(report)
-            # ---------------------------------------------------------------------------------------------
+    cfg, task, engine, micro = setup(config, rank, world, device)
+    if task is not None:
+        batches = task_batches(task, micro, cfg.optim.seed, rank, engine.reader.tokenizer)
+        eval_task = build_task(cfg.task, "validation")  # key-value: the same generator, other seeds
+    else:
+        shard = shard_batches(micro, engine.reader.tokenizer)
+        batches, eval_task = (lambda step, micro_step: next(shard)), None
+    work_dir = Path(tempfile.mkdtemp(prefix="gradmem-train-"))  # rank 0's best reader between checkpoints
+    try:
+        loop = TrainLoop(cfg, engine, RayReporter(), batches, eval_task, work_dir)
+        if resume_from is not None:
+            with resume_from.as_directory() as directory:
+                loop.resume(Path(directory))
+        loop.run(cfg.optim.max_steps)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
     check_replicas(engine.reader, rank)
 
 
@@ -375,8 +313,8 @@ def gradient_check_loop(config: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cfg, task, engine, micro = setup(config, world, ray.train.torch.get_device())
-    batch = task.batch(micro, [cfg.optim.seed, rank, 0, 0], engine.reader.tokenizer)
+    cfg, task, engine, micro = setup(config, rank, world, ray.train.torch.get_device())
+    batch = task.batch(micro, batch_seed(cfg.optim.seed, rank, 0, 0), engine.reader.tokenizer)
     loss, _ = meta_step(engine.reader, batch, cfg.optim, engine.reader.config.write_steps, engine.reader.config.write_lr)
     engine.backward(loss)
     engine.reduce_gradients()
@@ -391,7 +329,7 @@ def reference_gradients(cfg: TrainConfig, world: int, micro: int) -> dict[str, t
     task = build_task(cfg.task)
     reader = build_reader(cfg, task)
     for rank in range(world):
-        batch = task.batch(micro, [cfg.optim.seed, rank, 0, 0], reader.tokenizer)
+        batch = task.batch(micro, batch_seed(cfg.optim.seed, rank, 0, 0), reader.tokenizer)
         loss, _ = meta_step(reader, batch, cfg.optim, reader.config.write_steps, reader.config.write_lr)
         (loss / world).backward()
     return {n: p.grad.detach().clone() for n, p in reader.named_parameters()}
@@ -446,11 +384,14 @@ def _node_bound_torch_config(backend: str):
 
 # ------------------------------------------------------------------------------------------------ driver side
 def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | None = None, resume: bool = False,
-        loop=worker_loop, extra: dict[str, Any] | None = None):
-    """Run meta-training on the connected Ray cluster; export the final reader to ``output`` (if given).
+        loop=worker_loop, extra: dict[str, Any] | None = None, resume_from: str | None = None):
+    """Run meta-training on the connected Ray cluster; export the final reader to ``output`` (if given): the best
+    by validation when ``run.select_best`` and the run evaluated, else the last.
 
     A run is ``storage/name``. If it already holds checkpoints, ``resume=True`` continues from the latest
-    (same step, optimizer and scheduler state); without it the run is refused rather than overwritten."""
+    (same step, optimizer and scheduler state); without it the run is refused rather than overwritten.
+    ``resume_from`` starts the run from a checkpoint directory (local or s3://) written by this loop or by the
+    in-process Trainer (same world size and optimizer format)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -466,7 +407,7 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
         loop,
         datasets=datasets,
         train_loop_config={"train": cfg.to_dict(), "deepspeed": dcfg.deepspeed, "threads": dcfg.threads_per_worker,
-                           **(extra or {})},
+                           "resume_from": resume_from, "s3_endpoint": dcfg.s3_endpoint, **(extra or {})},
         torch_config=_node_bound_torch_config("nccl" if dcfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=dcfg.num_workers, use_gpu=dcfg.use_gpu,
                                      resources_per_worker={"CPU": dcfg.cpus_per_worker}),
@@ -478,7 +419,7 @@ def fit(cfg: TrainConfig, dcfg: DistributedConfig, output: str | os.PathLike | N
     )
     result = trainer.fit()
     if output is not None and result.checkpoint is not None:
-        export_reader(result.checkpoint, Path(output))
+        export_reader(result.checkpoint, Path(output), select_best=cfg.run.select_best)
     return result
 
 
@@ -500,18 +441,11 @@ def check_output_dir(output: str | os.PathLike) -> Path:
                           f"(no {EXPORT_MARKER}); it would be replaced, so it is refused: give a new or empty directory")
 
 
-def export_reader(checkpoint, output: Path) -> Path:
-    """Copy the checkpoint's reader/ to a local directory (atomically: a temp dir, then a rename). Refuses to
-    replace a directory that is not a previous export (``check_output_dir``)."""
+def export_reader(checkpoint, output: Path, select_best: bool = True) -> Path:
+    """Copy a Ray checkpoint's reader (its ``best/`` when ``select_best`` and present, else ``reader/``) to a
+    local directory, atomically and verified, with ``EXPORT_MARKER``. Refuses to replace a directory that is
+    not a previous export (``check_output_dir``)."""
     output = check_output_dir(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     with checkpoint.as_directory() as directory:
-        shutil.copytree(Path(directory) / "reader", tmp)
-    Reader.from_pretrained(tmp)  # verifies the fingerprint before it is published
-    (tmp / EXPORT_MARKER).write_text("exported by pipelines.train.export_reader; --output may replace this directory\n")
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
-    logger.info("reader exported to %s", output)
-    return output
+        source = train_checkpoint.export_source(Path(directory), select_best)
+        return train_checkpoint.export_reader(source, output, marker=EXPORT_MARKER)

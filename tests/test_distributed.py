@@ -13,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import yaml
+
 from gradmem import Reader
 from gradmem.config import override
 from gradmem.tasks.kv import KVTask, exact_match
-from gradmem.train import TrainConfig
+from gradmem.train import TrainConfig, Trainer
 from pipelines import train as pt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,10 @@ def test_zero3_really_breaks_the_second_order_step(ray_cluster, tmp_path, monkey
     assert "Sizes of tensors must match" in error, error[-2000:]
 
 
+# jobs/configs/kv_tiny.yaml without the early stop at validation EM 1.0: these tests count on every step
+KV_TINY_EVERY_STEP = ["--config", "jobs/configs/kv_tiny.yaml", "--set", "run.stop_at_em=null"]
+
+
 def _job(args, env, **kw):
     return subprocess.Popen([sys.executable, "jobs/train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
@@ -106,7 +112,7 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     resumed with the step count continuing, and exports a reader that answers from memory."""
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
     storage, name = "s3://gradmem-test/train", f"kv-{int(time.time())}"
-    common = ["--config", "jobs/configs/kv_tiny.yaml", "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json",
+    common = [*KV_TINY_EVERY_STEP, "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json",
               "--storage", storage, "--s3-endpoint", s3.endpoint, "--name", name]
     fs, run_path = s3.filesystem(), f"gradmem-test/train/{name}"
 
@@ -130,6 +136,8 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     assert "replicas identical on 2 ranks" in log
     states = [json.loads(fs.open_input_stream(f"{run_path}/{c}/trainer_state.json").read()) for c in _checkpoints(fs, run_path)]
     assert max(s["step"] for s in states) == 150 and all(s["zero_stage"] == 2 for s in states)
+    assert all(s["optimizer_format"] == "deepspeed_zero2" and s["best"]["step"] % 100 in (0, 50) for s in states)
+    assert (output / pt.EXPORT_MARKER).is_file()  # the best reader by validation, exported
 
     reader = Reader.from_pretrained(output)
     exs = KVTask(1).examples(32, seed=[3, 1])
@@ -180,7 +188,7 @@ def test_ray_restores_a_killed_worker_from_the_latest_checkpoint(ray_cluster, tm
 
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
     storage, name = tmp_path / "runs", "restored"
-    job = _job(["--config", "jobs/configs/kv_tiny.yaml", "--num-workers", "2", "--max-steps", "300",
+    job = _job([*KV_TINY_EVERY_STEP, "--num-workers", "2", "--max-steps", "300",
                 "--max-failures", "1", "--storage", str(storage), "--name", name], env)
     fs, deadline = pafs.LocalFileSystem(), time.time() + 300
     while time.time() < deadline and job.poll() is None and not _checkpoints(fs, str(storage / name)):
@@ -231,3 +239,78 @@ def test_rendezvous_listens_on_the_node_address_only(ray_cluster, tmp_path):
     for r in ranks:
         wild = [a for a in r["listening"] if a.startswith(("0.0.0.0:", ":::"))]
         assert not wild, r
+
+
+# ------------------------------------------------------------------------------------------ one loop, one layout
+def loop_config(optim: dict | None = None, **run) -> TrainConfig:
+    updates = {"optim.batch_size": 8, "optim.max_steps": 6, "optim.lr": 2e-3, "optim.warmup_steps": 2,
+               "run.eval_every": 2, "run.eval_samples": 16, "run.save_every": 2, "run.log_every": 2,
+               "run.stop_at_em": None}
+    updates.update({f"optim.{k}": v for k, v in (optim or {}).items()})
+    updates.update({f"run.{k}": v for k, v in run.items()})
+    return override(probe_config(), updates)
+
+
+def _weights(directory) -> dict[str, torch.Tensor]:
+    return Reader.from_pretrained(directory).state_dict()
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_a_checkpoint_resumes_across_the_in_process_and_ray_loops(ray_cluster, tmp_path):
+    """One loop, one checkpoint layout: 4 steps in-process then 2 on one Ray worker (plain data parallel), and
+    4 on Ray then 2 in-process, each end where 6 steps straight through in-process end: weights, step, the
+    best record by validation."""
+    cfg = loop_config()
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit()
+    end = tmp_path / "straight" / "checkpoints" / "step_00000006"
+    expected_state = json.loads((end / "trainer_state.json").read_text())
+
+    Trainer(cfg, tmp_path / "local").fit(max_steps=4)
+    result = pt.fit(cfg, pt.DistributedConfig(num_workers=1, storage=str(tmp_path / "runs"), name="from-local"),
+                    output=tmp_path / "export", resume_from=str(tmp_path / "local" / "checkpoints" / "step_00000004"))
+    assert result.error is None and result.metrics["step"] == 6
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / "trainer_state.json").read_text())
+        assert state["engine"] == "ddp" and state["world_size"] == 1
+        assert state["best"]["step"] == expected_state["best"]["step"]
+        assert state["best"]["em"] == pytest.approx(expected_state["best"]["em"])
+        _assert_close(_weights(Path(directory) / "reader"), _weights(end / "reader"))
+    _assert_close(_weights(tmp_path / "export"), straight.reader.state_dict())  # both export the best
+
+    ray_cfg = loop_config(optim={"max_steps": 4})
+    first = pt.fit(ray_cfg, pt.DistributedConfig(num_workers=1, storage=str(tmp_path / "runs"), name="first-4"))
+    assert first.error is None and first.metrics["step"] == 4
+    resumed = Trainer(cfg, tmp_path / "from-ray")
+    with first.checkpoint.as_directory() as directory:
+        resumed.fit(resume_from=directory)
+    assert resumed.step == 6 and resumed.best_record()["step"] == expected_state["best"]["step"]
+    _assert_close(_weights(tmp_path / "from-ray" / "checkpoints" / "step_00000006" / "reader"), _weights(end / "reader"))
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 6
+    # (another world size or optimizer format is refused, naming both: tests/test_train.py)
+
+
+def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_cluster, tmp_path):
+    """Best-by-validation, patience and stop_at_em, through the shared loop on 2 workers (plain DP and ZeRO-2)."""
+    # lr 0: the weights never move, so the second evaluation is no improvement and patience 1 stops there
+    cfg = loop_config(optim={"lr": 0.0, "max_steps": 100}, patience=1)
+    result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path / "runs"), name="patience"),
+                    output=tmp_path / "reader")
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 4 and result.metrics["stop_reason"].startswith("no better validation EM for 1")
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / "trainer_state.json").read_text())
+        assert state["stopped"] == result.metrics["stop_reason"] and state["best"]["step"] == 2
+        assert json.loads((Path(directory) / "best" / "best.json").read_text()) == state["best"]
+        assert Reader.from_pretrained(tmp_path / "reader").fingerprint == Reader.from_pretrained(Path(directory) / "best").fingerprint
+
+    cfg = loop_config(optim={"max_steps": 100}, stop_at_em=0.0)
+    result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, deepspeed=ds_config(2), storage=str(tmp_path / "runs"),
+                                              name="stop-at-em"))
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 2 and "reached stop_at_em" in result.metrics["stop_reason"]

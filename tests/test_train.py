@@ -123,3 +123,25 @@ def test_bf16_autocast_meta_step_keeps_fp32_weights_and_close_gradients():
     assert not torch.equal(grads["bfloat16"], grads[None])  # bf16 really ran
     with pytest.raises(ValueError, match="optim.autocast"):
         tiny_config("llama", 2, 1, autocast="float16")
+
+
+def test_checkpoint_layout_is_the_shared_one_and_refuses_another_layout(tmp_path):
+    """reader/, best/, optimizer_rank0.pt (loaded weights_only), trainer_state.json: the Ray loop's layout too."""
+    from gradmem.loop import LocalEngine
+    from gradmem.train_checkpoint import load
+
+    cfg = override(tiny_config("llama", write_steps=2, max_steps=4, batch_size=8),
+                   {"run.eval_every": 2, "run.eval_samples": 16, "run.stop_at_em": None})
+    trainer = Trainer(cfg, tmp_path / "run")
+    export = trainer.fit()
+    final = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in final.iterdir()) == ["best", "optimizer_rank0.pt", "reader", "trainer_state.json"]
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 1 and state["optimizer_format"] == "torch"
+    assert state["best"] == trainer.best_record() and state["best"]["step"] in (2, 4)
+    assert json.loads((final / "best" / "best.json").read_text()) == state["best"]
+    assert torch.load(final / "optimizer_rank0.pt", weights_only=True)["scheduler"]["last_epoch"] == 4
+    assert not (export / "best.json").exists()  # the export is a plain reader directory
+    two_ranks = LocalEngine(trainer.reader, cfg.optim, rank=0, world=2)
+    with pytest.raises(ValueError, match="written by 1 worker"):
+        load(final, two_ranks)
