@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
+
+from pydantic import Field, model_validator
 
 from benchmarks.common import jsonable, write_json_atomic
+from gradmem.config import declared, from_dict
 from gradmem.train import TrainConfig, Trainer
 
 logger = logging.getLogger(__name__)
@@ -33,37 +36,25 @@ logger = logging.getLogger(__name__)
 ALPHA_METHODS = ("gradmem",)  # methods whose WRITE has a step size to tune
 
 
-@dataclass
+@declared
 class SweepConfig:
-    lr: list[float] = field(default_factory=list)  # AdamW learning rates, every method
-    write_lr: list[float] = field(default_factory=list)  # alpha candidates, GradMem only (empty: keep its alpha)
-    max_steps: int = 500  # each candidate's training budget
-    pairs: int | None = None  # capacity only: the N candidates train at (None: the smallest N of the grid)
+    """The ``sweep:`` section of a benchmark config: the candidates every method tries, and their budget."""
+
+    lr: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list, description="AdamW learning rates, every method")
+    write_lr: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=list, description="alpha candidates, GradMem only (empty: keep its alpha)")
+    max_steps: int = Field(500, ge=1, description="each candidate's training budget")
+    pairs: int | None = Field(None, ge=1, description="capacity only: the N candidates train at (None: the smallest N)")
+
+    @model_validator(mode="after")
+    def _has_candidates(self) -> "SweepConfig":
+        if not self.lr and not self.write_lr:
+            raise ValueError("sweep needs candidates: sweep.lr and/or sweep.write_lr")
+        return self
 
     @classmethod
     def from_dict(cls, data: Any) -> "SweepConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"sweep must be a mapping {{lr, write_lr, max_steps, pairs}}, got {data!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"sweep: unknown keys {unknown}; known: {sorted(known)}")
-        cfg = cls(**data)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        for name in ("lr", "write_lr"):
-            values = getattr(self, name)
-            if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
-                                                   for v in values):
-                raise ValueError(f"sweep.{name} must be a list of positive numbers, got {values!r}")
-        if not self.lr and not self.write_lr:
-            raise ValueError("sweep needs candidates: sweep.lr and/or sweep.write_lr")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            raise ValueError(f"sweep.max_steps must be an integer >= 1, got {self.max_steps!r}")
-        if self.pairs is not None and (isinstance(self.pairs, bool) or not isinstance(self.pairs, int) or self.pairs < 1):
-            raise ValueError(f"sweep.pairs must be a positive integer or null, got {self.pairs!r}")
+        return from_dict(cls, data)
 
     def candidates(self, method: str) -> list[dict[str, float]]:
         """The settings tried for ``method``: each lr, crossed with each alpha for GradMem. {} keys: lr, write_lr."""
