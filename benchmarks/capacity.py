@@ -44,20 +44,22 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import yaml
+from pydantic import Field, field_validator, model_validator
 
 from benchmarks import common
 from benchmarks.common import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
                                write_json_atomic)
 from benchmarks.sweep import SweepConfig, sweep_record, sweep_section, tune
 from benchmarks.sweep import apply as sweep_apply
-from gradmem.config import METHODS
+from gradmem.config import METHODS, ConfigError, declared, from_dict, override, to_dict
 from gradmem.train import TrainConfig, Trainer, evaluate
 
 logger = logging.getLogger(__name__)
@@ -103,59 +105,56 @@ def paper_figure(method: str, k_train: int | None, pairs: int, k_eval: int | str
 
 
 # ---------------------------------------------------------------------------------------------- configs
-@dataclass
+# Declared like every config of the project (gradmem.config.declared): frozen, validated when built (from YAML,
+# from keywords, or as a copy by gradmem.config.override / dataclasses.replace), unknown keys refused. A benchmark
+# config checks every cell's TrainConfig when it is built, so a bad grid fails before any training.
+
+
+@declared
 class MethodSpec:
     """One row of the benchmark: a named method with its training WRITE steps and optional overrides.
 
-    ``write_lr`` may be one value or a mapping N -> value (the paper's alpha depends on N). ``max_steps`` and
-    ``overrides`` (nested TrainConfig sections, e.g. ``{optim: {lr: 0.001}}``) change this method's cells only;
-    a budget that differs between methods is logged as a warning, since the comparison assumes equal budgets."""
+    ``write_lr`` may be one value or (capacity) a mapping N -> value (the paper's alpha depends on N).
+    ``max_steps`` and ``overrides`` (nested TrainConfig sections, e.g. ``{optim: {lr: 0.001}}``) change this
+    method's cells only; a budget that differs between methods is logged as a warning, since the comparison
+    assumes equal budgets."""
 
-    name: str
-    method: str
-    write_steps: int | None = None  # K trained; None: the base memory.write_steps (irrelevant for the bounds)
-    write_lr: float | dict[int, float] | None = None  # None: the base memory.write_lr
-    max_steps: int | None = None  # None: the base optim.max_steps
-    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str = Field(description="names the method's files: letters, digits, '_', '.', '-'")
+    method: str = Field(description=f"one of {METHODS}")
+    write_steps: int | None = Field(None, ge=0, description="K trained; None: the base memory.write_steps "
+                                                            "(irrelevant for the bounds)")
+    write_lr: float | dict[int, float] | None = Field(None, description="alpha, or N -> alpha; None: the base "
+                                                                        "memory.write_lr")
+    max_steps: int | None = Field(None, ge=0, description="None: the base optim.max_steps")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="TrainConfig sections for this method's "
+                                                                        "cells only")
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"method name {value!r} must be letters, digits, '_', '.', '-' (it names files)")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {METHODS}")
+        return value
+
+    @field_validator("write_lr")
+    @classmethod
+    def _positive_alpha(cls, value: float | dict[int, float] | None) -> float | dict[int, float] | None:
+        alphas = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(not alpha > 0 for alpha in alphas):
+            raise ValueError(f"alpha must be > 0, got {value!r}")
+        return value
 
     @property
     def trained_steps(self) -> bool:
         """Whether the WRITE step count means anything for this method (gradmem, rmt)."""
         return self.method in TRAINED_METHODS
-
-
-def parse_methods(entries: Any, what: str) -> list[MethodSpec]:
-    """The ``methods:`` list of a benchmark config (``what``: its name in messages) as MethodSpecs."""
-    if not isinstance(entries, list):
-        raise ValueError(f"{what} config needs `methods:`, a list of {{name, method, write_steps, ...}}")
-    names = {"name", "method", "write_steps", "write_lr", "max_steps", "overrides"}
-    specs = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise ValueError(f"methods[{i}] must be a mapping, got {entry!r}")
-        extra = sorted(set(entry) - names)
-        if extra:
-            raise ValueError(f"methods[{i}]: unknown keys {extra}; known: {sorted(names)}")
-        if "name" not in entry or "method" not in entry:
-            raise ValueError(f"methods[{i}] needs a `name` and a `method` (one of {METHODS}), got {entry}")
-        specs.append(MethodSpec(**entry))
-    return specs
-
-
-def check_methods(specs: list[MethodSpec]) -> None:
-    """At least one method, unique names usable as file names, known methods, overrides as mappings."""
-    if not specs:
-        raise ValueError("the config needs at least one entry under `methods:`")
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"method names must be unique, got {names}")
-    for spec in specs:
-        if not isinstance(spec.name, str) or not NAME_PATTERN.match(spec.name):
-            raise ValueError(f"method name {spec.name!r} must be letters, digits, '_', '.', '-' (it names files)")
-        if spec.method not in METHODS:
-            raise ValueError(f"methods entry {spec.name!r}: unknown method {spec.method!r}; choose one of {METHODS}")
-        if not isinstance(spec.overrides, dict):
-            raise ValueError(f"methods entry {spec.name!r}: overrides must be a mapping of config sections")
 
 
 def method_sections(base: dict[str, Any], spec: MethodSpec, write_lr: float | None) -> dict[str, Any]:
@@ -172,101 +171,123 @@ def method_sections(base: dict[str, Any], spec: MethodSpec, write_lr: float | No
     return data
 
 
-class BenchmarkConfig:
-    """What the capacity and comparison configs share: the TrainConfig sections live in ``base`` and sit at the top
-    level of the YAML; ``methods`` is a list of MethodSpec. Subclasses (dataclasses) give ``from_dict`` and
-    ``validate``, which checks everything before any training."""
+def _section(name: str) -> Any:
+    return Field(None, description=f"TrainConfig section {name!r} shared by every method (gradmem.train)")
 
-    base: dict[str, Any]
-    methods: list[MethodSpec]
+
+@declared
+class BenchmarkConfig:
+    """What the capacity and comparison configs share: the TrainConfig sections (``model``, ``memory``, ``task``,
+    ``optim``, ``run``: mappings, validated cell by cell once each method's changes are merged in) sit at the top
+    level beside the grid's keys; ``methods`` is a list of MethodSpec."""
+
+    model: dict[str, Any] | None = _section("model")
+    memory: dict[str, Any] | None = _section("memory")
+    task: dict[str, Any] | None = _section("task")
+    optim: dict[str, Any] | None = _section("optim")
+    run: dict[str, Any] | None = _section("run")
+    methods: list[MethodSpec] = Field(default_factory=list, validate_default=True,
+                                      description="the rows: {name, method, write_steps, write_lr, max_steps, overrides}")
+    sweep: SweepConfig | None = Field(None, description="learning rate (and GradMem alpha) per method, picked on "
+                                                        "validation (benchmarks.sweep)")
+    # Method name -> the candidate its sweep picked: set by the run from the sweep records (with_tuning), never
+    # by the YAML. The cells train with it.
+    tuning: dict[str, dict[str, float]] = Field(default_factory=dict, description="set from the sweep records")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, specs: list[MethodSpec]) -> list[MethodSpec]:
+        if not specs:
+            raise ValueError("the config needs at least one entry under `methods:` ({name, method, write_steps, ...})")
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        return specs
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        if isinstance(data, Mapping) and "tuning" in data:
+            raise ConfigError(cls, "tuning: set from the sweep records by the run, not by the config")
+        return from_dict(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike):
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
+    @property
+    def base(self) -> dict[str, Any]:
+        """The TrainConfig sections the config gives (a copy)."""
+        return {k: copy.deepcopy(getattr(self, k)) for k in BASE_SECTIONS if getattr(self, k) is not None}
+
     def to_dict(self) -> dict[str, Any]:
-        """The config as its YAML would say it (base sections at the top level)."""
-        data = {**copy.deepcopy(self.base), **asdict(self)}
-        del data["base"]
-        return data
+        """The config as its YAML would say it (base sections at the top level; no tuning)."""
+        data = to_dict(self)
+        del data["tuning"]
+        return {**self.base, **{k: v for k, v in data.items() if k not in BASE_SECTIONS}}
 
     def with_max_steps(self, max_steps: int | None):
         """A validated copy in which every method trains ``max_steps`` steps (smoke runs); ``self`` when None."""
         if max_steps is None:
             return self
-        out = copy.deepcopy(self)
-        for spec in out.methods:
-            spec.max_steps = max_steps
-        out.validate()
-        return out
+        return override(self, {"methods": [{**asdict(spec), "max_steps": max_steps} for spec in self.methods]})
+
+    def with_tuning(self, tuning: dict[str, dict[str, float]]):
+        """A validated copy whose cells train with the sweep's picks (method name -> candidate)."""
+        return override(self, {"tuning": tuning})
 
 
-@dataclass
+@declared
 class CapacityConfig(BenchmarkConfig):
-    """A base TrainConfig (``base``: its sections as a dict) and the grid of methods x pairs to run."""
+    """A base TrainConfig (its sections at the top level) and the grid of methods x pairs to run."""
 
-    base: dict[str, Any] = field(default_factory=dict)
-    pairs: list[int] = field(default_factory=list)
-    methods: list[MethodSpec] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=lambda: [1, 2])
-    eval_samples: int = 1000
-    eval_batch_size: int | None = None  # None: the base run.eval_batch_size
-    eval_seed: int = 0  # held-out stream: evaluation batches come from ("capacity-eval", eval_seed, N, i)
+    pairs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, validate_default=True,
+                                                     description="the pair counts N (distinct), in order")
+    eval_steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 2], min_length=1,
+                                                          description="K_eval of gradmem and rmt (the trained K always)")
+    eval_samples: int = Field(1000, ge=1, description="held-out samples per cell and K_eval")
+    eval_batch_size: int | None = Field(None, ge=1, description="None: the base run.eval_batch_size")
+    eval_seed: int = Field(0, description="held-out stream: evaluation batches come from "
+                                          "('capacity-eval', eval_seed, N, i)")
     # Warm start each method's cell at N from its own reader at the previous N of ``pairs`` (the authors' curriculum
     # for large N); the same for every method. A cell's validation selection and stopping are its Trainer's.
-    curriculum: bool = False
-    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (benchmarks.sweep)
-    # Filled by run_capacity from the sweep records (method name -> picked candidate); not part of the YAML.
-    tuning: dict[str, dict[str, float]] = field(default_factory=dict)
+    curriculum: bool = Field(False, description="warm start each cell from the same method's reader at the previous N")
 
+    @field_validator("pairs")
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CapacityConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"a capacity config is a mapping, got {type(data).__name__}")
-        grid = {"pairs", "methods", "eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum", "sweep"}
-        unknown = sorted(set(data) - grid - set(BASE_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown capacity config keys {unknown}; known: {sorted(grid | set(BASE_SECTIONS))}")
-        specs = parse_methods(data.get("methods"), "capacity")
-        cfg = cls(
-            base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None},
-            pairs=data.get("pairs"), methods=specs,
-            **{k: data[k] for k in ("eval_steps", "eval_samples", "eval_batch_size", "eval_seed", "curriculum") if k in data},
-            sweep=SweepConfig.from_dict(data["sweep"]) if data.get("sweep") is not None else None,
-        )
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        """Fail before any training: every cell's TrainConfig is built and validated here."""
-        if not isinstance(self.pairs, list) or not self.pairs:
+    def _pairs(cls, pairs: list[int]) -> list[int]:
+        if not pairs:
             raise ValueError("capacity config needs `pairs:`, a non-empty list of pair counts N (e.g. [2, 4])")
-        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.pairs) or len(set(self.pairs)) != len(self.pairs):
-            raise ValueError(f"pairs must be distinct positive integers, got {self.pairs}")
-        check_methods(self.methods)
-        for spec in self.methods:
+        if len(set(pairs)) != len(pairs):
+            raise ValueError(f"pairs must be distinct positive integers, got {pairs}")
+        return pairs
+
+    @model_validator(mode="after")
+    def _grid(self) -> "CapacityConfig":
+        """Fail before any training: the grid agrees with itself, then every cell's TrainConfig is built here."""
+        problems = []
+        for i, spec in enumerate(self.methods):
             if isinstance(spec.write_lr, dict):
                 missing = sorted(set(self.pairs) - set(spec.write_lr))
                 if missing:
-                    raise ValueError(f"methods entry {spec.name!r}: write_lr has no value for N = {missing}")
-        if not isinstance(self.eval_steps, list) or not self.eval_steps or any(
-                not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in self.eval_steps):
-            raise ValueError(f"eval_steps must be a non-empty list of integers >= 0, got {self.eval_steps}")
-        if not isinstance(self.eval_samples, int) or self.eval_samples < 1:
-            raise ValueError(f"eval_samples must be an integer >= 1, got {self.eval_samples}")
-        if not isinstance(self.curriculum, bool):
-            raise ValueError(f"curriculum must be true or false, got {self.curriculum!r}")
+                    problems.append(f"methods.{i}.write_lr: {spec.name!r} has no value for N = {missing}")
         if self.sweep is not None and self.sweep.pairs is not None and self.sweep.pairs not in self.pairs:
-            raise ValueError(f"sweep.pairs {self.sweep.pairs} must be one of pairs {self.pairs}")
-        for spec in self.methods:
-            for pairs in self.pairs:
+            problems.append(f"sweep.pairs: {self.sweep.pairs} must be one of pairs {self.pairs}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        for spec, pairs in self.cells():
+            try:
                 cfg = self.cell_config(spec, pairs)
-                if cfg.task.name != "kv":
-                    raise ValueError("the capacity benchmark runs on the key-value task (task.name: kv)")
-                longest = 2 * cfg.memory.num_memory + 7 * pairs + 1 + 9  # RMT's [M; C; M], or [M; Q; Y] + slack
-                if longest > cfg.model.max_positions or 7 * pairs + 1 > cfg.memory.max_context_tokens:
-                    raise ValueError(f"N = {pairs} needs model.max_positions >= {longest} and memory.max_context_tokens"
-                                     f" >= {7 * pairs + 1}; got {cfg.model.max_positions}, {cfg.memory.max_context_tokens}")
+            except ValueError as exc:
+                raise ValueError(f"cell {cell_name(spec, pairs)}: {exc}") from None
+            if cfg.task.name != "kv":
+                raise ValueError(f"task.name: the capacity benchmark runs on the key-value task (task.name: kv), "
+                                 f"got {cfg.task.name!r}")
+            longest = 2 * cfg.memory.num_memory + 7 * pairs + 1 + 9  # RMT's [M; C; M], or [M; Q; Y] + slack
+            if longest > cfg.model.max_positions or 7 * pairs + 1 > cfg.memory.max_context_tokens:
+                raise ValueError(f"cell {cell_name(spec, pairs)}: N = {pairs} needs model.max_positions >= {longest} "
+                                 f"and memory.max_context_tokens >= {7 * pairs + 1}; got {cfg.model.max_positions}, "
+                                 f"{cfg.memory.max_context_tokens}")
+        return self
 
     # -- the cells
     def cell_config(self, spec: MethodSpec, pairs: int, output: Path | None = None) -> TrainConfig:
@@ -290,11 +311,6 @@ class CapacityConfig(BenchmarkConfig):
     def tuned_ready(self, spec: MethodSpec) -> bool:
         """Whether this method's cells can be built as they will train (no sweep, or its pick is known)."""
         return self.sweep is None or spec.name in self.tuning
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        data.pop("tuning", None)
-        return data
 
     def previous_pairs(self, pairs: int) -> int | None:
         """The N a curriculum cell at ``pairs`` starts from (None: from scratch)."""
@@ -441,9 +457,8 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     started = time.perf_counter()
     log_budgets(cfg)
     if cfg.sweep is not None:
-        cfg = copy.deepcopy(cfg)
-        cfg.tuning = tune(cfg.methods, cfg.sweep, output, lambda spec: cfg.cell_config(spec, cfg.sweep_pairs()),
-                          only=only, run=not report_only, device=device)
+        cfg = cfg.with_tuning(tune(cfg.methods, cfg.sweep, output, lambda spec: cfg.cell_config(spec, cfg.sweep_pairs()),
+                                   only=only, run=not report_only, device=device))
 
     cells = cfg.cells()
     results = finished_cells(cfg, output)

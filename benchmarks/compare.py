@@ -39,27 +39,26 @@ one-thread processes): the results files are rebuilt from every finished cell on
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
+from pydantic import Field, model_validator
 
 from benchmarks import common
-from benchmarks.capacity import (BASE_SECTIONS, TRAINED_METHODS, BenchmarkConfig, MethodSpec, check_methods,
-                                 method_sections, parse_methods, same_cell_config)
+from benchmarks.capacity import TRAINED_METHODS, BenchmarkConfig, MethodSpec, method_sections, same_cell_config
 from benchmarks.common import device_name, git_commit, jsonable, save_figure, write_atomic, write_json_atomic
-from benchmarks.sweep import SweepConfig, sweep_record, sweep_section, tune
+from benchmarks.sweep import sweep_record, sweep_section, tune
 from benchmarks.sweep import apply as sweep_apply
+from gradmem.config import declared
 from gradmem.data import tokenize
 from gradmem.tasks.dataset import ExampleSet, evaluate_generated
 from gradmem.train import TrainConfig, Trainer, build_task, evaluate
@@ -67,68 +66,42 @@ from gradmem.train import TrainConfig, Trainer, build_task, evaluate
 logger = logging.getLogger(__name__)
 
 COMPARE_TASKS = ("babi", "squad")  # tasks with fixed splits and a generated-answer metric
-GRID_KEYS = ("methods", "test_split", "test_samples", "eval_steps", "generate", "max_new_tokens", "eval_batch_size",
-             "sweep")
 
 
-@dataclass
+@declared
 class CompareConfig(BenchmarkConfig):
-    """A base TrainConfig (``base``: its sections as a dict) and the methods to train on it."""
+    """A base TrainConfig (its sections at the top level) and the methods to train on it."""
 
-    base: dict[str, Any] = field(default_factory=dict)
-    methods: list[MethodSpec] = field(default_factory=list)
-    test_split: str = "test"  # where the final scores come from (validation gives the learning curve)
-    test_samples: int | None = None  # None: the whole split
-    eval_steps: list[int] = field(default_factory=list)  # extra K_eval for gradmem/rmt (the trained K always)
-    generate: bool = True  # also score greedy answers with the task's metric
-    max_new_tokens: int = 16
-    eval_batch_size: int | None = None  # None: the base run.eval_batch_size
-    sweep: SweepConfig | None = None  # learning rate (and GradMem alpha) per method, picked on validation (benchmarks.sweep)
-    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # filled from the sweep records; not YAML
+    test_split: Literal["validation", "test"] = Field("test", description="where the final scores come from "
+                                                                          "(validation gives the learning curve)")
+    test_samples: int | None = Field(None, ge=1, description="None: the whole split")
+    eval_steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description="extra K_eval for "
+                                                          "gradmem/rmt (the trained K always)")
+    generate: bool = Field(True, description="also score greedy answers with the task's metric")
+    max_new_tokens: int = Field(16, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1, description="None: the base run.eval_batch_size")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompareConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"a comparison config is a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(GRID_KEYS) - set(BASE_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown comparison config keys {unknown}; known: {sorted(set(GRID_KEYS) | set(BASE_SECTIONS))}")
-        specs = parse_methods(data.get("methods"), "comparison")
-        cfg = cls(base={k: copy.deepcopy(data[k]) for k in BASE_SECTIONS if data.get(k) is not None}, methods=specs,
-                  **{k: data[k] for k in GRID_KEYS if k not in ("methods", "sweep") and k in data},
-                  sweep=SweepConfig.from_dict(data["sweep"]) if data.get("sweep") is not None else None)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
+    @model_validator(mode="after")
+    def _cells(self) -> "CompareConfig":
         """Fail before any training: every method's TrainConfig is built and validated here."""
-        check_methods(self.methods)
+        problems = [f"methods.{i}.write_lr: must be a number here (one alpha per method), got {spec.write_lr!r}"
+                    for i, spec in enumerate(self.methods) if isinstance(spec.write_lr, dict)]
+        if problems:
+            raise ValueError("; ".join(problems))
         for spec in self.methods:
-            if spec.write_lr is not None and not isinstance(spec.write_lr, (int, float)):
-                raise ValueError(f"methods entry {spec.name!r}: write_lr must be a number here, got {spec.write_lr!r}")
-            cfg = self.cell_config(spec)
+            try:
+                cfg = self.cell_config(spec)
+            except ValueError as exc:
+                raise ValueError(f"method {spec.name}: {exc}") from None
             if cfg.task.name not in COMPARE_TASKS:
-                raise ValueError(f"the comparison runs on {COMPARE_TASKS} (fixed splits, a task metric); got task "
-                                 f"{cfg.task.name!r} (key-value data: benchmarks.capacity)")
-        if self.test_split not in ("validation", "test"):
-            raise ValueError(f"test_split must be validation or test, got {self.test_split!r}")
-        if self.test_samples is not None and (not isinstance(self.test_samples, int) or self.test_samples < 1):
-            raise ValueError(f"test_samples must be a positive integer or null (the whole split), got {self.test_samples}")
-        if not isinstance(self.eval_steps, list) or any(not isinstance(k, int) or isinstance(k, bool) or k < 0
-                                                        for k in self.eval_steps):
-            raise ValueError(f"eval_steps must be a list of integers >= 0, got {self.eval_steps}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+                raise ValueError(f"task.name: the comparison runs on {COMPARE_TASKS} (fixed splits, a task metric); "
+                                 f"got {cfg.task.name!r} (key-value data: benchmarks.capacity)")
+        return self
 
     def cell_config(self, spec: MethodSpec) -> TrainConfig:
         """The TrainConfig of one method: base, then its overrides, then its method, K, alpha and budget."""
         cfg = TrainConfig.from_dict(method_sections(self.base, spec, spec.write_lr))
         return sweep_apply(cfg, self.tuning[spec.name]) if spec.name in self.tuning else cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        data = super().to_dict()
-        data.pop("tuning", None)
-        return data
 
     def eval_steps_for(self, spec: MethodSpec, cfg: TrainConfig) -> list[int]:
         """K_eval of a method: the trained K plus the sweep for gradmem/rmt; the trained K alone for the bounds."""
@@ -269,8 +242,7 @@ def run_compare(cfg: CompareConfig, output: str | os.PathLike, only: list[str] |
     (output / "cells").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if cfg.sweep is not None:
-        cfg = copy.deepcopy(cfg)
-        cfg.tuning = tune(cfg.methods, cfg.sweep, output, cfg.cell_config, only=only, device=device)
+        cfg = cfg.with_tuning(tune(cfg.methods, cfg.sweep, output, cfg.cell_config, only=only, device=device))
     selected = cfg.select(only)
     done = finished_cells(cfg, output)
     todo = [s for s in selected if s.name not in done]

@@ -8,6 +8,8 @@ continues from its Trainer checkpoint; bad configs fail before any training with
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -142,22 +144,46 @@ def smoke_dict() -> dict:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"methods": [{"name": "lstm", "method": "lstm"}]}, "unknown method 'lstm'"),
+    ({"methods": [{"name": "lstm", "method": "lstm"}]}, r"methods\.0\.method: unknown method 'lstm'"),
     ({"pairs": []}, "non-empty list of pair counts"),
-    ({"pairs": None}, "non-empty list of pair counts"),
-    ({"pairs": [2, 0]}, "distinct positive integers"),
+    ({"pairs": None}, r"pairs: Input should be a valid list"),
+    ({"pairs": [2, 0]}, r"pairs\.1: Input should be greater than or equal to 1"),
+    ({"pairs": [2, 2]}, "distinct positive integers"),
     ({"methods": []}, "at least one entry"),
-    ({"methods": [{"method": "gradmem"}]}, "needs a `name` and a `method`"),
+    ({"methods": [{"method": "gradmem"}]}, r"methods\.0\.name: Field required"),
     ({"methods": [{"name": "a", "method": "rmt"}, {"name": "a", "method": "gradmem"}]}, "unique"),
-    ({"methods": [{"name": "g", "method": "gradmem", "write_lr": {1: 0.5}}]}, r"write_lr has no value for N = \[2\]"),
-    ({"methods": [{"name": "g", "method": "gradmem", "k": 2}]}, "unknown keys"),
+    ({"methods": [{"name": "a/b", "method": "rmt"}]}, "it names files"),
+    ({"methods": [{"name": "g", "method": "gradmem", "write_lr": {1: 0.5}}]}, r"methods\.0\.write_lr: 'g' has no value for N = \[2\]"),
+    ({"methods": [{"name": "g", "method": "gradmem", "write_lr": 0}]}, r"methods\.0\.write_lr: alpha must be > 0"),
+    ({"methods": [{"name": "g", "method": "gradmem", "k": 2}]}, r"methods\.0\.k: unknown key \(a typo\?\)"),
     ({"eval_steps": []}, "eval_steps"),
-    ({"pair": [1]}, "unknown capacity config keys"),
+    ({"eval_samples": 0}, r"eval_samples: Input should be greater than or equal to 1"),
+    ({"pair": [1]}, r"pair: unknown key \(a typo\?\)"),
+    ({"tuning": {"rmt": {"lr": 0.1}}}, "tuning: set from the sweep records"),
+    ({"sweep": {"lr": [1e-3], "pairs": 4}}, r"sweep\.pairs: 4 must be one of pairs \[1, 2\]"),
+    ({"task": {"name": "babi"}}, "key-value task"),
+    ({"model": {"max_positions": 20}}, "needs model.max_positions >= 21"),
     ({"optim": {"attention": "sdpa"}}, "double backward"),
 ], ids=lambda v: str(v)[:40])
 def test_bad_config_fails_fast(change, message):
     with pytest.raises(ValueError, match=message):
         CapacityConfig.from_dict({**smoke_dict(), **change})
+
+
+def test_a_capacity_config_is_frozen_and_changes_make_validated_copies():
+    cfg = CapacityConfig.from_dict(smoke_dict())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.methods[0].max_steps = 3
+    short = cfg.with_max_steps(3)
+    assert [s.max_steps for s in short.methods] == [3] * len(cfg.methods)
+    assert all(s.max_steps is None for s in cfg.methods)  # the original is unchanged
+    assert short.cell_config(short.methods[0], 1).optim.max_steps == 3
+    tuned = cfg.with_tuning({cfg.methods[0].name: {"lr": 0.01}})
+    assert tuned.cell_config(tuned.methods[0], 1).optim.lr == 0.01 and not cfg.tuning
+    assert copy.deepcopy(cfg) == cfg and CapacityConfig.from_dict(cfg.to_dict()) == cfg
+    assert "tuning" not in tuned.to_dict() and dataclasses.asdict(tuned)["tuning"] == tuned.tuning
+    with pytest.raises(ValueError, match=r"methods\.0\.max_steps: Input should be greater than or equal to 0"):
+        cfg.with_max_steps(-1)
 
 
 def test_bad_config_exits_before_training(tmp_path, capsys):

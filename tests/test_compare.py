@@ -97,10 +97,10 @@ def test_a_finished_cell_of_another_config_is_refused(smoke_run, tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.update(task={"name": "kv"}), "benchmarks.capacity"),
-    (lambda d: d.update(colour="red"), "unknown comparison config keys"),
+    (lambda d: d.update(colour="red"), r"colour: unknown key \(a typo\?\)"),
     (lambda d: d["methods"].append({"name": "gradmem", "method": "gradmem"}), "unique"),
     (lambda d: d["methods"].append({"name": "x", "method": "lstm"}), "unknown method"),
-    (lambda d: d["methods"].append({"name": "x", "method": "gradmem", "write_lr": {2: 0.1}}), "write_lr must be a number"),
+    (lambda d: d["methods"].append({"name": "x", "method": "gradmem", "write_lr": {2: 0.1}}), r"methods\.2\.write_lr: must be a number"),
     (lambda d: d.update(test_split="train"), "test_split"),
     (lambda d: d.update(test_samples=0), "test_samples"),
     (lambda d: d["task"].update(tasks=["qa99"]), "qa1 .. qa20"),

@@ -11,8 +11,7 @@ cfg = CapacityConfig.from_yaml("benchmarks/configs/capacity_cpu.yaml")
 spec = [s for s in cfg.methods if s.name == "gradmem_k1"][0]
 out = {}
 for alpha in [float(a) for a in sys.argv[1].split(",")]:
-    cfg.tuning = {spec.name: {"lr": 0.003, "write_lr": alpha}}
-    tc = cfg.cell_config(spec, 1)
+    tc = cfg.with_tuning({spec.name: {"lr": 0.003, "write_lr": alpha}}).cell_config(spec, 1)  # cfg.tuning = ... before issue 13
     t0 = time.time()
     tr = Trainer(tc, f"runs/probe_k1_alpha/a{alpha}")
     tr.fit()
