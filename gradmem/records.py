@@ -157,6 +157,8 @@ ERROR_REASONS = {
     "not_text": "the text is not a string (or not UTF-8)",
     "duplicate_id": "another record earlier in the input has the same id",
     "non_finite": "the WRITE produced NaN or inf",
+    "conflict": "the store already holds this id with other content (an online write, or a run on another text); "
+                "it is never replaced: write the new text under a new id",
 }
 
 

@@ -349,6 +349,16 @@ def _tokenizer(reader_uri: str, s3_endpoint: str | None):
     return _TOKENIZERS[reader_uri]
 
 
+_HELD: list = [None, {}]  # [the memory_keys set it was built from (kept alive: identity is safe), the map]
+
+
+def _held_documents(memory_keys: set) -> dict[tuple[str, int], str]:
+    """(doc_id, chunk) -> the memory_id the store holds for it, built once per store listing."""
+    if _HELD[0] is not memory_keys:
+        _HELD[:] = [memory_keys, {(d, c): m for d, c, m in memory_keys}]
+    return _HELD[1]
+
+
 def _existing(ref) -> tuple[set, set]:
     """The store's (doc_id, chunk, memory_id) keys and error ids, fetched once per worker process (an object
     ref, or the pair itself when called outside Ray)."""
@@ -410,9 +420,15 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
     pieces = [ids[k : k + limit] for k in range(0, len(ids), limit)]
+    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece) for piece in pieces]
+    held_by = _held_documents(memory_keys)
+    other = [c for c, mid in enumerate(mids) if held_by.get((row["doc_id"], c), mid) != mid]
+    if other:  # the id holds other content (an online write, an earlier text): never replaced, never doubled
+        error(row, "conflict", f"id {row['doc_id']!r} already holds another memory for chunk {other[0]} "
+              f"({held_by[(row['doc_id'], other[0])]}); this text would be {mids[other[0]]}")
+        return []
     out = []
-    for c, piece in enumerate(pieces):
-        mid = records.memory_id(spec["fingerprint"], steps, lr, piece)
+    for c, (piece, mid) in enumerate(zip(pieces, mids)):
         held = ((row["doc_id"], c, mid) in memory_keys  # written before
                 or records.error_id(row["source"], row["doc_id"], c, "non_finite") in error_ids)  # failed: not retried
         out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,

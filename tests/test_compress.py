@@ -110,6 +110,12 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
     assert [(r["doc_id"], r["reason"]) for r in resolved] == [("c", "too_long"), ("a", "duplicate_id"),
                                                               (None, "malformed")]
 
+    # an id the store holds with other content (an online write) is a conflict error, never a second memory
+    clash = {("a", 0, "0" * 32)}, set()
+    rows = prepare(batch, chunk=False, **{**kwargs, "existing_ref": clash}).to_pylist()
+    assert (rows[0]["doc_id"], rows[0]["status"], rows[0]["reason"]) == ("a", "error", "conflict")
+    assert "already holds another memory" in rows[0]["message"] and rows[0]["memory_id"] is None
+
 
 def test_store_parts_are_content_named_and_atomic(tmp_path):
     reader = make_reader("llama")

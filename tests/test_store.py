@@ -259,7 +259,9 @@ class _Model:
         docs = [(d, self.text.setdefault(d, t)) for d, t in dict(docs).items()]
         self.batches.append(docs)
         have = set(row_keys_of(self.store))
-        todo = [(d, t) for d, t in docs if (d, 0, _mid(t)) not in have]
+        held = {(d, c): m for d, c, m in have}
+        # the job's prepare: what the store holds is skipped, an id holding other content is a `conflict` error
+        todo = [(d, t) for d, t in docs if (d, 0) not in held]
         for n, start in enumerate(range(0, len(todo), 2)):
             if kill_after is not None and n >= kill_after:
                 directory = Path(self.store.root) / "memories"
