@@ -188,7 +188,7 @@ def test_ray_restores_a_killed_worker_from_the_latest_checkpoint(ray_cluster, tm
 
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
     storage, name = tmp_path / "runs", "restored"
-    job = _job([*KV_TINY_EVERY_STEP, "--num-workers", "2", "--max-steps", "300",
+    job = _job([*KV_TINY_EVERY_STEP, "--set", "run.save_every=20", "--num-workers", "2", "--max-steps", "60",
                 "--max-failures", "1", "--storage", str(storage), "--name", name], env)
     fs, deadline = pafs.LocalFileSystem(), time.time() + 300
     while time.time() < deadline and job.poll() is None and not _checkpoints(fs, str(storage / name)):
@@ -200,8 +200,8 @@ def test_ray_restores_a_killed_worker_from_the_latest_checkpoint(ray_cluster, tm
     log, _ = job.communicate(timeout=600)
     assert job.returncode == 0, log[-4000:]
     resumed = [int(line.rsplit("resumed at step", 1)[1].split()[0]) for line in log.splitlines() if "resumed at step" in line]
-    assert resumed and min(resumed) >= 100, log[-3000:]  # kv_tiny checkpoints every 100 steps
-    assert "step_00000300" in _checkpoints(fs, str(storage / name))
+    assert resumed and min(resumed) >= 20, log[-3000:]  # a checkpoint every 20 steps
+    assert "step_00000060" in _checkpoints(fs, str(storage / name))
 
 
 def test_rendezvous_listens_on_the_node_address_only(ray_cluster, tmp_path):
