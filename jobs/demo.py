@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -132,6 +134,9 @@ def run(args: argparse.Namespace, out: Path) -> None:
             print(f"   logs: {out / 'demo.log'} (this process), Ray's session directory for its workers "
                   "(/tmp/ray/session_latest/logs); --verbose shows them here")
     finally:
+        if not args.verbose:  # what Ray prints while it shuts down is log, not story
+            sys.stdout.flush()
+            os.dup2(2, 1)
         serve.shutdown()
         ray.shutdown()
 
