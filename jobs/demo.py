@@ -85,13 +85,15 @@ def run(args: argparse.Namespace, out: Path) -> None:
              log_to_driver=args.verbose)
     try:
         print(f"== 1/4 Ray Train + DeepSpeed ZeRO-2, 2 workers: meta-training a reader on key-value retrieval with "
-              f"{cfg.task.pairs} pairs ({cfg.optim.max_steps} steps)", flush=True)
+              f"{cfg.task.pairs} pairs (at most {cfg.optim.max_steps} steps)", flush=True)
         ds = json.loads((ROOT / "jobs/configs/ds_zero2.json").read_text())
         result = fit(cfg, DistributedConfig(num_workers=2, deepspeed=ds, storage=str(out / "ray"), name="kv_demo"),
                      output=out / "reader")
         if result.error:
             raise SystemExit(f"training failed: {result.error}")
-        print(f"   trained in {time.perf_counter() - started:.0f}s; reader exported to {out / 'reader'}", flush=True)
+        stop = result.metrics.get("stop_reason") or "the step cap"
+        print(f"   trained {result.metrics['step']} steps in {time.perf_counter() - started:.0f}s (stopped by {stop}); "
+              f"the best reader by validation exported to {out / 'reader'}", flush=True)
 
         print(f"== 2/4 Ray Data: compressing {args.docs} documents (+3 bad records) into {out / 'memories'}", flush=True)
         exs = write_corpus(out / "corpus", cfg.task.pairs, args.docs)
