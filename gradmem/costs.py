@@ -308,7 +308,8 @@ def render(report: Mapping[str, Any], per_memory: int) -> str:
         g = reader["geometry"]
         lines.append(f"reader: {reader['dir']} ({reader['fingerprint']}, method {reader['method']}): KV cache = 2 x "
                      f"{g['layers']} layers x {g['kv_heads']} KV heads x {g['head_dim']} head dim x {g['dtype']} "
-                     f"({g['bytes_per_element']} B, dtype from {g['dtype_source']}) = {g['bytes_per_token']} B per token")
+                     f"({g['bytes_per_element']} B, dtype from {g['dtype_source']}) = "
+                     f"{g['bytes_per_token']} B per token")
     else:
         lines.append(f"reader: {reader.get('why') or 'none'}: KV bytes, tokens saved and break-even are not reported")
     lines.append(f"prefill cost: {prefill['detail']}")
@@ -385,18 +386,19 @@ def build_report(store_uri: str, parts: Sequence[PartRows], skipped_parts: int, 
         share = part.size_bytes / len(part.rows) if part.rows else None
         same = geometry is not None and part.fingerprint == reader.get("fingerprint")
         for row in part.rows:
-            items.append(memory_costs(row, m=part.m, d=part.d, element_bytes=part.element_bytes, part_bytes_share=share,
-                                      geometry=geometry if same else None, method=reader.get("method") if same else None,
-                                      prefill=prefill))
+            items.append(memory_costs(row, m=part.m, d=part.d, element_bytes=part.element_bytes,
+                                      part_bytes_share=share, geometry=geometry if same else None,
+                                      method=reader.get("method") if same else None, prefill=prefill))
     other = sorted({p.fingerprint for p in parts} - {reader.get("fingerprint")})
     if geometry is not None and other:
         logger.warning("rows of readers %s are not priced: the reader given is %s", other, reader.get("fingerprint"))
     summary = account(items)
+    unpriced = other if geometry else sorted({p.fingerprint for p in parts})
     return {
         "store_uri": store_uri, "parts": len(parts), "skipped_parts": skipped_parts,
         "part_bytes": sum(p.size_bytes for p in parts),
         "reader": {**reader, "geometry": {**asdict(geometry), "bytes_per_token": geometry.bytes_per_token}
-                   if geometry else None, "unpriced_fingerprints": other if geometry else sorted({p.fingerprint for p in parts})},
+                   if geometry else None, "unpriced_fingerprints": unpriced},
         "prefill": asdict(prefill),
         "store": summary["store"], "groups": summary["groups"], "memories": items,
     }

@@ -114,7 +114,7 @@ def report(cfg: costs.CostConfig) -> dict:
     parts = costs.read_parts(store)
     measuring = cfg.prefill_s_per_token is None and cfg.measure
     path, origin = reader_dir(cfg, store.manifest(), weights=measuring)
-    reader: dict = {"dir": origin, "why": None if path else origin}
+    reader: dict = {"dir": origin if path else None, "why": None if path else origin}
     geometry = None
     if path is not None:
         from gradmem.checkpoint import read_section
