@@ -42,7 +42,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.dataset as pads

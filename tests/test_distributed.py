@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import yaml
 
 from gradmem import Reader
 from gradmem.config import override

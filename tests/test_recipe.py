@@ -14,7 +14,6 @@ from benchmarks.capacity import CapacityConfig, cell_name, run_capacity
 from benchmarks.compare import CompareConfig
 from benchmarks.sweep import SweepConfig, fmt, pick
 from gradmem import Reader, methods
-from gradmem.tasks.kv import KVTask
 from gradmem.train import TrainConfig, Trainer, build_reader
 from conftest import make_reader, markdown_rows
 
