@@ -55,11 +55,11 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from benchmarks import common
-from benchmarks.common import (deep_merge, device_name, git_commit, jsonable, save_figure, write_atomic,
+from benchmarks.common import (deep_merge, pct, device_name, git_commit, jsonable, save_figure, write_atomic,
                                write_json_atomic)
 from benchmarks.sweep import SweepConfig, sweep_record, sweep_section, tune
 from benchmarks.sweep import apply as sweep_apply
-from gradmem.config import METHODS, ConfigError, declared, from_dict, override, to_dict
+from gradmem.config import METHODS, ConfigError, declared, from_dict, known_method, override, to_dict
 from gradmem.train import TrainConfig, Trainer, evaluate
 
 logger = logging.getLogger(__name__)
@@ -139,9 +139,7 @@ class MethodSpec:
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {METHODS}")
-        return value
+        return known_method(value)
 
     @field_validator("write_lr")
     @classmethod
@@ -521,10 +519,6 @@ def write_results(cfg: CapacityConfig, output: Path, cells: dict[str, dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def budget_text(budget: dict[str, Any]) -> str:
     """``at most max_steps x batch`` (and the wall-time cap); each cell's table entry gives the steps it trained."""
     cap = f", cap {budget['max_seconds']:g} s" if budget.get("max_seconds") else ""
@@ -569,10 +563,10 @@ def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
             k = str(c["k_train"]) if c["k_train"] is not None else "-"
             paper = c["paper"]["trained"] or "-"
             if c["k_train"] is None:
-                row.append(f"{_pct(c['em_trained'])}{steps} (paper {paper})")
+                row.append(f"{pct(c['em_trained'])}{steps} (paper {paper})")
             else:
                 best = c["paper"]["best"]
-                row.append(f"{_pct(c['em_trained'])} / {_pct(c['em_best'])} @K{c['best_k_eval']}{steps} "
+                row.append(f"{pct(c['em_trained'])} / {pct(c['em_best'])} @K{c['best_k_eval']}{steps} "
                            f"(paper {paper}{' / ' + best if best else ''})")
         lines.append(f"| {spec.name} ({spec.method}) | {k} | {budget} | " + " | ".join(row) + " |")
 
@@ -590,7 +584,7 @@ def render_markdown(cfg: CapacityConfig, summary: dict[str, Any]) -> str:
                 for k in ks:
                     score = c["eval"].get(str(k))
                     paper = c["paper"]["k_eval"].get(str(k))
-                    text = "-" if score is None else _pct(score["em"])
+                    text = "-" if score is None else pct(score["em"])
                     text = f"**{text}**" if k == c["k_train"] else text
                     row.append(text + (f" [{paper}]" if paper else ""))
                 lines.append(f"| {spec.name} | {c['k_train']} | {pairs} | " + " | ".join(row) + " |")

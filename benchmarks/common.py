@@ -152,3 +152,8 @@ def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, tit
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal for the report tables; '-' when there is none."""
+    return "-" if x is None else f"{100 * x:.1f}"

@@ -55,7 +55,7 @@ from pydantic import Field, model_validator
 
 from benchmarks import common
 from benchmarks.capacity import TRAINED_METHODS, BenchmarkConfig, MethodSpec, method_sections, same_cell_config
-from benchmarks.common import device_name, git_commit, jsonable, save_figure, write_atomic, write_json_atomic
+from benchmarks.common import device_name, git_commit, jsonable, pct, save_figure, write_atomic, write_json_atomic
 from benchmarks.sweep import sweep_record, sweep_section, tune
 from benchmarks.sweep import apply as sweep_apply
 from gradmem.config import declared
@@ -287,10 +287,6 @@ def write_results(cfg: CompareConfig, output: Path, meta: dict[str, Any]) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- reports
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
 def task_title(train_cfg: TrainConfig) -> str:
     t = train_cfg.task
     if t.name == "babi":
@@ -331,9 +327,9 @@ def render_markdown(cfg: CompareConfig, summary: dict[str, Any]) -> str:
         lines.append(
             f"| {c['name']} ({c['method']}) | {c['k_train'] if trained else '-'} | "
             f"{c['write_lr'] if c['method'] == 'gradmem' else '-'} | {c['budget']['max_steps']} x "
-            f"{c['budget']['batch_size']} | {sps} | {_pct(c['em_trained'])} | "
-            f"{_pct(c['em_best']) + ' @K' + str(c['best_k_eval']) if trained else '-'} | "
-            + " | ".join(_pct(generated.get(m)) for m in metrics) + (" |" if metrics else "|"))
+            f"{c['budget']['batch_size']} | {sps} | {pct(c['em_trained'])} | "
+            f"{pct(c['em_best']) + ' @K' + str(c['best_k_eval']) if trained else '-'} | "
+            + " | ".join(pct(generated.get(m)) for m in metrics) + (" |" if metrics else "|"))
     lines += ["", "Validation EM (teacher-forced) during training:", ""]
     steps = sorted({r["step"] for c in cells for r in c["curve"]["eval"]})
     if steps:
@@ -342,7 +338,7 @@ def render_markdown(cfg: CompareConfig, summary: dict[str, Any]) -> str:
             row = []
             for c in cells:
                 found = [r for r in c["curve"]["eval"] if r["step"] == step]
-                row.append(_pct(found[0]["em"]) if found else "")
+                row.append(pct(found[0]["em"]) if found else "")
             lines.append(f"| {step} | " + " | ".join(row) + " |")
     if any(c["examples"] for c in cells):
         lines += ["", "First test questions, answered from memory:", ""]

@@ -166,6 +166,13 @@ def from_flags(cls: type[C], args: argparse.Namespace, prefix: str = "", **fixed
 METHODS = ("gradmem", "rmt", "full_context", "no_context")
 
 
+def known_method(value: str) -> str:
+    """``value`` if it names a registered method (``gradmem.methods.register`` adds to METHODS), else ValueError."""
+    if value not in METHODS:
+        raise ValueError(f"unknown method {value!r}; choose one of {METHODS}")
+    return value
+
+
 @declared
 class MemoryConfig:
     """Memory and WRITE settings (the paper's defaults)."""
@@ -182,9 +189,7 @@ class MemoryConfig:
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {METHODS}")
-        return value
+        return known_method(value)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
