@@ -55,12 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     out = Path(args.output).resolve()
+    story = os.dup(1)  # the terminal: run() sends stdout to the log while Ray shuts down
     if not args.verbose:  # the story on stdout; every log line (ours, Ray's, warnings) in OUTPUT/demo.log
         send_stderr_to(out / "demo.log")
     try:
         run(args, out)
     except BaseException as exc:
         if not args.verbose and not isinstance(exc, KeyboardInterrupt):
+            sys.stdout.flush()
+            os.dup2(story, 1)
             print(f"demo failed: {type(exc).__name__}: {exc}\n   the log says why: {out / 'demo.log'}", flush=True)
         raise
 

@@ -63,7 +63,8 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedConfig
         except json.JSONDecodeError as exc:
             raise ValueError(f"--deepspeed {args.deepspeed} is not JSON: {exc}") from None
         name = getattr(args, "name", None) or Path(args.config).name.removesuffix(".yaml")
-        dcfg = from_flags(DistributedConfig, args, deepspeed=ds_config, name=name)
+        storage = getattr(args, "storage", None) or str(ROOT / "runs" / "ray")  # the checkout's, from any directory
+        dcfg = from_flags(DistributedConfig, args, deepspeed=ds_config, name=name, storage=storage)
     except (OSError, ValueError) as exc:  # fail before a cluster is touched
         parser.error(str(exc))
     return cfg, dcfg, args

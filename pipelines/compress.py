@@ -433,7 +433,8 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
                 or records.error_id(row["source"], row["doc_id"], c, "non_finite") in error_ids)  # failed: not retried
         out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
                     "n_chunks": len(pieces), "status": "held" if held else "write",
-                    "token_ids": None if held else piece, "memory_id": mid})
+                    "token_ids": None if held else piece, "memory_id": mid,
+                    "excerpt": text[:EXCERPT_CHARS] if c == 0 else None})  # for a duplicate_id row, if it is one
     return out
 
 
@@ -446,7 +447,7 @@ def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], 
         first = duplicates.get(row["doc_id"]) if row["doc_id"] is not None else None
         if first is not None and first[0] != row["order"] and row["reason"] not in _UNREADABLE:
             if row["chunk"] in (None, 0):  # one error per record: a record's chunks may sit in several batches
-                out.append(_error_row({**row, "chunk": None, "n_chunks": None, "excerpt": None}, "duplicate_id",
+                out.append(_error_row({**row, "chunk": None, "n_chunks": None}, "duplicate_id",
                                       f"id {row['doc_id']!r} was first used at {first[1]}", error_ids))
             continue
         out.append(row)
@@ -662,12 +663,16 @@ def summarize(store: MemoryStore, inputs: pa.Table) -> dict[str, Any]:
 
 
 def _current_errors(err: pa.Table | None, complete_docs: set[str], by_memory: set[str]) -> tuple[list[dict], int]:
-    """Error rows still in force, and how many are superseded by memories written since."""
+    """Error rows still in force, and how many are superseded by memories written since. A ``conflict`` is never
+    superseded: its document's memories are complete by definition (another content holds the id), and the user must
+    see that this input's text was not written."""
     if err is None:
         return [], 0
     current, superseded = [], 0
     for r in err.to_pylist():
-        if r["source"] in by_memory or (r["reason"] != "duplicate_id" and r["doc_id"] in complete_docs):
+        if r["reason"] == "conflict":
+            current.append(r)
+        elif r["source"] in by_memory or (r["reason"] != "duplicate_id" and r["doc_id"] in complete_docs):
             superseded += 1
         else:
             current.append(r)

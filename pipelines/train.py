@@ -63,7 +63,8 @@ class DistributedConfig:
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     deepspeed: dict[str, Any] | None = Field(None, description="a DeepSpeed config; None: plain data parallel")
-    storage: str = Field("runs/ray", description="checkpoints: local directory or s3://bucket/prefix")
+    storage: str = Field("runs/ray", description="checkpoints: local directory or s3://bucket/prefix "
+                         "(jobs/train.py: the checkout's runs/ray when not given)")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
     name: str = Field("gradmem", description="the run's folder under storage; the same name resumes")
     max_failures: int = Field(0, ge=0, description="Ray restarts the workers from the latest checkpoint this many "

@@ -90,7 +90,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
     assert [(r["doc_id"], r["status"], r["reason"]) for r in resolved] == [
         ("a", "write", None), ("b", "error", "empty"), ("c", "error", "too_long"), ("a", "error", "duplicate_id"),
         (None, "error", "malformed")]
-    assert "first used at f:1" in resolved[3]["message"]
+    assert "first used at f:1" in resolved[3]["message"] and resolved[3]["excerpt"] == (ctx + ctx)[:200]
 
     chunked_table = prepare(batch, chunk=True, **kwargs)
     chunked = [r for r in chunked_table.to_pylist() if r["doc_id"] == "c"]

@@ -223,6 +223,13 @@ def test_completeness_ignores_superseded_errors_and_online_writes(tmp_path):
     gap = summarize(store, _inputs([(0, "f:1", "long"), (5, "g:1", "never-written")]))
     assert not gap["complete"] and gap["missing"] == 1
 
+    # a conflict (the id holds other content, so its document is complete) is never superseded: the user sees it
+    clash = {"source": "f:2", "doc_id": "short", "reason": "conflict", "message": "other content", "chunk": None,
+             "n_chunks": None}
+    store.write_part("errors", records.error_table([clash], FP))
+    shown = summarize(store, inputs)
+    assert shown["error_reasons"] == {"malformed": 1, "conflict": 1} and shown["superseded_errors"] == 1
+
 
 # ---------------------------------------------------------------------------------------------- property
 from hypothesis import HealthCheck, given, settings
