@@ -304,25 +304,38 @@ def check_replicas(reader: Reader, rank: int) -> None:
 
 
 def gradient_check_loop(config: dict[str, Any]) -> None:
-    """One meta-step on every worker; rank 0 writes the full (reduced) gradients to ``config["out"]``.
+    """One meta-step per engine in ``config["checks"]`` on every worker, in one worker group; rank 0 writes each
+    engine's full (reduced) gradients to its ``out`` file, or the error that stopped it to ``out + ".error"``.
 
-    Compare them with a single process on the union of the ranks' batches (``reference_gradients``) to
-    check that an engine and ZeRO stage give correct second-order gradients."""
+    Compare them with a single process on the union of the ranks' batches (``reference_gradients``) to check
+    that an engine and ZeRO stage give correct second-order gradients. A check may be an engine expected to
+    fail (``expect_error``): its error is recorded and the next check runs, so one group of workers (one
+    start-up of Ray Train, torch.distributed and DeepSpeed) checks every engine."""
     import ray.train
     import ray.train.torch
     from safetensors.torch import save_file
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    cfg, task, engine, micro = setup(config, rank, world, ray.train.torch.get_device())
-    batch = task.batch(micro, batch_seed(cfg.optim.seed, rank, 0, 0), engine.reader.tokenizer)
-    loss, _ = meta_step(engine.reader, batch, cfg.optim, engine.reader.config.write_steps, engine.reader.config.write_lr)
-    engine.backward(loss)
-    engine.reduce_gradients()
-    grads = {n: engine.full_grad(p).detach().float().cpu().contiguous() for n, p in engine.reader.named_parameters()}
-    if rank == 0:
-        save_file(grads, config["out"])
-    ray.train.report({"loss": float(loss)})
+    device = ray.train.torch.get_device()
+    for check in config["checks"]:
+        try:
+            cfg, task, engine, micro = setup({**config, "deepspeed": check["deepspeed"]}, rank, world, device)
+            batch = task.batch(micro, batch_seed(cfg.optim.seed, rank, 0, 0), engine.reader.tokenizer)
+            reader = engine.reader
+            loss, _ = meta_step(reader, batch, cfg.optim, reader.config.write_steps, reader.config.write_lr)
+            engine.backward(loss)
+            engine.reduce_gradients()
+            grads = {n: engine.full_grad(p).detach().float().cpu().contiguous() for n, p in reader.named_parameters()}
+        except Exception as exc:  # noqa: BLE001 - recorded for the driver, which asserts on it
+            if not check.get("expect_error"):
+                raise
+            if rank == 0:
+                Path(check["out"] + ".error").write_text(f"{type(exc).__name__}: {exc}")
+            continue
+        if rank == 0:
+            save_file(grads, check["out"])
+    ray.train.report({"checks": len(config["checks"])})
 
 
 def reference_gradients(cfg: TrainConfig, world: int, micro: int) -> dict[str, torch.Tensor]:

@@ -113,9 +113,11 @@ def ray_cluster(s3):
     os.environ.update(s3.env)
     gcs = _port()
     temp_dir = tempfile.mkdtemp(prefix="gm-ray-")  # this cluster's own: teardown stops it and nothing else
+    # the job agent on a free port, not Ray's fixed 52365: a second cluster (another checkout's tests) took it
     subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
+                    f"--dashboard-agent-listen-port={_port()}", "--node-ip-address=127.0.0.1",
+                    "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # daemons inherit these: no pipes
     address = f"127.0.0.1:{gcs}"
     ray.init(address=address)

@@ -159,3 +159,14 @@ def test_tiny_reader_trains_a_few_steps_on_babi(tmp_path):
     assert torch.equal(exported.memory, trainer.reader.memory)
     test = build_task(cfg.task, "test")
     assert len(test) == 2000
+
+
+def test_shortcut_baselines_on_qa1():
+    """The shortcut the CPU comparison's readers learned (the last statement's location) scores about half of qa1;
+    answering from the last statement naming the person solves it (a check of the parsing, and of the shortcut)."""
+    from benchmarks.babi_heuristics import shortcuts
+
+    result = shortcuts(["qa1"], ["validation", "test"], "en-10k", None)
+    for split in result.values():
+        assert split["questions"] == 1000 and split["last_mention"] == 1.0
+        assert 0.45 < split["last_sentence"] < 0.6 and split["most_frequent"] < 0.25

@@ -43,15 +43,54 @@ def reference():
     return pt.reference_gradients(probe_config(), WORLD, MICRO)
 
 
-@pytest.mark.parametrize("stage", [None, 0, 1, 2], ids=["ddp", "zero0", "zero1", "zero2"])
-def test_second_order_gradients_match_a_single_process(ray_cluster, reference, stage, tmp_path):
+ENGINES = {"ddp": None, "zero0": 0, "zero1": 1, "zero2": 2}
+
+
+@pytest.fixture(scope="module")
+def engine_gradients(ray_cluster, tmp_path_factory):
+    """One Ray Train worker group (2 workers) records its listening sockets, then runs one meta-step per shipped
+    engine, then ZeRO-3 (expected to fail): the gradients per engine, ZeRO-3's error text, ``listening/``."""
+    def listening_then_gradient_checks(config):
+        """The workers' loop (local, so Ray ships it by value: this test module is not importable there): each
+        rank records the sockets it listens on and the rendezvous address, checks that the group works, then
+        runs the engine gradient checks."""
+        import json
+        import os
+        from pathlib import Path
+
+        import psutil
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        from pipelines.train import gradient_check_loop
+
+        rank = ray.train.get_context().get_world_rank()
+        total = torch.ones(1)
+        dist.all_reduce(total)  # the group works
+        listening = sorted({f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet")
+                            if c.status == psutil.CONN_LISTEN})
+        Path(config["listening"], f"rank{rank}.json").write_text(json.dumps({
+            "listening": listening, "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            "sum": total.item()}))
+        gradient_check_loop(config)
+
+    out = tmp_path_factory.mktemp("grads")
+    (out / "listening").mkdir()
+    checks = [{"deepspeed": None if stage is None else ds_config(stage), "out": str(out / f"{name}.safetensors")}
+              for name, stage in ENGINES.items()]
+    checks.append({"deepspeed": ds_config(3), "out": str(out / "zero3.safetensors"), "expect_error": True})
+    dcfg = pt.DistributedConfig(num_workers=WORLD, storage=str(out / "runs"), name="probe")  # stage 3: not via fit
+    result = pt.fit(probe_config(), dcfg, loop=listening_then_gradient_checks,
+                    extra={"checks": checks, "listening": str(out / "listening")})
+    assert result.error is None, result.error
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_second_order_gradients_match_a_single_process(engine_gradients, reference, engine):
     """Every shipped engine gives, after reduction, the gradient of one process on the union of the batches."""
-    out = tmp_path / "grads.safetensors"
-    dcfg = pt.DistributedConfig(num_workers=WORLD, deepspeed=None if stage is None else ds_config(stage),
-                                storage=str(tmp_path / "runs"), name="probe")
-    result = pt.fit(probe_config(), dcfg, loop=pt.gradient_check_loop, extra={"out": str(out)})
-    assert result.error is None
-    grads = load_file(str(out))
+    grads = load_file(str(engine_gradients / f"{engine}.safetensors"))
     assert set(grads) == set(reference)
     for name, ref in reference.items():
         assert torch.allclose(grads[name], ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item() + 1e-9), name
@@ -63,16 +102,11 @@ def test_zero3_is_refused_with_the_reason():
         pt.DistributedConfig(num_workers=WORLD, deepspeed=ds_config(3), name="z3")
 
 
-def test_zero3_really_breaks_the_second_order_step(ray_cluster, tmp_path, monkeypatch):
+def test_zero3_really_breaks_the_second_order_step(engine_gradients):
     """Why stage 3 is refused: M0 and the weights are partitioned outside a module's forward (observed:
     'Sizes of tensors must match ... Expected size 0'). If a DeepSpeed upgrade makes this pass, revisit."""
-    monkeypatch.setattr(pt, "SUPPORTED_ZERO_STAGES", (0, 1, 2, 3))
-    dcfg = pt.DistributedConfig(num_workers=WORLD, deepspeed=ds_config(3), storage=str(tmp_path), name="z3")
-    try:
-        result = pt.fit(probe_config(), dcfg, loop=pt.gradient_check_loop, extra={"out": str(tmp_path / "g.st")})
-        error = str(result.error)
-    except Exception as exc:  # Ray may raise the worker group's error instead of returning it
-        error = str(exc)
+    assert not (engine_gradients / "zero3.safetensors").exists()
+    error = (engine_gradients / "zero3.safetensors.error").read_text()
     assert "Sizes of tensors must match" in error, error[-2000:]
 
 
@@ -203,35 +237,10 @@ def test_ray_restores_a_killed_worker_from_the_latest_checkpoint(ray_cluster, tm
     assert "step_00000060" in _checkpoints(fs, str(storage / name))
 
 
-def test_rendezvous_listens_on_the_node_address_only(ray_cluster, tmp_path):
+def test_rendezvous_listens_on_the_node_address_only(engine_gradients):
     """Ray Train's own setup lets rank 0's TCPStore (MASTER_ADDR:MASTER_PORT) listen on every interface; fit()
     binds it to rank 0's node address as Ray knows it (127.0.0.1: this Ray was started with that address)."""
-    out = tmp_path / "listening"
-    out.mkdir()
-
-    def loop(config):  # local: Ray ships it by value to the workers
-        import json
-        import os
-        from pathlib import Path
-
-        import psutil
-        import ray.train
-        import torch
-        import torch.distributed as dist
-
-        rank = ray.train.get_context().get_world_rank()
-        total = torch.ones(1)
-        dist.all_reduce(total)  # the group works
-        listening = sorted({f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet")
-                            if c.status == psutil.CONN_LISTEN})
-        Path(config["out"], f"rank{rank}.json").write_text(json.dumps({
-            "listening": listening, "master": f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-            "sum": total.item()}))
-
-    dcfg = pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path / "runs"), name="listen")
-    result = pt.fit(probe_config(), dcfg, loop=loop, extra={"out": str(out)})
-    assert result.error is None
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    ranks = [json.loads((engine_gradients / "listening" / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert all(r["sum"] == WORLD for r in ranks), ranks
     port = ranks[0]["master"].rsplit(":", 1)[1]
     assert ranks[0]["master"] == f"127.0.0.1:{port}" and ranks[0]["master"] in ranks[0]["listening"], ranks[0]
