@@ -182,6 +182,9 @@ class MemoryConfig:
     write_head: bool = Field(True, description="separate vocabulary projection for the write loss (copy of the LM head)")
     write_steps: int = Field(2, ge=0, description="K: SGD steps per WRITE unless the caller says otherwise")
     write_lr: float = Field(0.04, gt=0, description="alpha: inner-loop step size")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="adaptive WRITE: stop a context once its "
+                                          "teacher-forced reconstruction accuracy reaches this, write_steps at most "
+                                          "(None: always write_steps)")
     max_context_tokens: int = Field(1024, ge=2, description="longest context a WRITE accepts")
     answer_stop: list[str] = Field(default_factory=list, description="extra stop strings for greedy answers (besides EOS)")
     method: str = Field("gradmem", description=f"one of {METHODS}: training, writing and reading dispatch on it")
