@@ -154,3 +154,32 @@ def test_one_table_of_mixed_write_settings_is_refused(frozen):
     records.from_table(adaptive)  # varying steps_used under one setting is one setting
     with pytest.raises(ValueError, match="one write setting"):
         records.from_table(pa.concat_tables([adaptive, fixed]))
+
+
+def test_a_store_holds_one_write_setting_and_an_adaptive_one_varies_only_in_steps_used(frozen, tmp_path):
+    import pyarrow.fs as pafs
+
+    from gradmem.store import MemoryStore
+    from pipelines.compress import _check_output
+
+    ids = tokenize(frozen.tokenizer, [EASY, HARD])
+    spec, lr = frozen.spec, LR
+    old = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "old"))
+    fixed = records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["a", "b"], ids)
+    old.write_part("memories", fixed.drop_columns(["steps_used", "write_target"]))  # written before the columns
+    _check_output(old, spec, K_MAX, lr, None)
+    with pytest.raises(ValueError, match="target=None; this run uses .* target=0.9"):
+        _check_output(old, spec, K_MAX, lr, 0.9)
+    old.write_part("memories", records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["c", "d"], ids))
+    _check_output(old, spec, K_MAX, lr, None)  # old and new fixed-K parts: one setting
+    assert old.read("memories", ["doc_id", "steps_used"]).num_rows == 4  # old parts read, with null steps_used
+
+    adaptive = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive"))
+    target, j = _easy_target(_trajectory(frozen, *_batch(frozen)))
+    mem = frozen.write_tokens(ids, steps=K_MAX, lr=lr, target=target)
+    assert mem.steps_used.tolist() == [j, K_MAX]  # the steps used differ ...
+    adaptive.write_part("memories", records.to_table(mem, ["a", "b"], ids))
+    _check_output(adaptive, spec, K_MAX, lr, target)  # ... under one setting
+    for other in ((K_MAX, lr, None), (K_MAX, lr, 0.99), (K_MAX + 1, lr, target)):
+        with pytest.raises(ValueError, match="Use another --output"):
+            _check_output(adaptive, spec, *other)
