@@ -26,8 +26,9 @@ class WriteStats:
 class Memories:
     """Memories for B contexts. ``fingerprint`` names the reader that wrote them; only that reader may read them.
 
-    The write setting is (``steps``, ``lr``, ``target``): K, alpha and, for an adaptive write, the target accuracy
-    (then K is the most steps a context got; ``steps_used`` says how many each did)."""
+    The write setting is (``steps``, ``lr``, ``target``, ``min_steps``): K, alpha and, for an adaptive write, the
+    target accuracy and the steps every context took first (then K is the most steps a context got; ``steps_used``
+    says how many each did)."""
 
     tensor: torch.Tensor  # (B, m, d), on CPU
     stats: WriteStats
@@ -35,6 +36,7 @@ class Memories:
     steps: int
     lr: float
     target: float | None = None
+    min_steps: int = 0
 
     @property
     def steps_used(self) -> torch.Tensor:
@@ -49,7 +51,8 @@ class Memories:
     def __getitem__(self, index: int | slice | list[int]) -> "Memories":
         if isinstance(index, int):
             index = [index]
-        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.steps, self.lr, self.target)
+        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.steps, self.lr, self.target,
+                        self.min_steps)
 
     def finite(self) -> torch.Tensor:
         """(B,) True where the memory and its final write loss are finite."""

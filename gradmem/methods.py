@@ -140,18 +140,19 @@ def write(
     final_stats: bool = True,
     keep_last_loss: bool = False,
     target: float | None = None,
+    min_steps: int = 0,
 ) -> WriteOutput:
     """Write each context into its memory with the cell's method. ``lr`` and ``second_order_steps`` only
     matter for GradMem; ``steps`` is the number of SGD steps (gradmem) or forward passes (rmt), the most an
-    adaptive write (``target``, inference only) takes."""
-    check_write(mode, steps, target)
+    adaptive write (``target``, at least ``min_steps``; inference only) takes."""
+    check_write(mode, steps, target, min_steps)
     method = of(cell)
     if target is None:
         return method.write(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
     if not getattr(method, "adaptive", False):
         raise ValueError(f"method {method.name!r} has no adaptive write: leave the target accuracy unset")
     return method.write(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
-                        target=target)
+                        target=target, min_steps=min_steps)
 
 
 def read_prefix(
@@ -187,9 +188,9 @@ class GradMem:
     adaptive: bool = True
 
     def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
-              target=None):
+              target=None, min_steps=0):
         return gradient_steps(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
-                              target)
+                              target, min_steps)
 
     def memory_input(self, cell, memory):
         return cell.project(memory)  # (B, m, d): GradMem projects M before every use

@@ -11,8 +11,10 @@ Modes
 - ``inference``: M0 detached, no graph kept, no gradient for the model's weights: the cheap path used to
   write memories for storage and serving (``inference_steps``).
 
-Adaptive writes (inference only): with a ``target`` accuracy, each context is written until the teacher-forced
-reconstruction accuracy of its memory reaches the target, or for ``steps`` (K_max) steps. The accuracy of M_k is
+Adaptive writes (inference only): with a ``target`` accuracy, each context is written for at least ``min_steps``
+steps, then until the teacher-forced reconstruction accuracy of its memory reaches the target, or for ``steps``
+(K_max) steps. ``min_steps`` keeps the memories the READ was trained on (K_train steps: fewer collapse accuracy)
+while the target decides which contexts get more. The accuracy of M_k is
 read off the forward pass that step k needs anyway for its gradient (the write loss's argmax), so checking costs
 nothing extra; a context that reached the target leaves the batch (its rows are index-selected away, and the
 padding they needed is trimmed), so finished contexts stop costing compute. ``WriteOutput.steps_used`` says how
@@ -43,7 +45,7 @@ class WriteOutput:
     steps_used: torch.Tensor | None = None  # (B,) int64 SGD steps each memory got (adaptive writes); None: all K
 
 
-def check_write(mode: str, steps: int, target: float | None = None) -> None:
+def check_write(mode: str, steps: int, target: float | None = None, min_steps: int = 0) -> None:
     """The WRITE's arguments, checked once per write (``gradmem.methods.write``, ``write_memory``)."""
     if mode not in WRITE_MODES:
         raise ValueError(f"unknown write mode {mode!r}; choose one of {WRITE_MODES}")
@@ -54,6 +56,10 @@ def check_write(mode: str, steps: int, target: float | None = None) -> None:
         if mode != "inference":
             raise ValueError(f"an adaptive write (target accuracy {target}) is an inference write; mode {mode!r} "
                              "trains through a fixed number of steps")
+    if min_steps and target is None:
+        raise ValueError(f"min_steps={min_steps} without a target accuracy: a fixed-K write takes exactly K steps")
+    if not 0 <= min_steps <= steps:
+        raise ValueError(f"min_steps must be in [0, steps={steps}], got {min_steps}")
 
 
 def check_target(target: float) -> None:
@@ -74,13 +80,14 @@ def write_memory(
     final_stats: bool = True,
     keep_last_loss: bool = False,
     target: float | None = None,
+    min_steps: int = 0,
 ) -> WriteOutput:
     """Run K SGD steps from the cell's learned M0 and return the memories with per-sample statistics (GradMem's
     WRITE whatever the cell's method: benchmarks and tests call it directly; everything else goes through
-    ``gradmem.methods.write``). ``target``: an adaptive write (inference only), K = ``steps`` at most."""
-    check_write(mode, steps, target)
+    ``gradmem.methods.write``). ``target``: an adaptive write (inference only), ``min_steps`` to K = ``steps``."""
+    check_write(mode, steps, target, min_steps)
     return gradient_steps(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
-                          target)
+                          target, min_steps)
 
 
 def gradient_steps(
@@ -94,10 +101,11 @@ def gradient_steps(
     final_stats: bool,
     keep_last_loss: bool,
     target: float | None = None,
+    min_steps: int = 0,
 ) -> WriteOutput:
     """The inner loop on checked arguments. The write loss sees ``cell.project(M)``, as the READ does."""
     if mode == "inference":
-        return inference_steps(cell, ctx_ids, ctx_mask, steps, lr, final_stats, target)
+        return inference_steps(cell, ctx_ids, ctx_mask, steps, lr, final_stats, target, min_steps)
     n_second = steps if second_order_steps is None else max(0, min(steps, second_order_steps))
     batch = ctx_ids.shape[0]
     memory = cell.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d), one copy per sample
@@ -136,9 +144,11 @@ def inference_steps(
     lr: float,
     final_stats: bool = True,
     target: float | None = None,
+    min_steps: int = 0,
 ) -> WriteOutput:
-    """The inference WRITE: K first-order SGD steps without a graph, or, with ``target``, each context until the
-    accuracy of its memory reaches ``target`` (then it leaves the batch) or for K = ``steps`` steps.
+    """The inference WRITE: K first-order SGD steps without a graph, or, with ``target``, each context for
+    ``min_steps`` steps, then until the accuracy of its memory reaches ``target`` (then it leaves the batch) or
+    for K = ``steps`` steps.
 
     One loop for both, so a target that is never reached gives the fixed-K write exactly. Row i's memory M_k is
     measured by the forward of step k (loss and accuracy, both per sample); when it meets the target, M_k is
@@ -163,7 +173,7 @@ def inference_steps(
         if not stepping:  # M_K, measured after the last step: the final statistics
             accuracy[active] = acc.float()
             break
-        done = acc >= target if target is not None else None  # (b,) M_k is final for these rows
+        done = acc >= target if target is not None and k >= min_steps else None  # (b,) M_k is final for these
         if done is not None and bool(done.all()):  # nothing left to step: no backward at all
             _finish(memory, accuracy, steps_used, losses, active, current, acc, loss, k)
             active, current = active[:0], current[:0]

@@ -53,6 +53,7 @@ from gradmem import records
 from gradmem.config import declared
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore
+from gradmem.write import check_write
 from pipelines.storage import local_dir, resolve
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class CompressConfig:
     target_accuracy: float | None = Field(None, gt=0, le=1, description="adaptive WRITE: stop each context once its "
                                           "reconstruction accuracy reaches this (None: the reader's own, by default "
                                           "a fixed K)")
+    min_steps: int | None = Field(None, ge=0, description="adaptive WRITE: steps every context takes before the "
+                                  "target is checked (None: the reader's own)")
     batch_size: int = Field(32, ge=1, description="contexts per WRITE batch")
     batches_per_call: int = Field(8, ge=1, description="WRITE batches per actor call: the pool a call sorts by "
                                   "length (bucketing)")
@@ -386,7 +389,7 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
-            target: float | None, chunk: bool, existing_ref) -> pa.Table:
+            target: float | None, min_steps: int, chunk: bool, existing_ref) -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``."""
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
@@ -406,8 +409,8 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
             error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
         else:
             try:
-                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, chunk, memory_keys,
-                                        error_ids))
+                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk,
+                                        memory_keys, error_ids))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
@@ -415,7 +418,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
-                 target: float | None, chunk: bool, memory_keys: set, error_ids: set) -> list[dict]:
+                 target: float | None, min_steps: int, chunk: bool, memory_keys: set, error_ids: set) -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none)."""
     limit = spec["max_context_tokens"]
     if not text or not ids:
@@ -425,7 +428,7 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
     pieces = [ids[k : k + limit] for k in range(0, len(ids), limit)]
-    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target) for piece in pieces]
+    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
     held_by = _held_documents(memory_keys)
     other = [c for c, mid in enumerate(mids) if held_by.get((row["doc_id"], c), mid) != mid]
     if other:  # the id holds other content (an online write, an earlier text): never replaced, never doubled
@@ -490,7 +493,8 @@ class MemoryWriter:
     writes that call's memory and error parts to the store before returning a one-row summary."""
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
-                 lr: float, target: float | None, batch_size: int, greedy_check: bool, compile: bool, threads: int):
+                 lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
+                 threads: int):
         import torch
 
         from gradmem import Reader
@@ -506,7 +510,7 @@ class MemoryWriter:
             self.reader.compile()
         target = resolve(output, s3_endpoint)
         self.store = MemoryStore(target.filesystem, target.path)
-        self.steps, self.lr, self.target = steps, lr, target
+        self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
         self.batch_size, self.greedy_check = batch_size, greedy_check
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -521,7 +525,8 @@ class MemoryWriter:
         memories, keep = None, list(range(len(good)))
         if good:
             try:
-                memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size, target=self.target)
+                memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size, target=self.target,
+                                                    min_steps=self.min_steps)
             except NonFiniteWriteError as e:
                 memories = e.memories
                 bad = set(e.bad)
@@ -553,24 +558,27 @@ class MemoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None) -> None:
-    """One store, one reader and one write setting (K, alpha, the adaptive target): refuse to mix (memories could
+def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
+                  min_steps: int) -> None:
+    """One store, one reader and one write setting (K, alpha, the adaptive target and min steps): refuse to mix (memories could
     not be served together). An adaptive store's memories differ in ``steps_used``, never in the setting. The
     parts themselves are checked, not only the manifest: a first run killed before its manifest still binds.
-    Parts and manifests written before adaptive writes existed hold fixed-K writes (target None)."""
-    mine = (spec.fingerprint, steps, lr, target)
+    Parts and manifests written before adaptive writes existed hold fixed-K writes (target None, min steps 0)."""
+    mine = (spec.fingerprint, steps, lr, target, min_steps)
     prior = store.manifest()
     if prior is not None:
         _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"),
-                              prior.get("write_target")), mine)
+                              prior.get("write_target"), prior.get("write_min_steps", 0)), mine)
     fingerprints = set(store.fingerprints("memories").values())
     for fp in fingerprints - {spec.fingerprint}:
         raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
                          "Use another --output.")
-    settings = store.read("memories", ["write_steps", "write_lr", "write_target"])
+    names = ("write_steps", "write_lr", "write_target", "write_min_steps")
+    settings = store.read("memories", list(names))
     if settings is not None:
-        columns = [settings.column(c).to_pylist() if c in settings.column_names else [None] * settings.num_rows
-                   for c in ("write_steps", "write_lr", "write_target")]
+        before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
+        columns = [[before.get(c) if v is None else v for v in settings.column(c).to_pylist()]
+                   if c in settings.column_names else [before[c]] * settings.num_rows for c in names]
         for theirs in sorted(set(zip(*columns)), key=str):
             _refuse_other(store, (spec.fingerprint, *theirs), mine)
 
@@ -578,8 +586,9 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
 def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
     if theirs != mine:
         raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
-                         f"lr={theirs[2]}, target={theirs[3]}; this run uses reader {mine[0]} with steps={mine[1]}, "
-                         f"lr={mine[2]}, target={mine[3]}. Use another --output.")
+                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}; this run uses reader {mine[0]} "
+                         f"with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, min_steps={mine[4]}. "
+                         "Use another --output.")
 
 
 def _existing_keys(store: MemoryStore) -> tuple[set, set]:
@@ -701,10 +710,12 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     steps = spec.write_steps if cfg.steps is None else int(cfg.steps)
     lr = spec.write_lr if cfg.lr is None else float(cfg.lr)
     goal = spec.target_accuracy if cfg.target_accuracy is None else float(cfg.target_accuracy)
+    floor = (spec.min_write_steps if goal is not None else 0) if cfg.min_steps is None else int(cfg.min_steps)
+    check_write("inference", steps, goal, floor)  # before any record is prepared
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal)
+    _check_output(store, spec, steps, lr, goal, floor)
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
     logger.info("compressing %d files from %s with reader %s (K=%d, lr=%g) into %s", len(files), cfg.input,
@@ -721,7 +732,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": steps,
-                   "lr": lr, "target": goal, "chunk": cfg.chunk, "existing_ref": existing_ref},
+                   "lr": lr, "target": goal, "min_steps": floor, "chunk": cfg.chunk, "existing_ref": existing_ref},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     inputs = input_keys.num_rows
@@ -735,7 +746,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         fn_constructor_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "output": cfg.output,
                                "fingerprint": spec.fingerprint, "steps": steps, "lr": lr, "target": goal,
-                               "batch_size": cfg.batch_size,
+                               "min_steps": floor, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
                                "threads": max(1, int(cfg.cpus_per_actor))},
     )
@@ -758,7 +769,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     counts = summarize(store, input_keys)
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
-        "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "write_target": goal,
+        "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "write_target": goal, "write_min_steps": floor,
         "m": spec.num_memory,
         "d": spec.d_model, "chunked": cfg.chunk, **counts,
         "this_run": {**done, "wall_s": round(wall, 3), "write_pass_s": round(write_pass, 3), "padding": round(1 - done["tokens"] / done["padded_tokens"], 4)

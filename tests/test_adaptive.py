@@ -79,6 +79,27 @@ def test_adaptive_write_equals_the_fixed_k_write_when_the_target_is_unreachable(
     assert (adaptive.memory - first.memory).abs().max() < 1e-5
 
 
+def test_min_steps_are_taken_before_the_target_is_checked(frozen):
+    ctx_ids, ctx_mask = _batch(frozen)
+    trajectory = _trajectory(frozen, ctx_ids, ctx_mask)
+    target, j = _easy_target(trajectory)
+    floor = j + 1  # past the step where the easy context met the target
+    assert trajectory[floor, 0] >= target  # and it still meets it there (its accuracy does not fall back)
+    out = write_memory(frozen, ctx_ids, ctx_mask, K_MAX, LR, mode="inference", target=target, min_steps=floor)
+    assert out.steps_used.tolist() == [floor, K_MAX]
+    at_floor = write_memory(frozen, ctx_ids, ctx_mask, floor, LR, mode="inference")
+    assert (out.memory[0] - at_floor.memory[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="without a target"):
+        write_memory(frozen, ctx_ids, ctx_mask, K_MAX, LR, mode="inference", min_steps=1)
+    with pytest.raises(ValueError, match="min_steps must be in"):
+        write_memory(frozen, ctx_ids, ctx_mask, K_MAX, LR, mode="inference", target=0.5, min_steps=K_MAX + 1)
+    mem = frozen.write([EASY, HARD], steps=K_MAX, lr=LR, target=target, min_steps=floor)
+    assert mem.steps_used.tolist() == [floor, K_MAX] and mem.min_steps == floor
+    back = _parquet_round_trip(records.to_table(mem, ["easy", "hard"], tokenize(frozen.tokenizer, [EASY, HARD])))
+    assert back.column("write_min_steps").to_pylist() == [floor, floor]
+    assert records.from_table(back)[1].min_steps == floor
+
+
 def test_a_target_met_by_every_context_at_once_runs_no_step(frozen):
     ctx_ids, ctx_mask = _batch(frozen)
     out = write_memory(frozen, ctx_ids, ctx_mask, K_MAX, LR, mode="inference", target=1e-6)
@@ -141,9 +162,10 @@ def test_records_keep_steps_used_and_the_target(frozen):
 def test_a_table_without_the_adaptive_columns_still_loads(frozen):
     ids = tokenize(frozen.tokenizer, [EASY, HARD])
     mem = frozen.write_tokens(ids, steps=2, lr=LR)
-    old = records.to_table(mem, ["a", "b"], ids).drop_columns(["steps_used", "write_target"])  # a version-1 part
+    old = records.to_table(mem, ["a", "b"], ids).drop_columns(["steps_used", "write_target", "write_min_steps"])
     _, loaded = records.from_table(_parquet_round_trip(old), frozen.fingerprint)
     assert loaded.steps_used.tolist() == [2, 2] and loaded.target is None and loaded.steps == 2
+    assert loaded.min_steps == 0
     assert torch.equal(loaded.tensor, mem.tensor)
 
 
@@ -166,12 +188,12 @@ def test_a_store_holds_one_write_setting_and_an_adaptive_one_varies_only_in_step
     spec, lr = frozen.spec, LR
     old = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "old"))
     fixed = records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["a", "b"], ids)
-    old.write_part("memories", fixed.drop_columns(["steps_used", "write_target"]))  # written before the columns
-    _check_output(old, spec, K_MAX, lr, None)
-    with pytest.raises(ValueError, match="target=None; this run uses .* target=0.9"):
-        _check_output(old, spec, K_MAX, lr, 0.9)
+    old.write_part("memories", fixed.drop_columns(["steps_used", "write_target", "write_min_steps"]))  # written before the columns
+    _check_output(old, spec, K_MAX, lr, None, 0)
+    with pytest.raises(ValueError, match="target=None, min_steps=0; this run uses .* target=0.9"):
+        _check_output(old, spec, K_MAX, lr, 0.9, 0)
     old.write_part("memories", records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["c", "d"], ids))
-    _check_output(old, spec, K_MAX, lr, None)  # old and new fixed-K parts: one setting
+    _check_output(old, spec, K_MAX, lr, None, 0)  # old and new fixed-K parts: one setting
     assert old.read("memories", ["doc_id", "steps_used"]).num_rows == 4  # old parts read, with null steps_used
 
     adaptive = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive"))
@@ -179,7 +201,7 @@ def test_a_store_holds_one_write_setting_and_an_adaptive_one_varies_only_in_step
     mem = frozen.write_tokens(ids, steps=K_MAX, lr=lr, target=target)
     assert mem.steps_used.tolist() == [j, K_MAX]  # the steps used differ ...
     adaptive.write_part("memories", records.to_table(mem, ["a", "b"], ids))
-    _check_output(adaptive, spec, K_MAX, lr, target)  # ... under one setting
-    for other in ((K_MAX, lr, None), (K_MAX, lr, 0.99), (K_MAX + 1, lr, target)):
+    _check_output(adaptive, spec, K_MAX, lr, target, 0)  # ... under one setting
+    for other in ((K_MAX, lr, None, 0), (K_MAX, lr, 0.99, 0), (K_MAX + 1, lr, target, 0), (K_MAX, lr, target, 1)):
         with pytest.raises(ValueError, match="Use another --output"):
             _check_output(adaptive, spec, *other)

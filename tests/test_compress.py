@@ -77,7 +77,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         {"order": 4, "source": "f:5", "doc_id": None, "text": None, "reason": "malformed", "message": "bad"},
     ], schema=_PARSED)
     kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5, target=None,
-                  existing_ref=(set(), set()))
+                  min_steps=0, existing_ref=(set(), set()))
     duplicates = {"a": (0, "f:1")}
     prepared = prepare(batch, chunk=False, **kwargs)
     rows = prepared.to_pylist()  # every record has a row, duplicates not yet resolved (they need every id)
@@ -230,7 +230,7 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     out = tmp_path / "out"
     assert compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out)))["complete"]
     (out / "manifest.json").unlink()  # as if the first run was killed before its manifest: the parts still bind
-    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None; this run uses .* steps=3"):
+    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None, min_steps=0; this run uses .* steps=3"):
         compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), steps=3))
     make_reader("llama").save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="Use another --output"):
