@@ -14,10 +14,10 @@ Modes
 Adaptive writes (inference only): with a ``target`` accuracy, each context is written for at least ``min_steps``
 steps, then until the teacher-forced reconstruction accuracy of its memory reaches the target, or for ``steps``
 (K_max) steps. ``min_steps`` keeps the memories the READ was trained on (K_train steps: fewer collapse accuracy)
-while the target decides which contexts get more. The accuracy of M_k is
-read off the forward pass that step k needs anyway for its gradient (the write loss's argmax), so checking costs
-nothing extra; a context that reached the target leaves the batch (its rows are index-selected away, and the
-padding they needed is trimmed), so finished contexts stop costing compute. ``WriteOutput.steps_used`` says how
+while the target decides which contexts get more. The accuracy of M_k is read off the forward pass that step k
+needs anyway for its gradient (the write loss's argmax), so checking costs nothing extra; a context that reached
+the target leaves the batch (its rows are index-selected away, and the padding they needed is trimmed), so
+finished contexts stop costing compute. ``WriteOutput.steps_used`` says how
 many SGD steps each memory got; a write whose target is never reached is the fixed-K write.
 """
 
