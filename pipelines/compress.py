@@ -508,8 +508,8 @@ class MemoryWriter:
                                f"{self.reader.fingerprint}, the job prepared its records for {fingerprint}")
         if compile:
             self.reader.compile()
-        target = resolve(output, s3_endpoint)
-        self.store = MemoryStore(target.filesystem, target.path)
+        where = resolve(output, s3_endpoint)
+        self.store = MemoryStore(where.filesystem, where.path)
         self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
         self.batch_size, self.greedy_check = batch_size, greedy_check
 

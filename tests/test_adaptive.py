@@ -205,3 +205,24 @@ def test_a_store_holds_one_write_setting_and_an_adaptive_one_varies_only_in_step
     for other in ((K_MAX, lr, None, 0), (K_MAX, lr, 0.99, 0), (K_MAX + 1, lr, target, 0), (K_MAX, lr, target, 1)):
         with pytest.raises(ValueError, match="Use another --output"):
             _check_output(adaptive, spec, *other)
+
+
+def test_the_compression_writer_stores_adaptive_memories_with_their_setting(frozen, tmp_path):
+    """``pipelines.compress.MemoryWriter`` (the Ray Data actor's class, called here in-process)."""
+    from pipelines.compress import MemoryWriter
+
+    frozen.save_pretrained(tmp_path / "reader")
+    ids = tokenize(frozen.tokenizer, [EASY, HARD])
+    target, j = _easy_target(_trajectory(frozen, *_batch(frozen)))
+    writer = MemoryWriter(str(tmp_path / "reader"), None, str(tmp_path / "store"), frozen.fingerprint, K_MAX, LR,
+                          target, 0, batch_size=8, greedy_check=False, compile=False, threads=1)
+    mids = [records.memory_id(frozen.fingerprint, K_MAX, LR, t, target, 0) for t in ids]
+    rows = [{"doc_id": d, "chunk": 0, "n_chunks": 1, "token_ids": t, "memory_id": mid, "reason": None}
+            for d, t, mid in zip(["easy", "hard"], ids, mids)]
+    summary = writer(pa.Table.from_pylist(rows)).to_pylist()[0]
+    assert summary["memories"] == 2 and summary["errors"] == 0
+    (part,) = (tmp_path / "store" / "memories").glob("part-*.parquet")
+    table = pq.read_table(part)
+    assert table.column("steps_used").to_pylist() == [j, K_MAX]
+    assert table.column("write_target").to_pylist() == pytest.approx([target, target])
+    assert table.column("memory_id").to_pylist() == mids
