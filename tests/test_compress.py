@@ -235,6 +235,15 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     make_reader("llama").save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="Use another --output"):
         compress(CompressConfig(reader=str(tmp_path / "other"), input=str(corpus), output=str(out)))
+    # an adaptive write is another setting: refused here, written (and rerun as a no-op) into its own store
+    adaptive = dict(reader=str(kv_reader_dir), input=str(corpus), target_accuracy=1.0, min_steps=1, steps=4)
+    with pytest.raises(ValueError, match="target=None, min_steps=0; this run uses .* target=1.0, min_steps=1"):
+        compress(CompressConfig(**adaptive, output=str(out)))
+    manifest = compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))
+    assert manifest["complete"] and (manifest["write_target"], manifest["write_min_steps"]) == (1.0, 1)
+    (row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive")).read("memories").to_pylist()
+    assert 1 <= row["steps_used"] <= 4 and row["write_steps"] == 4 and row["write_target"] == 1.0
+    assert compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))["this_run"]["memories"] == 0
 
 
 def test_chunked_documents_become_ordered_memories(ray_cluster, kv_reader_dir, tmp_path):
