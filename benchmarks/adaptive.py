@@ -20,14 +20,16 @@ Recon -> answer: for every fixed K, the exact match per bin of reconstruction ac
 context's reconstruction accuracy and its 0/1 correctness, and the AUC (the chance that a correctly answered
 context has the higher reconstruction accuracy than a wrongly answered one; 0.5: no signal).
 
-Output: results.json (every figure, per-setting step histograms), results.md (the tables), adaptive.png (EM
-against write milliseconds per context; EM per reconstruction-accuracy bin). Without --babi-reader only the
+Output: results.json (every figure, per-setting step histograms), per_context.json (each context's reconstruction
+accuracy, 0/1 correctness and steps used per setting, compact), results.md (the tables), adaptive.png (EM against
+write milliseconds per context; EM per reconstruction-accuracy bin). Without --babi-reader only the
 key-value task runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -182,6 +184,18 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def split_per_context(results: dict[str, Any]) -> dict[str, Any]:
+    """Take the per-context lists out of ``results`` (they would make results.json megabytes of one number a line):
+    {task: {setting: {"recon": [...], "correct": [...], "steps_used": [...]}}}, accuracies to 4 decimals."""
+    out: dict[str, Any] = {}
+    for name, task in results["tasks"].items():
+        out[name] = {}
+        for label, setting in task["settings"].items():
+            per = setting.pop("per_context")
+            out[name][label] = {**per, "recon": [round(x, 4) for x in per["recon"]]}
+    return out
+
+
 def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -262,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                "wall_s": time.time() - started, "tasks": tasks}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "per_context.json", json.dumps(split_per_context(results), separators=(",", ":")) + "\n")
     write_json_atomic(out / "results.json", jsonable(results))
     text = markdown(results)
     write_atomic(out / "results.md", text + "\n")
