@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
 C = TypeVar("C")
@@ -182,6 +182,18 @@ class MemoryConfig:
     write_head: bool = Field(True, description="separate vocabulary projection for the write loss (copy of the LM head)")
     write_steps: int = Field(2, ge=0, description="K: SGD steps per WRITE unless the caller says otherwise")
     write_lr: float = Field(0.04, gt=0, description="alpha: inner-loop step size")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="adaptive WRITE: stop a context once its "
+                                          "teacher-forced reconstruction accuracy reaches this, write_steps at most "
+                                          "(None: always write_steps)")
+    min_write_steps: int = Field(0, ge=0, description="adaptive WRITE: steps every context takes before the target "
+                                 "is checked (at most write_steps; 0 without a target)")
+
+    @model_validator(mode="after")
+    def _adaptive_setting(self) -> "MemoryConfig":
+        from gradmem.write import check_write  # the one check of a write setting
+
+        check_write("inference", self.write_steps, self.target_accuracy, self.min_write_steps)
+        return self
     max_context_tokens: int = Field(1024, ge=2, description="longest context a WRITE accepts")
     answer_stop: list[str] = Field(default_factory=list, description="extra stop strings for greedy answers (besides EOS)")
     method: str = Field("gradmem", description=f"one of {METHODS}: training, writing and reading dispatch on it")

@@ -11,23 +11,39 @@ import torch
 class WriteStats:
     """Per-sample statistics of a WRITE (B samples, K steps)."""
 
-    losses: torch.Tensor  # (B, K + 1): write loss before each SGD step, then after the last
+    losses: torch.Tensor  # (B, K + 1): write loss before each SGD step, then after the last (after an adaptive
+    # write's last step, the final loss repeated)
     accuracy: torch.Tensor  # (B,) teacher-forced reconstruction accuracy of the final memory
     n_tokens: torch.Tensor  # (B,) context tokens written
+    steps_used: torch.Tensor | None = None  # (B,) int64 SGD steps each memory got; None: every one the fixed K
 
     def select(self, index: slice | list[int]) -> "WriteStats":
-        return WriteStats(self.losses[index], self.accuracy[index], self.n_tokens[index])
+        used = self.steps_used[index] if self.steps_used is not None else None
+        return WriteStats(self.losses[index], self.accuracy[index], self.n_tokens[index], used)
 
 
 @dataclass
 class Memories:
-    """Memories for B contexts. ``fingerprint`` names the reader that wrote them; only that reader may read them."""
+    """Memories for B contexts. ``fingerprint`` names the reader that wrote them; only that reader may read them.
+
+    The write setting is (``steps``, ``lr``, ``target``, ``min_steps``): K, alpha and, for an adaptive write, the
+    target accuracy and the steps every context took first (then K is the most steps a context got; ``steps_used``
+    says how many each did)."""
 
     tensor: torch.Tensor  # (B, m, d), on CPU
     stats: WriteStats
     fingerprint: str
     steps: int
     lr: float
+    target: float | None = None
+    min_steps: int = 0
+
+    @property
+    def steps_used(self) -> torch.Tensor:
+        """(B,) int64 SGD steps each memory got (all ``steps`` for a fixed-K write)."""
+        if self.stats.steps_used is not None:
+            return self.stats.steps_used
+        return torch.full((len(self),), self.steps, dtype=torch.long)
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
@@ -35,7 +51,8 @@ class Memories:
     def __getitem__(self, index: int | slice | list[int]) -> "Memories":
         if isinstance(index, int):
             index = [index]
-        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.steps, self.lr)
+        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.steps, self.lr, self.target,
+                        self.min_steps)
 
     def finite(self) -> torch.Tensor:
         """(B,) True where the memory and its final write loss are finite."""

@@ -35,6 +35,11 @@ Write statistics (``WriteOutput.losses`` (B, S), ``accuracy`` (B,)):
   (``final_stats=False``) S = 0: they would cost an extra forward per pass.
 - ``full_context``: S = 0, accuracy 1 (the memory is the context itself); ``no_context``: S = 0, accuracy 0.
 
+Adaptive writes (``target``: write each context until its reconstruction accuracy reaches the target, at most
+K steps; ``gradmem.write.inference_steps``) exist for methods whose ``adaptive`` attribute is true: GradMem.
+``write`` refuses a target for the others (RMT's passes could stop early too, but its write head is untrained,
+so its accuracy says nothing; the bounds have no steps), and a method without the attribute counts as false.
+
 The auxiliary write loss of meta-training (``OptimConfig.aux_write_loss``) exists only for GradMem: the other
 writers return ``last_step_loss=None``. Write modes: ``inference`` writes without a graph for every method;
 ``first_order`` and ``second_order`` differ only for GradMem (RMT has no inner gradient; it keeps the graph
@@ -66,6 +71,8 @@ class Method(Protocol):
     has_memory: bool  # a learned M0 of m vectors is written per context (gradmem, rmt); the bounds have none
     second_order: bool  # training differentiates an inner gradient (needs an attention path with double backward)
     projection_bias: bool  # ``mem_proj`` (when on) is a biased default-init Linear, else a bias-free identity init
+    # optional, False when absent: ``write`` accepts ``target=`` (an adaptive write; see the module docstring)
+    # adaptive: bool
 
     def write(
         self, cell: "MemoryCell", ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, steps: int, lr: float,
@@ -132,11 +139,20 @@ def write(
     second_order_steps: int | None = None,
     final_stats: bool = True,
     keep_last_loss: bool = False,
+    target: float | None = None,
+    min_steps: int = 0,
 ) -> WriteOutput:
     """Write each context into its memory with the cell's method. ``lr`` and ``second_order_steps`` only
-    matter for GradMem; ``steps`` is the number of SGD steps (gradmem) or forward passes (rmt)."""
-    check_write(mode, steps)
-    return of(cell).write(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
+    matter for GradMem; ``steps`` is the number of SGD steps (gradmem) or forward passes (rmt), the most an
+    adaptive write (``target``, at least ``min_steps``; inference only) takes."""
+    check_write(mode, steps, target, min_steps)
+    method = of(cell)
+    if target is None:
+        return method.write(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
+    if not getattr(method, "adaptive", False):
+        raise ValueError(f"method {method.name!r} has no adaptive write: leave the target accuracy unset")
+    return method.write(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
+                        target=target, min_steps=min_steps)
 
 
 def read_prefix(
@@ -169,9 +185,12 @@ class GradMem:
     has_memory: bool = True
     second_order: bool = True
     projection_bias: bool = False
+    adaptive: bool = True
 
-    def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss):
-        return gradient_steps(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss)
+    def write(self, cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
+              target=None, min_steps=0):
+        return gradient_steps(cell, ctx_ids, ctx_mask, steps, lr, mode, second_order_steps, final_stats, keep_last_loss,
+                              target, min_steps)
 
     def memory_input(self, cell, memory):
         return cell.project(memory)  # (B, m, d): GradMem projects M before every use

@@ -37,6 +37,8 @@ class ReaderSpec:
     max_context_tokens: int
     write_steps: int  # defaults of the WRITE
     write_lr: float
+    target_accuracy: float | None = None  # an adaptive WRITE's default target (None: fixed K)
+    min_write_steps: int = 0  # and the steps every context takes first
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ReaderSpec":
@@ -47,7 +49,8 @@ class ReaderSpec:
         d = backbone.get_text_config().hidden_size
         limit = methods.max_context_tokens(memory.num_memory, max_positions(backbone), memory.max_context_tokens,
                                            methods.get(memory.method))
-        return cls(section["fingerprint"], memory.num_memory, d, limit, memory.write_steps, memory.write_lr)
+        return cls(section["fingerprint"], memory.num_memory, d, limit, memory.write_steps, memory.write_lr,
+                   memory.target_accuracy, memory.min_write_steps)
 
 
 class Reader(MemoryCell):
@@ -76,7 +79,8 @@ class Reader(MemoryCell):
     @property
     def spec(self) -> ReaderSpec:
         return ReaderSpec(self.fingerprint, self.num_memory, self.d_model, self.max_context_tokens,
-                          self.config.write_steps, self.config.write_lr)
+                          self.config.write_steps, self.config.write_lr, self.config.target_accuracy,
+                          self.config.min_write_steps)
 
     # ------------------------------------------------------------------ public string API
     def encode_contexts(self, contexts: Sequence[str]) -> list[list[int]]:
@@ -94,14 +98,17 @@ class Reader(MemoryCell):
 
     def write(
         self, contexts: Sequence[str], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
-        attention: str = INFERENCE_ATTENTION,
+        attention: str = INFERENCE_ATTENTION, target: float | None = None, min_steps: int | None = None,
     ) -> Memories:
         """Write each context into its own memory (inference mode: first-order, weights untouched).
 
         Contexts are grouped by length into batches of ``batch_size`` to pad little; the result keeps the
         input order. Raises ``NonFiniteWriteError`` (carrying every memory) if any write produced NaN/inf.
-        The memory's rows and statistics depend on the method (``gradmem.methods``)."""
-        return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention)
+        The memory's rows and statistics depend on the method (``gradmem.methods``). ``target``: write each
+        context for ``min_steps``, then until its reconstruction accuracy reaches it, ``steps`` at most (None: the
+        reader's ``target_accuracy`` and ``min_write_steps``, by default no target: always ``steps``);
+        ``Memories.steps_used`` says how many it took."""
+        return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention, target, min_steps)
 
     def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
         """A clear ValueError for any empty or over-long token list (what ``encode_contexts`` checks on text)."""
@@ -114,18 +121,21 @@ class Reader(MemoryCell):
 
     def write_tokens(
         self, ids: Sequence[Sequence[int]], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
-        attention: str = INFERENCE_ATTENTION,
+        attention: str = INFERENCE_ATTENTION, target: float | None = None, min_steps: int | None = None,
     ) -> Memories:
         """``write`` on token ids already produced by this reader's tokenizer (batch jobs tokenize upstream)."""
         self.check_tokens(ids)
-        return self._write_checked(ids, steps, lr, batch_size, attention)
+        return self._write_checked(ids, steps, lr, batch_size, attention, target, min_steps)
 
     def _write_checked(
         self, ids: Sequence[Sequence[int]], steps: int | None, lr: float | None, batch_size: int, attention: str,
+        target: float | None = None, min_steps: int | None = None,
     ) -> Memories:
         """Length-bucketed inference WRITEs of token lists already checked by ``check_tokens``."""
         steps = self.config.write_steps if steps is None else int(steps)
         lr = self.config.write_lr if lr is None else float(lr)
+        target = self.config.target_accuracy if target is None else float(target)
+        min_steps = (self.config.min_write_steps if target is not None else 0) if min_steps is None else int(min_steps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         n = len(ids)
@@ -133,18 +143,23 @@ class Reader(MemoryCell):
         tensor = torch.zeros(n, slots, self.d_model, dtype=self.memory.dtype)  # (n, P, d)
         losses = torch.zeros(n, steps + 1)
         accuracy = torch.zeros(n)
+        steps_used = torch.full((n,), steps, dtype=torch.long)
         pad_id = self.tokenizer.pad_token_id or 0
         with attention_path(self.lm, attention):
             for chunk in length_buckets(ids, batch_size):
                 ctx_ids, ctx_mask = pad([list(ids[i]) for i in chunk], pad_id)
-                out = methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference")
+                out = methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference",
+                                    target=target, min_steps=min_steps)
                 tensor[chunk, : out.memory.shape[1]] = out.memory.detach().cpu()  # full_context: rows past L stay 0
                 if losses.shape[1] != out.losses.shape[1]:  # methods without a loss trajectory record none
                     losses = torch.zeros(n, out.losses.shape[1])
                 losses[chunk] = out.losses.float().cpu()
                 accuracy[chunk] = out.accuracy.float().cpu()
+                if out.steps_used is not None:
+                    steps_used[chunk] = out.steps_used.cpu()
         n_tokens = torch.tensor([len(s) for s in ids])
-        memories = Memories(tensor, WriteStats(losses, accuracy, n_tokens), self.fingerprint, steps, lr)
+        stats = WriteStats(losses, accuracy, n_tokens, steps_used if target is not None else None)
+        memories = Memories(tensor, stats, self.fingerprint, steps, lr, target, min_steps)
         bad = (~memories.finite()).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteWriteError(bad, memories)

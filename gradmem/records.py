@@ -1,12 +1,17 @@
 """The memory record: one Arrow row per written context, stored as Parquet, readable without Ray or pickle.
 
 Columns
-    memory_id        content hash of (reader fingerprint, write steps, write lr, context token ids): a rerun
-                     with the same reader and settings produces the same id, so it can skip what exists
+    memory_id        content hash of (reader fingerprint, write steps, write lr, the adaptive target and min steps if
+                     any, context token ids): a rerun with the same reader and settings produces the same id, so it can skip
+                     what exists
     doc_id           the caller's id; chunk, n_chunks: the chunk's index within its document and the document's
                      chunk count (0 and 1 when not chunked)
     memory           the (m, d) memory as Arrow's canonical fixed-shape tensor extension (arrow.fixed_shape_tensor)
-    n_context_tokens, write_steps, write_lr, write_losses (loss before each step, then after the last),
+    n_context_tokens, write_steps, write_lr, write_losses (loss before each step taken, then after the last),
+    write_target     an adaptive write's target accuracy (null: a fixed-K write); write_steps is then K_max
+    write_min_steps  the steps every context of an adaptive write took before the target was checked (0: fixed K)
+    steps_used       SGD steps this memory got (write_steps for a fixed-K write; fewer when an adaptive write met
+                     its target early). Tables written before these two columns existed load as fixed-K writes.
     recon_accuracy   teacher-forced reconstruction accuracy of the final memory
     recon_greedy     free-running (greedy) reconstruction accuracy with the write head; null when not measured
     write_time_s     seconds of WRITE per context (a batch's time shared by its contexts)
@@ -50,9 +55,13 @@ def safe_text(value: str | None) -> str | None:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int]) -> str:
-    """Content address of a memory: same reader, settings and tokens -> same id, in any process."""
-    digest = hashlib.sha256(json.dumps([fingerprint, int(steps), float(lr)]).encode())
+def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int], target: float | None = None,
+              min_steps: int = 0) -> str:
+    """Content address of a memory: same reader, settings and tokens -> same id, in any process. A fixed-K
+    write (``target`` None) keeps the id it had before adaptive writes existed."""
+    adaptive = [float(target), int(min_steps)] if target is not None else []
+    setting = [fingerprint, int(steps), float(lr)] + adaptive
+    digest = hashlib.sha256(json.dumps(setting).encode())
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return digest.hexdigest()[:32]
 
@@ -68,6 +77,9 @@ def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
         pa.field("write_steps", pa.int32(), nullable=False),
         pa.field("write_lr", pa.float64(), nullable=False),
         pa.field("write_losses", pa.list_(pa.float32()), nullable=False),
+        pa.field("write_target", pa.float64(), nullable=True),
+        pa.field("write_min_steps", pa.int32(), nullable=False),
+        pa.field("steps_used", pa.int32(), nullable=False),
         pa.field("recon_accuracy", pa.float32(), nullable=False),
         pa.field("recon_greedy", pa.float32(), nullable=True),
         pa.field("write_time_s", pa.float64(), nullable=False),
@@ -93,9 +105,14 @@ def to_table(
     _, m, d = memories.tensor.shape
     times = [float(write_time_s)] * n if isinstance(write_time_s, (int, float)) else [float(t) for t in write_time_s]
     tensor = memories.tensor.detach().to(torch.float32).cpu().numpy()  # (B, m, d)
+    used = memories.steps_used.tolist()
+    losses = memories.stats.losses.float().tolist()
+    if memories.target is not None:  # the steps taken only: the rest repeat the final loss (padded back on load)
+        losses = [row[: k + 1] for row, k in zip(losses, used)]
     columns = {
         "memory_id": list(memory_ids) if memory_ids is not None else [
-            memory_id(memories.fingerprint, memories.steps, memories.lr, t) for t in token_ids],
+            memory_id(memories.fingerprint, memories.steps, memories.lr, t, memories.target, memories.min_steps)
+            for t in token_ids],
         "doc_id": [str(x) for x in doc_ids],
         "chunk": list(chunks) if chunks is not None else [0] * n,
         "n_chunks": list(n_chunks) if n_chunks is not None else [1] * n,
@@ -103,7 +120,10 @@ def to_table(
         "n_context_tokens": memories.stats.n_tokens.tolist(),
         "write_steps": [memories.steps] * n,
         "write_lr": [memories.lr] * n,
-        "write_losses": memories.stats.losses.float().tolist(),
+        "write_losses": losses,
+        "write_target": [memories.target] * n,
+        "write_min_steps": [memories.min_steps] * n,
+        "steps_used": used,
         "recon_accuracy": memories.stats.accuracy.float().tolist(),
         "recon_greedy": [float(x) for x in recon_greedy] if recon_greedy is not None else [None] * n,
         "write_time_s": times,
@@ -133,20 +153,38 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
     missing = {"doc_id", "memory", "write_steps", "write_lr", "write_losses", "recon_accuracy", "n_context_tokens"} - set(table.column_names)
     if missing:
         raise ValueError(f"malformed memory table: missing columns {sorted(missing)}")
-    steps, lrs = set(table.column("write_steps").to_pylist()), set(table.column("write_lr").to_pylist())
-    if len(steps) > 1 or len(lrs) > 1:
-        raise ValueError(f"one Memories object holds one write setting; this table mixes steps {steps} and lr {lrs}")
+    step_values = table.column("write_steps").to_pylist()
+    targets = _column(table, "write_target", [None] * table.num_rows)
+    floors = _column(table, "write_min_steps", [0] * table.num_rows)
+    settings = set(zip(step_values, table.column("write_lr").to_pylist(), targets, floors))
+    if len(settings) > 1:
+        raise ValueError(f"one Memories object holds one write setting; this table mixes (steps, lr, target, "
+                         f"min_steps) {sorted(settings, key=str)}")
+    steps, lr, target, min_steps = settings.pop() if settings else (0, 0.0, None, 0)
     memory = table.column("memory").combine_chunks().to_numpy_ndarray()  # (B, m, d)
     if memory.shape[1:] != (int(meta["m"]), int(meta["d"])):
         raise ValueError(f"memory shape {memory.shape[1:]} does not match the metadata ({meta['m']}, {meta['d']})")
+    used = _column(table, "steps_used", step_values)
     stats = WriteStats(
-        losses=torch.tensor(table.column("write_losses").to_pylist(), dtype=torch.float32),
+        losses=_carried_forward(table.column("write_losses").to_pylist()),
         accuracy=torch.tensor(table.column("recon_accuracy").to_pylist(), dtype=torch.float32),
         n_tokens=torch.tensor(table.column("n_context_tokens").to_pylist()),
+        steps_used=torch.tensor(used, dtype=torch.long) if target is not None else None,
     )
-    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by,
-                        steps.pop() if steps else 0, lrs.pop() if lrs else 0.0)
+    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by, steps, lr, target, min_steps)
     return table.column("doc_id").to_pylist(), memories
+
+
+def _column(table: pa.Table, name: str, default: list) -> list:
+    """A column's values, or ``default`` for a table written before the column existed."""
+    return table.column(name).to_pylist() if name in table.column_names else default
+
+
+def _carried_forward(rows: list[list[float]]) -> torch.Tensor:
+    """(B, S) write losses from per-row lists of varying length (an adaptive write stores the steps it took):
+    each row padded with its last loss, which is what the memory's loss stays at once it stops changing."""
+    width = max((len(r) for r in rows), default=0)
+    return torch.tensor([r + r[-1:] * (width - len(r)) for r in rows], dtype=torch.float32).reshape(len(rows), width)
 
 
 # ---------------------------------------------------------------------------------------------- errors

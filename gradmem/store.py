@@ -259,7 +259,8 @@ class MemoryStore:
 
     def read(self, kind: str, columns: Iterable[str] | None = None, parts: list[str] | None = None) -> pa.Table | None:
         """All rows of ``kind`` (or of the given parts) as one table; None when there are none. Parts that
-        cannot be read are skipped (``skipped``), never raised."""
+        cannot be read are skipped (``skipped``), never raised. A column that parts written before it existed
+        lack (``steps_used``, ``write_target``) is null in their rows, and absent when no part has it."""
         parts = self.valid_parts(kind) if parts is None else [p for p in parts if self.check_part(kind, p) is None]
         if not parts:
             return None
@@ -279,7 +280,10 @@ class MemoryStore:
 
     def _read_part(self, kind: str, part: str, columns: Iterable[str] | None) -> pa.Table | None:
         try:
-            return pq.read_table(part, filesystem=self.fs, columns=list(columns) if columns is not None else None)
+            if columns is not None:  # the ones this part has: an older part lacks later columns
+                present = set(pq.read_schema(part, filesystem=self.fs).names)
+                columns = [c for c in columns if c in present]
+            return pq.read_table(part, filesystem=self.fs, columns=columns)
         except Exception as e:  # noqa: BLE001 - a footer that parses but data that does not (truncated pages)
             reason = f"unreadable rows ({type(e).__name__}: {str(e)[:200]})"
             self._checked[part] = reason

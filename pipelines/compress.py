@@ -53,6 +53,7 @@ from gradmem import records
 from gradmem.config import declared
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore
+from gradmem.write import check_write
 from pipelines.storage import local_dir, resolve
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,14 @@ class CompressConfig:
     reader: str = Field(description="reader directory (local or s3://)")
     input: str = Field(description="a file or a directory of .jsonl/.json/.parquet/.txt (local or s3://)")
     output: str = Field(description="the memory store root (local or s3://)")
-    steps: int | None = Field(None, ge=0, description="WRITE steps K (None: the reader's own)")
+    steps: int | None = Field(None, ge=0, description="WRITE steps K, the most an adaptive write takes (None: the "
+                              "reader's own)")
     lr: float | None = Field(None, gt=0, description="WRITE step size alpha (None: the reader's own)")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="adaptive WRITE: stop each context once its "
+                                          "reconstruction accuracy reaches this (None: the reader's own, by default "
+                                          "a fixed K)")
+    min_steps: int | None = Field(None, ge=0, description="adaptive WRITE: steps every context takes before the "
+                                  "target is checked (None: the reader's own)")
     batch_size: int = Field(32, ge=1, description="contexts per WRITE batch")
     batches_per_call: int = Field(8, ge=1, description="WRITE batches per actor call: the pool a call sorts by "
                                   "length (bucketing)")
@@ -382,7 +389,7 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
-            chunk: bool, existing_ref) -> pa.Table:
+            target: float | None, min_steps: int, chunk: bool, existing_ref) -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``."""
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
@@ -402,15 +409,16 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
             error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
         else:
             try:
-                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, chunk, memory_keys, error_ids))
+                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk,
+                                        memory_keys, error_ids))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
     return pa.Table.from_pylist(out, schema=_PREPARED)
 
 
-def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float, chunk: bool,
-                 memory_keys: set, error_ids: set) -> list[dict]:
+def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
+                 target: float | None, min_steps: int, chunk: bool, memory_keys: set, error_ids: set) -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none)."""
     limit = spec["max_context_tokens"]
     if not text or not ids:
@@ -420,7 +428,7 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
     pieces = [ids[k : k + limit] for k in range(0, len(ids), limit)]
-    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece) for piece in pieces]
+    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
     held_by = _held_documents(memory_keys)
     other = [c for c, mid in enumerate(mids) if held_by.get((row["doc_id"], c), mid) != mid]
     if other:  # the id holds other content (an online write, an earlier text): never replaced, never doubled
@@ -485,7 +493,8 @@ class MemoryWriter:
     writes that call's memory and error parts to the store before returning a one-row summary."""
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
-                 lr: float, batch_size: int, greedy_check: bool, compile: bool, threads: int):
+                 lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
+                 threads: int):
         import torch
 
         from gradmem import Reader
@@ -499,9 +508,10 @@ class MemoryWriter:
                                f"{self.reader.fingerprint}, the job prepared its records for {fingerprint}")
         if compile:
             self.reader.compile()
-        target = resolve(output, s3_endpoint)
-        self.store = MemoryStore(target.filesystem, target.path)
-        self.steps, self.lr, self.batch_size, self.greedy_check = steps, lr, batch_size, greedy_check
+        where = resolve(output, s3_endpoint)
+        self.store = MemoryStore(where.filesystem, where.path)
+        self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
+        self.batch_size, self.greedy_check = batch_size, greedy_check
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from gradmem import NonFiniteWriteError
@@ -515,7 +525,8 @@ class MemoryWriter:
         memories, keep = None, list(range(len(good)))
         if good:
             try:
-                memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size)
+                memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size, target=self.target,
+                                                    min_steps=self.min_steps)
             except NonFiniteWriteError as e:
                 memories = e.memories
                 bad = set(e.bad)
@@ -547,27 +558,36 @@ class MemoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float) -> None:
-    """One store, one reader and one write setting: refuse to mix (memories could not be served together). The
-    parts themselves are checked, not only the manifest: a first run killed before its manifest still binds."""
+def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
+                  min_steps: int) -> None:
+    """One store, one reader and one write setting (K, alpha, the adaptive target and min steps): refuse to mix (memories could
+    not be served together). An adaptive store's memories differ in ``steps_used``, never in the setting. The
+    parts themselves are checked, not only the manifest: a first run killed before its manifest still binds.
+    Parts and manifests written before adaptive writes existed hold fixed-K writes (target None, min steps 0)."""
+    mine = (spec.fingerprint, steps, lr, target, min_steps)
     prior = store.manifest()
     if prior is not None:
-        _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr")),
-                      spec, steps, lr)
+        _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"),
+                              prior.get("write_target"), prior.get("write_min_steps", 0)), mine)
     fingerprints = set(store.fingerprints("memories").values())
     for fp in fingerprints - {spec.fingerprint}:
         raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
                          "Use another --output.")
-    settings = store.read("memories", ["write_steps", "write_lr"])
+    names = ("write_steps", "write_lr", "write_target", "write_min_steps")
+    settings = store.read("memories", list(names))
     if settings is not None:
-        for theirs in sorted(set(zip(settings.column("write_steps").to_pylist(), settings.column("write_lr").to_pylist()))):
-            _refuse_other(store, (spec.fingerprint, *theirs), spec, steps, lr)
+        before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
+        columns = [[before.get(c) if v is None else v for v in settings.column(c).to_pylist()]
+                   if c in settings.column_names else [before[c]] * settings.num_rows for c in names]
+        for theirs in sorted(set(zip(*columns)), key=str):
+            _refuse_other(store, (spec.fingerprint, *theirs), mine)
 
 
-def _refuse_other(store: MemoryStore, theirs: tuple, spec: ReaderSpec, steps: int, lr: float) -> None:
-    if theirs != (spec.fingerprint, steps, lr):
+def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
+    if theirs != mine:
         raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
-                         f"lr={theirs[2]}; this run uses reader {spec.fingerprint} with steps={steps}, lr={lr}. "
+                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}; this run uses reader {mine[0]} "
+                         f"with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, min_steps={mine[4]}. "
                          "Use another --output.")
 
 
@@ -689,10 +709,13 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     spec = ReaderSpec.from_dir(reader_path)
     steps = spec.write_steps if cfg.steps is None else int(cfg.steps)
     lr = spec.write_lr if cfg.lr is None else float(cfg.lr)
+    goal = spec.target_accuracy if cfg.target_accuracy is None else float(cfg.target_accuracy)
+    floor = (spec.min_write_steps if goal is not None else 0) if cfg.min_steps is None else int(cfg.min_steps)
+    check_write("inference", steps, goal, floor)  # before any record is prepared
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr)
+    _check_output(store, spec, steps, lr, goal, floor)
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
     logger.info("compressing %d files from %s with reader %s (K=%d, lr=%g) into %s", len(files), cfg.input,
@@ -709,7 +732,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": steps,
-                   "lr": lr, "chunk": cfg.chunk, "existing_ref": existing_ref},
+                   "lr": lr, "target": goal, "min_steps": floor, "chunk": cfg.chunk, "existing_ref": existing_ref},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     inputs = input_keys.num_rows
@@ -722,7 +745,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         MemoryWriter, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.batches_per_call,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         fn_constructor_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "output": cfg.output,
-                               "fingerprint": spec.fingerprint, "steps": steps, "lr": lr, "batch_size": cfg.batch_size,
+                               "fingerprint": spec.fingerprint, "steps": steps, "lr": lr, "target": goal,
+                               "min_steps": floor, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
                                "threads": max(1, int(cfg.cpus_per_actor))},
     )
@@ -745,7 +769,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     counts = summarize(store, input_keys)
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
-        "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "m": spec.num_memory,
+        "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "write_target": goal, "write_min_steps": floor,
+        "m": spec.num_memory,
         "d": spec.d_model, "chunked": cfg.chunk, **counts,
         "this_run": {**done, "wall_s": round(wall, 3), "write_pass_s": round(write_pass, 3), "padding": round(1 - done["tokens"] / done["padded_tokens"], 4)
                      if done["padded_tokens"] else 0.0},

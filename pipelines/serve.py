@@ -602,8 +602,9 @@ class GradMemService:
             raise ApiError(422, "text has no tokens: there is nothing to write")
         if len(ids) > self.reader.max_context_tokens:
             raise ApiError(413, f"text has {len(ids)} tokens, over the reader's maximum of {self.reader.max_context_tokens}")
-        steps, lr = self.reader.config.write_steps, self.reader.config.write_lr
-        mid = records.memory_id(self.fingerprint, steps, lr, ids)
+        cfg = self.reader.config  # the reader's own write setting, an adaptive target included
+        steps, lr, goal, floor = cfg.write_steps, cfg.write_lr, cfg.target_accuracy, cfg.min_write_steps
+        mid = records.memory_id(self.fingerprint, steps, lr, ids, goal, floor)
         with self.store_lock:
             self._maybe_refresh()
             known = self.index.by_doc.get((body.doc_id, 0))
@@ -614,7 +615,7 @@ class GradMemService:
                            "use a new doc_id")
         start = time.perf_counter()
         try:
-            memories = self.reader.write_tokens([ids], steps, lr)
+            memories = self.reader.write_tokens([ids], steps, lr, target=goal, min_steps=floor)
         except NonFiniteWriteError as e:
             raise ApiError(422, f"the WRITE produced NaN/inf for this text: {e}") from e
         greedy = self.reader.reconstruct(memories, [ids]).tolist()

@@ -76,8 +76,8 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         {"order": 3, "source": "f:4", "doc_id": "a", "text": ctx + ctx},
         {"order": 4, "source": "f:5", "doc_id": None, "text": None, "reason": "malformed", "message": "bad"},
     ], schema=_PARSED)
-    kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5,
-                  existing_ref=(set(), set()))
+    kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5, target=None,
+                  min_steps=0, existing_ref=(set(), set()))
     duplicates = {"a": (0, "f:1")}
     prepared = prepare(batch, chunk=False, **kwargs)
     rows = prepared.to_pylist()  # every record has a row, duplicates not yet resolved (they need every id)
@@ -230,11 +230,20 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     out = tmp_path / "out"
     assert compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out)))["complete"]
     (out / "manifest.json").unlink()  # as if the first run was killed before its manifest: the parts still bind
-    with pytest.raises(ValueError, match="steps=2, lr=0.5; this run uses .* steps=3"):
+    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None, min_steps=0; this run uses .* steps=3"):
         compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), steps=3))
     make_reader("llama").save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="Use another --output"):
         compress(CompressConfig(reader=str(tmp_path / "other"), input=str(corpus), output=str(out)))
+    # an adaptive write is another setting: refused here, written (and rerun as a no-op) into its own store
+    adaptive = dict(reader=str(kv_reader_dir), input=str(corpus), target_accuracy=1.0, min_steps=1, steps=4)
+    with pytest.raises(ValueError, match="target=None, min_steps=0; this run uses .* target=1.0, min_steps=1"):
+        compress(CompressConfig(**adaptive, output=str(out)))
+    manifest = compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))
+    assert manifest["complete"] and (manifest["write_target"], manifest["write_min_steps"]) == (1.0, 1)
+    (row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive")).read("memories").to_pylist()
+    assert 1 <= row["steps_used"] <= 4 and row["write_steps"] == 4 and row["write_target"] == 1.0
+    assert compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))["this_run"]["memories"] == 0
 
 
 def test_chunked_documents_become_ordered_memories(ray_cluster, kv_reader_dir, tmp_path):

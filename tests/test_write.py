@@ -116,11 +116,19 @@ def test_compiled_inference_writes_match_eager():
 
     batch = collate([ex for n in (1, 3, 5) for ex in KVTask(n).examples(1, seed=n)], reader.tokenizer)
     eager = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps=2, lr=0.5, mode="inference")
+    # an adaptive write whose target one context meets after one step: the batch shrinks mid-write
+    target = float(write_memory(reader, batch.ctx_ids, batch.ctx_mask, 1, 0.5, mode="inference").accuracy.max())
+    eager_adaptive = write_memory(reader, batch.ctx_ids, batch.ctx_mask, 3, 0.5, mode="inference", target=target)
+    assert len(set(eager_adaptive.steps_used.tolist())) > 1, "every context stopped together: not a test"
     keys, fingerprint = list(reader.state_dict()), reader.fingerprint
     reader.compile()
     assert list(reader.state_dict()) == keys and reader.fingerprint == fingerprint  # same reader, same memories
     compiled = write_memory(reader, batch.ctx_ids, batch.ctx_mask, steps=2, lr=0.5, mode="inference")
     assert (compiled.memory - eager.memory).abs().max() < 1e-5
     assert torch.allclose(compiled.losses, eager.losses, atol=1e-5)
+    adaptive = write_memory(reader, batch.ctx_ids, batch.ctx_mask, 3, 0.5, mode="inference", target=target)
+    assert torch.equal(adaptive.steps_used, eager_adaptive.steps_used)
+    assert (adaptive.memory - eager_adaptive.memory).abs().max() < 1e-5
+    assert torch.allclose(adaptive.losses, eager_adaptive.losses, atol=1e-5)
     with pytest.raises(ValueError, match="frozen readers"):
         make_reader("llama").compile()
