@@ -141,7 +141,7 @@ def _stop_cluster(temp_dir: str, address: str) -> None:
             proc.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # the session is over: no graceful shutdown to wait for
     for proc in alive:
         proc.kill()
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -270,36 +270,38 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 def test_a_checkpoint_resumes_across_the_in_process_and_ray_loops(ray_cluster, tmp_path):
-    """One loop, one checkpoint layout: 4 steps in-process then 2 on one Ray worker (plain data parallel), and
-    4 on Ray then 2 in-process, each end where 6 steps straight through in-process end: weights, step, the
-    best record by validation."""
-    cfg = loop_config()
-    straight = Trainer(cfg, tmp_path / "straight")
-    straight.fit()
-    end = tmp_path / "straight" / "checkpoints" / "step_00000006"
-    expected_state = json.loads((end / "trainer_state.json").read_text())
+    """One loop, one checkpoint layout: 4 steps in-process, then 2 on one Ray worker (plain data parallel), then 2
+    in-process again from the Ray checkpoint; each leg ends where a run straight through in-process ends at that
+    step: weights, step, optimizer state, the best record by validation. (The schedule does not depend on
+    max_steps, so runs of 6 and 8 steps agree on their first 6.)"""
+    cfg6, cfg8 = loop_config(), loop_config(optim={"max_steps": 8})
+    straight6, straight8 = Trainer(cfg6, tmp_path / "straight6"), Trainer(cfg8, tmp_path / "straight8")
+    straight6.fit()
+    straight8.fit()
 
-    Trainer(cfg, tmp_path / "local").fit(max_steps=4)
-    result = pt.fit(cfg, pt.DistributedConfig(num_workers=1, storage=str(tmp_path / "runs"), name="from-local"),
+    def expected(run: str, step: int) -> tuple[dict, Path]:
+        end = tmp_path / run / "checkpoints" / f"step_{step:08d}"
+        return json.loads((end / "trainer_state.json").read_text()), end / "reader"
+
+    Trainer(cfg6, tmp_path / "local").fit(max_steps=4)
+    result = pt.fit(cfg6, pt.DistributedConfig(num_workers=1, storage=str(tmp_path / "runs"), name="from-local"),
                     output=tmp_path / "export", resume_from=str(tmp_path / "local" / "checkpoints" / "step_00000004"))
     assert result.error is None and result.metrics["step"] == 6
+    _assert_close(_weights(tmp_path / "export"), straight6.reader.state_dict())  # both export the best
+    state6, reader6 = expected("straight6", 6)
     with result.checkpoint.as_directory() as directory:
         state = json.loads((Path(directory) / "trainer_state.json").read_text())
         assert state["engine"] == "ddp" and state["world_size"] == 1
-        assert state["best"]["step"] == expected_state["best"]["step"]
-        assert state["best"]["em"] == pytest.approx(expected_state["best"]["em"])
-        _assert_close(_weights(Path(directory) / "reader"), _weights(end / "reader"))
-    _assert_close(_weights(tmp_path / "export"), straight.reader.state_dict())  # both export the best
+        assert state["best"]["step"] == state6["best"]["step"]
+        assert state["best"]["em"] == pytest.approx(state6["best"]["em"])
+        _assert_close(_weights(Path(directory) / "reader"), _weights(reader6))
 
-    ray_cfg = loop_config(optim={"max_steps": 4})
-    first = pt.fit(ray_cfg, pt.DistributedConfig(num_workers=1, storage=str(tmp_path / "runs"), name="first-4"))
-    assert first.error is None and first.metrics["step"] == 4
-    resumed = Trainer(cfg, tmp_path / "from-ray")
-    with first.checkpoint.as_directory() as directory:
+        resumed = Trainer(cfg8, tmp_path / "from-ray")  # and back: Ray's checkpoint continues in-process
         resumed.fit(resume_from=directory)
-    assert resumed.step == 6 and resumed.best_record()["step"] == expected_state["best"]["step"]
-    _assert_close(_weights(tmp_path / "from-ray" / "checkpoints" / "step_00000006" / "reader"), _weights(end / "reader"))
-    assert resumed.optimizer.state_dict()["state"][0]["step"] == 6
+    state8, reader8 = expected("straight8", 8)
+    assert resumed.step == 8 and resumed.best_record()["step"] == state8["best"]["step"]
+    _assert_close(_weights(tmp_path / "from-ray" / "checkpoints" / "step_00000008" / "reader"), _weights(reader8))
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 8
     # (another world size or optimizer format is refused, naming both: tests/test_train.py)
 
 
