@@ -145,11 +145,11 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     resumed with the step count continuing, and exports a reader that answers from memory."""
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
     storage, name = "s3://gradmem-test/train", f"kv-{int(time.time())}"
-    common = [*KV_TINY_EVERY_STEP, "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json",
+    common = [*KV_TINY_EVERY_STEP, "--set", "run.save_every=50", "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json",
               "--storage", storage, "--s3-endpoint", s3.endpoint, "--name", name]
     fs, run_path = s3.filesystem(), f"gradmem-test/train/{name}"
 
-    first = _job([*common, "--max-steps", "400"], env)  # kv_tiny saves every 100 steps
+    first = _job([*common, "--max-steps", "400"], env)  # killed after its first checkpoint (step 50)
     deadline, found = time.time() + 300, []
     while time.time() < deadline and first.poll() is None and not found:
         time.sleep(1)
