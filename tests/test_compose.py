@@ -225,3 +225,16 @@ def test_trainer_trains_and_evaluates_with_chunks_drawn_from_a_range(tmp_path):
     trainer = Trainer(cfg, tmp_path)
     trainer.fit()
     assert trainer.step == 2 and trainer.task.chunks == (1, 3) and trainer.best_record() is not None
+
+
+def test_evaluate_job_scores_documents_of_c_chunks(tmp_path):
+    """``jobs/evaluate.py --chunks`` is the library's evaluate on the multi-chunk task (issue 15's EM by c)."""
+    from conftest import load_job
+
+    reader = make_reader("llama").freeze()
+    reader.save_pretrained(tmp_path / "reader")
+    out = load_job("evaluate").main(["--reader", str(tmp_path / "reader"), "--pairs", "1", "--chunks", "3",
+                                     "--steps", "2", "--samples", "8", "--json", str(tmp_path / "eval.json")])
+    assert out["chunks"] == [3, 3] and out["task"] == "kv N=1 c=3"
+    expected = evaluate(reader, KVTask(1, chunks=(3, 3)), 8, [2], reader.config.write_lr, seed=("evaluate", 0))
+    assert out["results"]["2"]["token_acc"] == pytest.approx(expected[2]["token_acc"])
