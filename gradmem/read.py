@@ -43,6 +43,10 @@ def read_teacher_forced(
     N memories (N, P, d), each document's in order (B documents, N = sum of ``chunks``)."""
     batch = read_ids.shape[0]
     prefix, prefix_len = compose(*methods.read_prefix(reader, memory, lengths), chunks)  # (B, R, d), (B,)
+    longest = int(prefix_len.max()) + read_ids.shape[1] - 1 if batch else 0  # positions of the longest input
+    if longest > reader.max_positions:
+        raise ValueError(f"a READ of {int(prefix_len.max())} memory rows + {read_ids.shape[1]} tokens exceeds the "
+                         f"backbone's {reader.max_positions} positions: fewer or shorter chunks per document")
     hidden = prefixed_hidden(reader, prefix, prefix_len, read_ids, target_mask)  # (B, L, d): row t predicts token t
     ce, correct, rows = reader.token_losses(hidden, read_ids, target_mask, reader.lm.get_output_embeddings())
     loss = per_sample_mean(ce, rows, batch)

@@ -150,6 +150,13 @@ def test_answer_checks_chunk_counts_and_the_composed_length():
         reader.answer(many, ["?!ab:"], max_new_tokens=4, chunks=[30])
 
 
+def test_a_teacher_forced_read_past_the_backbone_positions_is_refused():
+    reader = _reader("llama", "full_context")
+    doc = Example(context=tuple(["!ab:cd!" * 7 + "|"] * 3), query="?!ab:", target="cd!|")  # 3 x 50 rows > 128
+    with pytest.raises(ValueError, match="150 memory rows \\+ 9 tokens exceeds the backbone's 128 positions"):
+        _read(reader, [doc])
+
+
 # ------------------------------------------------------------------------------------------ tasks
 def test_kv_chunks_draw_documents_of_distinct_keys_and_c1_is_the_plain_task():
     assert KVTask(3, chunks=(1, 1)).examples(4, seed=5) == KVTask(3).examples(4, seed=5)

@@ -138,8 +138,8 @@ def evaluate_generated(
     max_new_tokens: int = 16, batch_size: int = 64, start: int = 0,
 ) -> tuple[dict[str, float], list[str]]:
     """Write the contexts (every chunk of a multi-chunk document), answer the queries greedily from memory alone
-    (a document's memories composed), and score the answers with the task's
-    metric (bAbI exact match; SQuAD's normalised EM and F1). Returns the scores and the answers."""
+    (a document's memories composed), and score the answers with the task's metric (bAbI exact match; SQuAD's
+    normalised EM and F1). Returns the scores and the answers."""
     examples = task.ordered(start, samples)
     memories = reader.write([text for e in examples for text in e.chunks], steps=steps, lr=lr, batch_size=batch_size)
     answers = reader.answer(memories, [e.query for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size,
