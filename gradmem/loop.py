@@ -254,7 +254,7 @@ class TrainLoop:
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {self.step}: {metrics}")
             self.engine.backward(loss)
-            micro_metrics.append({**metrics, "samples": float(batch.ctx_ids.shape[0])})
+            micro_metrics.append({**metrics, "samples": float(len(batch))})
         metrics = {k: sum(m[k] for m in micro_metrics) / len(micro_metrics) for k in micro_metrics[0]}
         metrics["samples"] *= len(micro_metrics)
         metrics["grad_norm"] = self.engine.step()

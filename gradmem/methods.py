@@ -25,6 +25,8 @@ What a memory is, per method (``WriteOutput.memory`` (B, P, d), stored as ``Memo
 READ input per sample: ``read_prefix`` rows (projected memory for gradmem, memory as written for rmt; the first
 n_tokens rows for full_context; none for no_context), then the query (and the target when teacher-forcing). No
 context token is ever fed to a READ except through full_context's prefix (tests/test_baselines.py checks it).
+A document written as several chunks is read through each chunk's ``read_prefix`` rows concatenated in order
+(``gradmem.read.compose``), the same for every method: full_context's composed prefix is the whole document.
 
 Write statistics (``WriteOutput.losses`` (B, S), ``accuracy`` (B,)):
 

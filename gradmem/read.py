@@ -2,6 +2,10 @@
 
 ``M`` is whatever ``gradmem.methods.read_prefix`` makes of the memory for the reader's method: m projected
 vectors (gradmem, rmt), the context's own embeddings (full_context) or nothing (no_context).
+
+A document written as c chunks is read through all its memories at once: ``M = [M_1; ...; M_c]`` (``compose``),
+each memory's rows as the method makes them, in chunk order. The single-memory READ is the case c = 1 of the same
+code (no ``chunks``, or every count 1, passes the prefix through untouched).
 """
 
 from __future__ import annotations
@@ -32,10 +36,17 @@ def read_teacher_forced(
     read_ids: torch.Tensor,  # (B, L) query then target, right-padded
     target_mask: torch.Tensor,  # (B, L)
     score_mask: torch.Tensor | None = None,  # (B, L) subset of target_mask counted by exact match
-    lengths: torch.Tensor | None = None,  # (B,) real memory rows (WriteOutput.lengths); full_context needs it
+    lengths: torch.Tensor | None = None,  # (N,) real memory rows (WriteOutput.lengths); full_context needs it
+    chunks: torch.Tensor | None = None,  # (B,) memories per document (Batch.chunks); None: one each (N = B)
 ) -> ReadOutput:
+    """Teacher-forced READ of each document's query and target after its (composed) memories. ``memory`` holds
+    N memories (N, P, d), each document's in order (B documents, N = sum of ``chunks``)."""
     batch = read_ids.shape[0]
-    prefix, prefix_len = methods.read_prefix(reader, memory, lengths)  # (B, P, d), (B,)
+    prefix, prefix_len = compose(*methods.read_prefix(reader, memory, lengths), chunks)  # (B, R, d), (B,)
+    longest = int(prefix_len.max()) + read_ids.shape[1] - 1 if batch else 0  # positions of the longest input
+    if longest > reader.max_positions:
+        raise ValueError(f"a READ of {int(prefix_len.max())} memory rows + {read_ids.shape[1]} tokens exceeds the "
+                         f"backbone's {reader.max_positions} positions: fewer or shorter chunks per document")
     hidden = prefixed_hidden(reader, prefix, prefix_len, read_ids, target_mask)  # (B, L, d): row t predicts token t
     ce, correct, rows = reader.token_losses(hidden, read_ids, target_mask, reader.lm.get_output_embeddings())
     loss = per_sample_mean(ce, rows, batch)
@@ -43,6 +54,61 @@ def read_teacher_forced(
     scored = (score_mask if score_mask is not None else target_mask)[target_mask.bool()].bool()  # (n,)
     wrong = torch.zeros(batch, device=ce.device).index_add_(0, rows, (scored & ~correct).float())
     return ReadOutput(loss=loss, token_accuracy=token_accuracy, exact_match=(wrong == 0).float())
+
+
+def compose(
+    prefix: torch.Tensor,  # (N, P, d) each memory's READ rows in input-embedding space (methods.read_prefix)
+    rows: torch.Tensor,  # (N,) real rows of each
+    chunks: torch.Tensor | None,  # (B,) memories per document, in order; None: one each (N = B)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The composed READ prefix of each document, ``[M_1[:n_1]; ...; M_c[:n_c]]`` (B, R, d), and its rows (B,).
+
+    Only real rows are concatenated (full_context: the chunks' tokens, so the READ sees the whole document's
+    ``[C_1; ...; C_c; Q]``, exactly the plain LM on it; no_context: nothing), and the result is right-padded per
+    document, so ``prefixed_hidden`` and ``greedy_generate`` pack it as they pack a single memory: no pad sits
+    before a real row.
+
+    Positions: plain consecutive positions over the whole prefix (memory j's rows after memory j-1's, the query
+    after the last), the positions the backbone gives any sequence. Why this and not every memory at the same
+    positions (parallel-context style, which would keep the query's position fixed as c grows):
+    - order is information: bAbI's answer is the latest relevant fact, which may sit in any chunk, and with
+      consecutive positions RoPE (and GPT-2's absolute positions) tell the READ which memory came later;
+    - the full-context bound then is exactly the backbone on the concatenated document, the same rule for every
+      method, and c = 1 is today's READ bit for bit;
+    - it needs no position ids in the teacher-forced path and no change to any backbone call;
+    - what it costs: the query moves to position sum(n_j), further than a reader trained at c = 1 has seen, which
+      is why the READ is trained with c drawn from a range (``task.chunks``); composing memories trained one at a
+      time is the untrained baseline to measure against (issue 15, item 3).
+    Measured once (a probe, 512 key-value documents of c chunks of 1 pair, teacher-forced EM; kv_tiny's reader):
+    trained at c = 1 only (300 steps), composing c = 2 / 3 / 4 memories gave 43 / 25 / 7% with consecutive
+    positions against 27 / 11 / 5% with every memory at positions 0..m-1; trained with c in [1, 3] (1500 steps) the
+    two agreed within noise (50 / 30 / 21% and 50 / 31 / 19%), both still on the 1-in-c plateau a key-matching
+    READ leaves only with longer training (the method notes' N > 1 probes). So consecutive is no worse, and better
+    untrained.
+    The prefix must fit the backbone's positions with the query (``Reader.check_questions`` says so when it does
+    not)."""
+    if chunks is None:
+        return prefix, rows
+    chunks = chunks.to(device=rows.device, dtype=torch.long)
+    totals = chunk_totals(rows, chunks)  # (B,)
+    if bool((chunks == 1).all()):
+        return prefix, rows  # c = 1: the single-memory READ, the same tensors
+    real = torch.arange(prefix.shape[1], device=rows.device) < rows[:, None]  # (N, P)
+    flat = prefix[real]  # (sum n_j, d): memory after memory, so document after document
+    composed = pad_sequence(list(flat.split(totals.tolist())), batch_first=True)  # (B, max R_b, d)
+    return composed, totals
+
+
+def chunk_totals(rows: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """(B,) prefix rows of each document: the sum of its memories' rows (N,), ``chunks`` (B,) memories each.
+    A ValueError when the counts do not cover the memories exactly or a document has none."""
+    if chunks.dim() != 1 or bool((chunks < 1).any()):
+        raise ValueError(f"every document needs at least one memory, got chunk counts {chunks.tolist()}")
+    if int(chunks.sum()) != rows.shape[0]:
+        raise ValueError(f"chunk counts {chunks.tolist()} add up to {int(chunks.sum())}, not to the "
+                         f"{rows.shape[0]} memories given")
+    document = torch.repeat_interleave(torch.arange(chunks.shape[0], device=rows.device), chunks)  # (N,)
+    return torch.zeros(chunks.shape[0], dtype=torch.long, device=rows.device).index_add_(0, document, rows.long())
 
 
 def prefixed_hidden(

@@ -22,7 +22,7 @@ from gradmem.cell import MemoryCell, max_positions
 from gradmem.config import MemoryConfig
 from gradmem.data import pad, tokenize
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
-from gradmem.read import greedy_generate
+from gradmem.read import chunk_totals, compose, greedy_generate
 
 INFERENCE_ATTENTION = "sdpa"  # first-order writes and answers may use PyTorch's fastest kernels
 
@@ -188,19 +188,25 @@ class Reader(MemoryCell):
 
     def answer(
         self, memories: Memories, questions: Sequence[str], max_new_tokens: int = 16, batch_size: int = 64,
-        attention: str = INFERENCE_ATTENTION,
+        attention: str = INFERENCE_ATTENTION, chunks: Sequence[int] | None = None,
     ) -> list[str]:
-        """Greedy answers to ``questions[i]`` from ``memories[i]`` alone (the context is never seen, except by the
-        full-context bound, whose memory is the context)."""
+        """Greedy answers to ``questions[i]`` from memories alone (the context is never seen, except by the
+        full-context bound, whose memory is the context).
+
+        Without ``chunks`` question i is read from ``memories[i]``. With ``chunks`` (one count per question)
+        question i is read from its document's ``chunks[i]`` memories composed in order, ``[M_1; ...; M_c; Q]``
+        (``gradmem.read.compose``): ``memories`` holds every document's chunk memories, document after document."""
         if isinstance(questions, str) or not isinstance(questions, Sequence):
             raise ValueError("questions must be a list of strings")
         for i, q in enumerate(questions):
             if not isinstance(q, str):
                 raise ValueError(f"question {i} is a {type(q).__name__}, not a string")
-        return self.answer_tokens(memories, tokenize(self.tokenizer, questions), max_new_tokens, batch_size, attention)
+        return self.answer_tokens(memories, tokenize(self.tokenizer, questions), max_new_tokens, batch_size, attention,
+                                  chunks)
 
     def check_questions(self, prefix_rows: Sequence[int], q_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-        """A clear ValueError for any question that would not fit the backbone's positions after its memory rows."""
+        """A clear ValueError for any question that would not fit the backbone's positions after its memory rows
+        (a document's rows: all its memories')."""
         for i, (rows, q) in enumerate(zip(prefix_rows, q_ids)):
             if rows + len(q) + max_new_tokens > self.max_positions:
                 raise ValueError(f"question {i} is too long: {len(q)} tokens + {rows} memory + "
@@ -208,23 +214,26 @@ class Reader(MemoryCell):
 
     def answer_tokens(
         self, memories: Memories, q_ids: Sequence[Sequence[int]], max_new_tokens: int = 16, batch_size: int = 64,
-        attention: str = INFERENCE_ATTENTION,
+        attention: str = INFERENCE_ATTENTION, chunks: Sequence[int] | None = None,
     ) -> list[str]:
         """``answer`` on question token ids already produced by this reader's tokenizer (the service tokenizes
         once, to check sizes before a request joins a batch)."""
         if memories.fingerprint != self.fingerprint:
             raise ValueError(f"these memories were written by reader {memories.fingerprint}, not by this reader "
                              f"({self.fingerprint}); rewrite them with this reader")
-        if len(q_ids) != len(memories):
-            raise ValueError(f"need one question per memory: got {len(memories)} memories and {len(q_ids)} questions")
+        counts = chunk_counts(chunks, len(q_ids))
+        if int(counts.sum()) != len(memories):
+            raise ValueError(f"need one question per memory: got {len(memories)} memories and {len(q_ids)} questions"
+                             if chunks is None else f"the chunk counts add up to {int(counts.sum())} memories, but "
+                             f"{len(memories)} are given for {len(q_ids)} questions")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         bad = (~memories.finite()).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"memories at indices {bad} hold NaN/inf and cannot be read")
-        rows = self.prefix_rows(memories.tensor, memories.stats.n_tokens)  # (B,)
-        self.check_questions(rows.tolist(), q_ids, max_new_tokens)
-        return self.generate_answers(memories.tensor, rows, q_ids, max_new_tokens, batch_size, attention)
+        rows = self.prefix_rows(memories.tensor, memories.stats.n_tokens)  # (N,)
+        self.check_questions(chunk_totals(rows, counts).tolist(), q_ids, max_new_tokens)
+        return self.generate_answers(memories.tensor, rows, q_ids, max_new_tokens, batch_size, attention, counts)
 
     def prefix_rows(self, tensor: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         """(B,) rows of each memory (B, P, d) a READ sees, from the context lengths it was written from (B,);
@@ -233,19 +242,24 @@ class Reader(MemoryCell):
 
     def generate_answers(
         self, tensor: torch.Tensor, rows: torch.Tensor, q_ids: Sequence[Sequence[int]], max_new_tokens: int,
-        batch_size: int = 64, attention: str = INFERENCE_ATTENTION,
+        batch_size: int = 64, attention: str = INFERENCE_ATTENTION, chunks: torch.Tensor | Sequence[int] | None = None,
     ) -> list[str]:
-        """Greedy answers to ``q_ids[i]`` from memory ``tensor[i]`` (B, P, d) with its first ``rows[i]`` rows
-        (``prefix_rows``). Unchecked: the caller has checked the memories' reader and finiteness and the
-        questions' length (``answer_tokens`` does; the service does when a request arrives)."""
+        """Greedy answers to ``q_ids[i]`` from its document's memories in ``tensor`` (N, P, d), each with its first
+        ``rows`` (N,) rows (``prefix_rows``). ``chunks`` (B,) says how many consecutive memories each question's
+        document has (mixed counts batch together); None: one each, ``tensor[i]`` for question i. Unchecked: the
+        caller has checked the memories' reader and finiteness and the questions' length (``answer_tokens`` does;
+        the service does when a request arrives). ``batch_size`` counts questions."""
+        counts = chunk_counts(chunks, len(q_ids))
+        ends = counts.cumsum(0).tolist()  # memory index after each document's last
         answers: list[str] = []
         with attention_path(self.lm, attention):
             for start in range(0, len(q_ids), batch_size):
-                memory = tensor[start : start + batch_size].to(self.device, self.memory.dtype)  # (b, P, d)
-                prefix = self.method.memory_input(self, memory)  # (b, P, d)
-                n_rows = rows[start : start + batch_size].to(self.device)  # (b,)
-                for ids in greedy_generate(self, prefix, n_rows, q_ids[start : start + batch_size], max_new_tokens,
-                                           self.stop_ids):
+                stop = min(start + batch_size, len(q_ids))
+                first, last = (ends[start - 1] if start else 0), ends[stop - 1]  # this batch's memories
+                memory = tensor[first:last].to(self.device, self.memory.dtype)  # (n, P, d)
+                prefix, n_rows = compose(self.method.memory_input(self, memory), rows[first:last].to(self.device),
+                                         counts[start:stop].to(self.device))  # (b, R, d), (b,)
+                for ids in greedy_generate(self, prefix, n_rows, q_ids[start:stop], max_new_tokens, self.stop_ids):
                     answers.append(self._decode_answer(ids))
         return answers
 
@@ -272,3 +286,14 @@ def length_buckets(ids: Sequence[Sequence[int]], batch_size: int) -> list[list[i
     """Indices grouped into batches of similar length (sorted by length), so a batch pads little."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def chunk_counts(chunks: torch.Tensor | Sequence[int] | None, documents: int) -> torch.Tensor:
+    """(B,) memories per document as a tensor: one each when ``chunks`` is None; a ValueError unless there is one
+    count per document."""
+    if chunks is None:
+        return torch.ones(documents, dtype=torch.long)
+    counts = torch.as_tensor(chunks, dtype=torch.long).cpu().reshape(-1)
+    if counts.shape[0] != documents:
+        raise ValueError(f"need one chunk count per question: got {counts.shape[0]} counts for {documents} questions")
+    return counts

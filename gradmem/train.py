@@ -33,7 +33,7 @@ from gradmem import checkpoint, config, methods
 from gradmem.atomic import write_atomic
 from gradmem.attention import attention_path, check_attention
 from gradmem.config import MemoryConfig, declared
-from gradmem.data import Batch
+from gradmem.data import Batch, check_chunks
 from gradmem.read import read_teacher_forced
 from gradmem.reader import Reader
 from gradmem.tasks import babi, squad
@@ -113,9 +113,18 @@ class TaskConfig:
     answer_eos: bool = True  # babi, squad: append EOS to targets (trained, not scored) so answers stop
     vocab_min_count: int = Field(1, ge=1)  # babi, squad, from scratch: words seen fewer times in train become <unk>
     vocab_max_size: int | None = Field(None, ge=1)  # babi, squad, from scratch: keep the most frequent words only
+    # [lo, hi]: a document of c chunks, c drawn uniformly from [lo, hi] per example, each chunk written into its own
+    # memory by the same WRITE and the READ over all of them composed (gradmem.read.compose). kv: c contexts of
+    # ``pairs`` pairs with distinct keys; babi: the story split into c runs of statements; squad (c_qa): the paragraph
+    # into c runs of sentences. Evaluation cycles c over the range. [1, 1]: one context, one memory.
+    chunks: list[int] = Field(default_factory=lambda: [1, 1])
 
     @model_validator(mode="after")
     def _consistent(self) -> "TaskConfig":
+        check_chunks(self.chunks)
+        if self.chunks != [1, 1] and (self.name == "file" or (self.name == "squad" and self.variant != "c_qa")):
+            raise ValueError(f"task.chunks {self.chunks}: multi-chunk documents exist for kv, babi and squad c_qa "
+                             f"only, not for {self.name}" + (f" {self.variant}" if self.name == "squad" else ""))
         if self.name == "file" and not self.path:
             raise ValueError("task file needs task.path (jsonl or Parquet with context, query, target)")
         unknown = [name for name in self.tasks if name not in babi.TASK_NAMES]
@@ -200,13 +209,13 @@ def build_task(cfg: TaskConfig, split: str = "train") -> Task:
     from its own seeds instead. ``file`` tasks have none here (Ray Data feeds them to the workers)."""
     if cfg.name == "babi":
         return babi.babi_task(cfg.tasks, split, cfg.babi_set, cfg.path, cfg.validation_fraction, cfg.split_seed,
-                              cfg.answer_eos)
+                              cfg.answer_eos, cfg.chunks)
     if cfg.name == "squad":
         return squad.squad_task(cfg.variant, split, cfg.path, cfg.validation_fraction, cfg.test_fraction,
-                                cfg.split_seed, cfg.answer_eos)
+                                cfg.split_seed, cfg.answer_eos, cfg.chunks)
     if cfg.name == "file":
         raise ValueError("file tasks are read by Ray Data in the distributed trainer (jobs/train.py), not built here")
-    return KVTask(pairs=cfg.pairs)
+    return KVTask(pairs=cfg.pairs, chunks=tuple(cfg.chunks))
 
 
 def build_tokenizer(cfg: TaskConfig, train_task: Task | None = None):
@@ -276,7 +285,8 @@ def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: 
             reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode=optim.write_mode,
             second_order_steps=optim.second_order_steps, final_stats=False, keep_last_loss=optim.aux_write_loss > 0,
         )
-        read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask, out.lengths)
+        read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask, out.lengths,
+                                   batch.chunks)
         loss = read.loss.mean()
         if out.last_step_loss is not None:
             loss = loss + optim.aux_write_loss * out.last_step_loss
@@ -304,7 +314,8 @@ def evaluate(
     batch_size: int = 128, start: int = 0,
 ) -> dict[int, dict[str, float]]:
     """Exact match (teacher-forced), token accuracy and final write loss on held-out examples for each number of
-    WRITE steps. Key-value examples come from ``seed``; a fixed dataset (bAbI, SQuAD: pass its validation or
+    WRITE steps (EM and token accuracy per question; write loss and accuracy per context written, so per chunk
+    for documents of several chunks). Key-value examples come from ``seed``; a fixed dataset (bAbI, SQuAD: pass its validation or
     test split) is walked in order from ``start``, at most ``samples`` examples, each counted once."""
     was_training = reader.training
     reader.eval()
@@ -316,21 +327,23 @@ def evaluate(
     try:
         for steps in steps_list:
             totals = {"em": 0.0, "token_acc": 0.0, "write_loss": 0.0, "write_acc": 0.0}
-            done = 0
+            done = written = 0
             for i, offset in enumerate(range(0, samples, batch_size)):
                 n = min(batch_size, samples - offset)
                 batch = task.eval_batch(start + offset, n, seed_seq + [i], reader.tokenizer).to(reader.device)
                 with attention_path(reader.lm, "sdpa"):
                     out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
                     read = read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask,
-                                               out.lengths)
+                                               out.lengths, batch.chunks)
                 totals["em"] += float(read.exact_match.sum())
                 totals["token_acc"] += float(read.token_accuracy.sum())
                 # methods with no write loss (the bounds) report NaN rather than a made-up number
                 totals["write_loss"] += float(out.losses[:, -1].sum()) if out.losses.shape[1] else float("nan")
                 totals["write_acc"] += float(out.accuracy.sum())
                 done += n
-            results[steps] = {k: v / done for k, v in totals.items()}
+                written += batch.ctx_ids.shape[0]  # contexts: a document's chunks each count once
+            per = {"em": done, "token_acc": done, "write_loss": written, "write_acc": written}
+            results[steps] = {k: v / per[k] for k, v in totals.items()}
     finally:
         reader.train(was_training)
     return results

@@ -4,6 +4,9 @@
     python jobs/evaluate.py --reader runs/kv_tiny/reader --task kv --pairs 2 --steps 1,2,4,8
     python jobs/evaluate.py --reader runs/kv_n16/reader --task kv --pairs 16 --steps 1,2,5 --samples 5000 --json eval.json
 
+    # long documents: each question over a document of 4 chunks, every chunk its own memory, composed at READ
+    python jobs/evaluate.py --reader runs/kv_tiny/reader --task kv --pairs 2 --chunks 4 --steps 2
+
     # bAbI: teacher-forced EM per K on the released test file, and greedy answers from memory scored by EM
     python jobs/evaluate.py --reader runs/babi_qa1_cpu/runs/gradmem/reader --task babi --babi-tasks qa1 --steps 1,2,4 --generate
 
@@ -40,6 +43,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variant", default="c_qa", choices=["c_qa", "cq_a", "qc_a"], help="squad variant")
     parser.add_argument("--split", default="test", choices=["validation", "test"], help="babi, squad: which split")
     parser.add_argument("--data", default=None, help="babi: the tasks_1-20_v1-2 directory; squad: dev-v1.1.json (default: under $GRADMEM_DATA)")
+    parser.add_argument("--chunks", default="1", help="c, or lo,hi: documents of c chunks (kv: c contexts of --pairs "
+                        "pairs; babi, squad c_qa: the context split into c runs of sentences), each written into its "
+                        "own memory and read composed; lo,hi cycles c over the range (task.chunks)")
     parser.add_argument("--steps", default="1,2,4,8", help="comma-separated WRITE step counts")
     parser.add_argument("--lr", type=float, default=None, help="write lr (default: the reader's)")
     parser.add_argument("--samples", type=int, default=1000, help="kv: samples; babi, squad: at most this many")
@@ -60,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     reader = Reader.from_pretrained(args.reader)
     steps = [int(s) for s in args.steps.split(",")]
     lr = args.lr if args.lr is not None else reader.config.write_lr
+    chunks = [int(c) for c in args.chunks.split(",")]
+    chunks = chunks * 2 if len(chunks) == 1 else chunks  # c is [c, c]
     task_cfg = TaskConfig(name=args.task, pairs=args.pairs or 1, path=args.data, babi_set=args.babi_set,
-                          tasks=args.babi_tasks.split(","), variant=args.variant)
+                          tasks=args.babi_tasks.split(","), variant=args.variant, chunks=chunks)
     task = build_task(task_cfg, args.split)
     samples = task.eval_size(args.samples)
     results = evaluate(reader, task, samples, steps, lr, seed=("evaluate", args.seed), batch_size=args.batch_size)
@@ -78,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"generated answers (K = {reader.config.write_steps}): "
               + ", ".join(f"{k.upper()} {v:.4f}" for k, v in generated.items()))
     out = {"reader": args.reader, "fingerprint": reader.fingerprint, "method": reader.config.method, "task": name,
-           "pairs": args.pairs, "samples": samples, "lr": lr, "results": {str(k): v for k, v in results.items()},
-           "generated": generated}
+           "pairs": args.pairs, "chunks": task_cfg.chunks, "samples": samples, "lr": lr,
+           "results": {str(k): v for k, v in results.items()}, "generated": generated}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

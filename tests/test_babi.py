@@ -170,3 +170,23 @@ def test_shortcut_baselines_on_qa1():
     for split in result.values():
         assert split["questions"] == 1000 and split["last_mention"] == 1.0
         assert 0.45 < split["last_sentence"] < 0.6 and split["most_frequent"] < 0.25
+
+
+def test_stories_split_into_chunks_of_statements_in_order(tmp_path):
+    """Multi-chunk bAbI: each story before a question in c runs of statements (c capped by the statements), the
+    same stories as the one-chunk stream; a tiny reader trains, evaluates and answers over composed memories."""
+    plain = babi.babi_task(["qa1"], "validation", "en")
+    chunked = babi.babi_task(["qa1"], "validation", "en", chunks=(1, 4))
+    ordered = chunked.ordered(0, 8)
+    for e, base, k in zip(ordered, plain.ordered(0, 8), range(8)):
+        assert " ".join(e.chunks) == base.context and (e.query, e.target) == (base.query, base.target)
+        assert len(e.chunks) == min(1 + k % 4, len(chunked.units[k]))  # c cycles 1..4 in evaluation
+        assert all(text.endswith(".") for text in e.chunks)  # whole statements only
+    cfg = tiny_config({"name": "babi", "babi_set": "en", "tasks": ["qa1"], "chunks": [1, 3]}, max_steps=2)
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    assert math.isfinite(trainer.evaluate([2])[2]["token_acc"])
+    from gradmem.tasks import evaluate_generated
+
+    scores, answers = evaluate_generated(trainer.reader, trainer.eval_task, 6, max_new_tokens=2)
+    assert len(answers) == 6 and 0.0 <= scores["em"] <= 1.0

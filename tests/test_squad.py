@@ -109,3 +109,15 @@ def test_tiny_reader_trains_a_few_steps_on_each_variant(variant, tmp_path):
     assert len(evals) == 1 and evals[0]["step"] == 3
     again = trainer.evaluate()[1]  # the logged evaluation is the reader's, on the same validation questions
     assert (evals[0]["em"], evals[0]["token_acc"]) == pytest.approx((again["em"], again["token_acc"]))
+
+
+def test_c_qa_paragraphs_split_into_chunks_of_sentences():
+    assert squad.sentences(" It rained. Did it?  Yes! U.S. law.") == ["It rained.", "Did it?", "Yes!", "U.S.", "law."]
+    plain = squad.squad_task("c_qa", "validation")
+    chunked = squad.squad_task("c_qa", "validation", chunks=(2, 2))
+    for e, base in zip(chunked.ordered(0, 20), plain.ordered(0, 20)):
+        assert (e.query, e.target) == (base.query, base.target)
+        assert " ".join(e.chunks).split() == base.context.split()  # every word, in order
+        assert len(e.chunks) == min(2, len(squad.sentences(base.context)))
+    with pytest.raises(ValueError, match="cannot split its contexts"):
+        squad.squad_task("cq_a", "validation", chunks=(1, 2))

@@ -24,6 +24,10 @@ the data directory's README.md): qa3 is available with ``set="en"`` only.
 Files: ``task.path`` (the ``tasks_1-20_v1-2`` directory), else ``$GRADMEM_DATA/babi/tasks_1-20_v1-2``.
 
 Metric: exact match of the answer word, after lower-casing and collapsing whitespace.
+
+Multi-chunk form (``chunks=(lo, hi)``): the story before a question is split into c chunks of consecutive
+statements (the units; ``gradmem.tasks.dataset``), each written into its own memory; the supporting facts may sit
+in any chunk, and the latest one wins, so the READ must find them across memories in order.
 """
 
 from __future__ import annotations
@@ -158,10 +162,12 @@ def metric(prediction: str, golds: Sequence[str]) -> dict[str, float]:
 def babi_task(
     tasks: Sequence[str] = ("qa1",), split: str = "train", babi_set: str = "en-10k",
     root: str | os.PathLike | None = None, validation_fraction: float = 0.1, split_seed: int = 0,
-    answer_eos: bool = True,
+    answer_eos: bool = True, chunks: Sequence[int] = (1, 1),
 ) -> ExampleSet:
-    """A split of bAbI behind the task interface (``examples`` / ``batch``; see ``gradmem.tasks.dataset``)."""
+    """A split of bAbI behind the task interface (``examples`` / ``batch``; see ``gradmem.tasks.dataset``);
+    ``chunks`` the range of chunks of statements per story."""
     questions = load_questions(tasks, split, babi_set, root, validation_fraction, split_seed)
     name = f"babi-{babi_set}-{'+'.join(tasks)}-{split}"
-    return ExampleSet(name, [q.example() for q in questions], [(q.answer,) for q in questions], metric, answer_eos)
+    return ExampleSet(name, [q.example() for q in questions], [(q.answer,) for q in questions], metric, answer_eos,
+                      units=[q.facts for q in questions], chunks=chunks)
 

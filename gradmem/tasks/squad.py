@@ -14,6 +14,10 @@ Variants (formatting as in the paper's reference code; the context and question 
 - ``cq_a``  ("CQ -> A"): WRITE paragraph + " " + question; READ ``"Answer:"`` then the answer.
 - ``qc_a``  ("QC -> A"): WRITE question + " " + paragraph; READ ``"Answer:"`` then the answer.
 
+Multi-chunk form (``chunks=(lo, hi)``, ``c_qa`` only: the other variants put the question into the context): the
+paragraph is split into c chunks of consecutive sentences (``sentences``; ``gradmem.tasks.dataset``), each written
+into its own memory; the question is about the one paragraph, whose answer sits in one of the chunks.
+
 The READ loss and teacher-forced exact match cover the answer tokens only. Training targets use the first gold
 answer (as the reference code does); generated answers are scored against every gold answer with the official
 v1.1 metrics: exact match and token F1 after normalisation (lower case, punctuation and the articles a/an/the
@@ -69,6 +73,12 @@ class SquadQuestion:
         if variant == "qc_a":
             return Example(context=f"{question} {context}", query=ANSWER_PROMPT, target=" " + answer)
         raise ValueError(f"unknown SQuAD variant {variant!r}; choose one of {VARIANTS}")
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split after each ``.``, ``!`` or ``?`` that whitespace follows (a plain rule: abbreviations split
+    too, which only makes more, shorter units)."""
+    return [piece for piece in re.split(r"(?<=[.!?])\s+", text.strip()) if piece]
 
 
 def parse(data: dict) -> list[SquadQuestion]:
@@ -148,10 +158,13 @@ def metric(prediction: str, golds: Sequence[str]) -> dict[str, float]:
 def squad_task(
     variant: str = "c_qa", split: str = "train", path: str | os.PathLike | None = None,
     validation_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0, answer_eos: bool = True,
+    chunks: Sequence[int] = (1, 1),
 ) -> ExampleSet:
-    """A split of SQuAD in one variant behind the task interface (see ``gradmem.tasks.dataset``)."""
+    """A split of SQuAD in one variant behind the task interface (see ``gradmem.tasks.dataset``); ``chunks`` the
+    range of chunks of sentences per paragraph (``c_qa`` only)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown SQuAD variant {variant!r}; choose one of {VARIANTS}")
     questions = load_questions(split, path, validation_fraction, test_fraction, split_seed)
+    units = [sentences(q.context) for q in questions] if variant == "c_qa" else None
     return ExampleSet(f"squad-{variant}-{split}", [q.example(variant) for q in questions],
-                      [q.answers for q in questions], metric, answer_eos)
+                      [q.answers for q in questions], metric, answer_eos, units=units, chunks=chunks)
