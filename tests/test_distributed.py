@@ -306,9 +306,12 @@ def test_a_checkpoint_resumes_across_the_in_process_and_ray_loops(ray_cluster, t
 
 
 def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_cluster, tmp_path):
-    """Best-by-validation, patience and stop_at_em, through the shared loop on 2 workers (plain DP and ZeRO-2)."""
+    """Best-by-validation, patience and stop_at_em, through the shared loop on 2 workers (plain DP and ZeRO-2).
+    The plain-DP run also trains for composition: key-value documents of 1 to 3 chunks (each chunk written by the
+    same WRITE, the READ over all of them), evaluated on documents of 1 to 3 chunks; its exported reader answers
+    over composed memories."""
     # lr 0: the weights never move, so the second evaluation is no improvement and patience 1 stops there
-    cfg = loop_config(optim={"lr": 0.0, "max_steps": 100}, patience=1)
+    cfg = override(loop_config(optim={"lr": 0.0, "max_steps": 100}, patience=1), {"task.chunks": [1, 3]})
     result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path / "runs"), name="patience"),
                     output=tmp_path / "reader")
     assert result.error is None, result.error
@@ -316,29 +319,16 @@ def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_clust
     with result.checkpoint.as_directory() as directory:
         state = json.loads((Path(directory) / "trainer_state.json").read_text())
         assert state["stopped"] == result.metrics["stop_reason"] and state["best"]["step"] == 2
+        assert state["config"]["task"]["chunks"] == [1, 3]
         assert json.loads((Path(directory) / "best" / "best.json").read_text()) == state["best"]
         assert Reader.from_pretrained(tmp_path / "reader").fingerprint == Reader.from_pretrained(Path(directory) / "best").fingerprint
+    reader = Reader.from_pretrained(tmp_path / "reader")
+    doc = KVTask(2, chunks=(3, 3)).examples(1, seed=0)[0]
+    answers = reader.answer(reader.write(list(doc.chunks)), [doc.query], max_new_tokens=4, chunks=[3])
+    assert len(answers) == 1 and isinstance(answers[0], str)
 
     cfg = loop_config(optim={"max_steps": 100}, stop_at_em=0.0)
     result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, deepspeed=ds_config(2), storage=str(tmp_path / "runs"),
                                               name="stop-at-em"))
     assert result.error is None, result.error
     assert result.metrics["step"] == 2 and "reached stop_at_em" in result.metrics["stop_reason"]
-
-
-def test_ray_loop_trains_on_multi_chunk_documents_on_two_workers(ray_cluster, tmp_path):
-    """Composition through the shared loop: key-value documents of 1 to 3 chunks (each chunk written by the same
-    WRITE, the READ over all of them), 2 workers, evaluated on documents of 1 to 3 chunks; the exported reader
-    answers over composed memories."""
-    cfg = override(loop_config(optim={"max_steps": 2}), {"task.chunks": [1, 3]})
-    result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, storage=str(tmp_path / "runs"), name="chunks"),
-                    output=tmp_path / "reader")
-    assert result.error is None, result.error
-    assert result.metrics["step"] == 2
-    with result.checkpoint.as_directory() as directory:
-        state = json.loads((Path(directory) / "trainer_state.json").read_text())
-        assert state["config"]["task"]["chunks"] == [1, 3] and state["best"]["step"] == 2
-    reader = Reader.from_pretrained(tmp_path / "reader")
-    doc = KVTask(2, chunks=(3, 3)).examples(1, seed=0)[0]
-    answers = reader.answer(reader.write(list(doc.chunks)), [doc.query], max_new_tokens=4, chunks=[3])
-    assert len(answers) == 1 and isinstance(answers[0], str)
