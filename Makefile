@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --output runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests  # the slowest 15 named at the end: where the time goes
 
 test-fast: $(STAMP)  # the algorithm and everything in-process: no services, no long training
 	$(PY) -m pytest -q -m "not slow" tests
