@@ -18,6 +18,9 @@ surrogate such as ``"\\ud800"`` included), 500 an unexpected failure (logged her
 The key is checked and the body's size capped (``max_body_bytes``, while it is read) before the body is parsed.
 Ids are looked up in an in-memory index, never used as paths; no message names the store's location.
 See SECURITY.md for what the service trusts and what an operator must do on a shared cluster.
+Metrics (pipelines/metrics.py, through Ray's Prometheus export): requests and latency per route template and
+status (recorded in ``Guard``, so refusals count too), READ batch sizes, cache hits and misses, online writes.
+Replicas: a fixed ``replicas``, or Serve autoscaling with ``max_replicas`` (``ServeConfig.scaling``).
 """
 
 
