@@ -10,7 +10,9 @@ and deploys the service twice: with ``@serve.batch`` (up to 32 questions per for
 off (1). CLIENTS threads then send single-question queries about random documents for SECONDS each; it
 prints requests/s, p50 and p99 latency and the error count per mode, and the ratio. Last, in-process: the
 latency of answering from memory against answering with the full context in the prompt (same model, greedy,
-one question and a batch of 32). Machines are shared and noisy: read the ratios.
+one question and a batch of 32). Machines are shared and noisy: read the ratios. The deployment's size
+(``--replicas``, or autoscaling with ``--max-replicas`` / ``--target-ongoing-requests``) is named in the
+results (``replicas`` and ``scaling``, Serve's own options) and in the plot's title.
 """
 
 from __future__ import annotations
@@ -86,12 +88,25 @@ def model_latency(reader, memories, contexts: list[str], questions: list[str], b
             "full_context_over_memory": with_context / from_memory}
 
 
+def replica_words(scaling: dict) -> str:
+    """``1 replica`` or ``1-4 replicas (autoscaling, target 8)``: how the results name the deployment's size."""
+    if "num_replicas" in scaling:
+        n = scaling["num_replicas"]
+        return f"{n} replica{'s' if n != 1 else ''}"
+    auto = scaling["autoscaling_config"]
+    target = f", target {auto['target_ongoing_requests']:g}" if "target_ongoing_requests" in auto else ""
+    return f"{auto['min_replicas']}-{auto['max_replicas']} replicas (autoscaling, from {auto['initial_replicas']}{target})"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--docs", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=1, help="replicas (with --max-replicas: the starting count)")
+    parser.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    parser.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling target per replica")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
@@ -117,16 +132,19 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray import serve
 
-    from pipelines.serve import build_app
+    from gradmem.config import from_dict
+    from pipelines.serve import ServeConfig, build_app
 
     ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
+    service = {"reader": str(work / "reader"), "memories": str(work / "memories"), "replicas": args.replicas,
+               "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests}
+    scaling = from_dict(ServeConfig, service).scaling()  # what the deployment ran with, named in the results
     results: dict = {"clients": args.clients, "seconds": args.seconds, "docs": args.docs,
-                     "context_tokens": len(ids[0])}
+                     "context_tokens": len(ids[0]), "replicas": args.replicas, "scaling": scaling}
     for name, batch in (("batched", 32), ("unbatched", 1)):
-        serve.run(build_app({"reader": str(work / "reader"), "memories": str(work / "memories"),
-                             "max_batch_size": batch}), name=name, route_prefix=f"/{name}")
+        serve.run(build_app({**service, "max_batch_size": batch}), name=name, route_prefix=f"/{name}")
         url = f"http://127.0.0.1:{port}/{name}/v1/query"
         load(url, doc_ids, queries, clients=2, seconds=2)  # warm the replica's cache and code paths
         results[name] = load(url, doc_ids, queries, args.clients, args.seconds)
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{k:16s} {results[k]}")
     for k, v in results["ratios"].items():
         print(f"ratio {k:36s} {v:.3g}x")
+    print(f"deployment: {replica_words(scaling)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         axes[1].set_xticks(list(x), modes)
         axes[1].set_ylabel("latency (ms)")
         axes[1].legend()
-        fig.suptitle("GradMem query service on Ray Serve (CPU, 1 replica)", fontsize=10)
+        fig.suptitle(f"GradMem query service on Ray Serve (CPU, {replica_words(scaling)})", fontsize=10)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
     return results

@@ -11,6 +11,7 @@ On a cluster (memories on S3; the service keeps running after the job returns wi
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/serve.py \
         --reader s3://my-bucket/readers/kv_n16 --memories s3://my-bucket/memories/kv_n16 \
         --host 0.0.0.0 --replicas 4 --gpus-per-replica 1 --detach
+    # or autoscale on load: --replicas 2 --min-replicas 1 --max-replicas 8 --target-ongoing-requests 32
 
 Binds 127.0.0.1 unless --host says otherwise (put TLS in front of it: SECURITY.md). Serve's gRPC proxy is off;
 each replica's internal gRPC port binds the node's address, not every interface. With GRADMEM_API_KEY set

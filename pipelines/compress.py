@@ -54,6 +54,7 @@ from gradmem.config import declared
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore
 from gradmem.write import check_write
+from pipelines.metrics import WriterMetrics
 from pipelines.storage import local_dir, resolve
 
 logger = logging.getLogger(__name__)
@@ -512,6 +513,7 @@ class MemoryWriter:
         self.store = MemoryStore(where.filesystem, where.path)
         self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
         self.batch_size, self.greedy_check = batch_size, greedy_check
+        self.metrics = WriterMetrics()  # memories written, error rows by reason, write seconds, steps used
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from gradmem import NonFiniteWriteError
@@ -550,6 +552,8 @@ class MemoryWriter:
             self.store.write_part("memories", table)
         if errors:
             self.store.write_part("errors", records.error_table(errors, self.reader.fingerprint))
+        steps_used = memories.steps_used[keep].tolist() if memories is not None and keep else []
+        self.metrics.call(steps_used, [r["reason"] for r in errors], seconds if good else None)  # parts published
         padded = sum(len(b) * max(len(ids[i]) for i in b) for b in length_buckets(ids, self.batch_size))
         return pa.Table.from_pylist([{
             "memories": len(keep) if good else 0, "errors": len(errors), "documents": len(rows),

@@ -18,6 +18,9 @@ surrogate such as ``"\\ud800"`` included), 500 an unexpected failure (logged her
 The key is checked and the body's size capped (``max_body_bytes``, while it is read) before the body is parsed.
 Ids are looked up in an in-memory index, never used as paths; no message names the store's location.
 See SECURITY.md for what the service trusts and what an operator must do on a shared cluster.
+Metrics (pipelines/metrics.py, through Ray's Prometheus export): requests and latency per route template and
+status (recorded in ``Guard``, so refusals count too), READ batch sizes, cache hits and misses, online writes.
+Replicas: a fixed ``replicas``, or Serve autoscaling with ``max_replicas`` (``ServeConfig.scaling``).
 """
 
 
@@ -33,7 +36,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable, Iterator
 
 import pyarrow.parquet as pq
 import torch
@@ -44,12 +47,14 @@ from pydantic import AfterValidator, BaseModel, Field, StrictInt, StringConstrai
 from ray import serve
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradmem import NonFiniteWriteError, Reader, records
 from gradmem.config import declared, from_dict, override
 from gradmem.data import tokenize
 from gradmem.store import MemoryIndex, MemoryStore
+from pipelines.metrics import UNMATCHED_ROUTE, ServeMetrics
 from pipelines.storage import local_dir, resolve
 
 logger = logging.getLogger(__name__)
@@ -68,7 +73,13 @@ class ServeConfig:
     reader: str = Field(description="reader directory (local or s3://)")
     memories: str = Field(description="a memory store root (jobs/compress.py --output), local or s3://")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
-    replicas: int = Field(1, ge=1, description="Serve replicas of the reader deployment")
+    replicas: int = Field(1, ge=1, description="Serve replicas of the reader deployment (with max_replicas: the "
+                          "replicas it starts with)")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling floor (None: replicas); needs max_replicas")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling ceiling: set it to scale on load (None: a "
+                                     "fixed number of replicas)")
+    target_ongoing_requests: float | None = Field(None, gt=0, description="ongoing requests per replica autoscaling "
+                                                  "aims at (None: Ray Serve's default); needs max_replicas")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each replica reserves")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs each replica reserves")
     max_batch_size: int = Field(32, ge=1, description="questions answered in one forward pass (1 turns batching off)")
@@ -100,7 +111,28 @@ class ServeConfig:
             raise ValueError("default_new_tokens must be <= max_new_tokens")
         if self.api_key_sha256 is not None:
             KeyDigest.parse(self.api_key_sha256)
+        if self.max_replicas is None:
+            if self.min_replicas is not None or self.target_ongoing_requests is not None:
+                raise ValueError("min_replicas and target_ongoing_requests are autoscaling settings: set max_replicas")
+        elif not self.floor_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"replicas ({self.replicas}, the starting count) must lie within min_replicas "
+                             f"({self.floor_replicas}) and max_replicas ({self.max_replicas})")
         return self
+
+    @property
+    def floor_replicas(self) -> int:
+        return self.replicas if self.min_replicas is None else self.min_replicas
+
+    def scaling(self) -> dict[str, Any]:
+        """The deployment's replica options: a fixed ``num_replicas``, or Serve's ``autoscaling_config`` starting
+        at ``replicas`` (one place says how the settings map to Serve; the load test records the same dict)."""
+        if self.max_replicas is None:
+            return {"num_replicas": self.replicas}
+        auto: dict[str, Any] = {"min_replicas": self.floor_replicas, "max_replicas": self.max_replicas,
+                                "initial_replicas": self.replicas}
+        if self.target_ongoing_requests is not None:
+            auto["target_ongoing_requests"] = self.target_ongoing_requests
+        return {"autoscaling_config": auto}
 
 
 # ---------------------------------------------------------------------------------------------- the API key
@@ -245,6 +277,7 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 class GuardSettings:
     key: KeyDigest | None
     max_body_bytes: int
+    metrics: ServeMetrics | None = None  # requests and latency per route template and status
 
 
 class _Disconnected(Exception):
@@ -274,6 +307,23 @@ class Guard:
             await self.app(scope, receive, send)
             return
         settings = Guard.settings
+        if settings is None or settings.metrics is None:
+            await self._guarded(scope, receive, send, settings)
+            return
+        status: list[int | None] = [None]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self._guarded(scope, receive, sending, settings)
+        finally:  # every request, refused ones included; "none": the client left before any response
+            settings.metrics.request(route_template(scope), status[0] or "none", time.perf_counter() - start)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, settings: GuardSettings | None) -> None:
         refusal = (500, "the service is not configured yet") if settings is None else _refusal(scope, settings)
         if refusal is not None:
             status, message = refusal
@@ -291,6 +341,27 @@ class Guard:
             await error_response(422, "malformed request: the body is not UTF-8")(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the app's route this request matches (``/v1/memories/{memory_id}``), also for a wrong
+    method (405), else ``unmatched``: a metric label with a bounded set of values, never the raw path."""
+    for route in _leaf_routes(app.routes):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return getattr(route, "path", UNMATCHED_ROUTE)
+    return UNMATCHED_ROUTE
+
+
+def _leaf_routes(routes: list[BaseRoute]) -> Iterator[BaseRoute]:
+    """The app's routes with FastAPI's included routers opened (Serve's ingress puts the class's routes in one;
+    an included router matches without saying which of its routes did)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        else:
+            yield route
 
 
 def _route_path(scope: Scope) -> str:
@@ -396,16 +467,21 @@ def _approx_bytes(tensor: torch.Tensor, meta: dict[str, Any]) -> int:
 class MemoryCache:
     """LRU of memory_id -> (tensor (m, d), metadata), bounded by count and by bytes. A miss loads the memory's
     whole part (its neighbours are likely next: a part holds documents compressed together); each row is copied
-    out of the part's tensor so that evicting a row frees its bytes. Not thread-safe: callers hold a lock."""
+    out of the part's tensor so that evicting a row frees its bytes. Not thread-safe: callers hold a lock.
+    ``on_lookup(hit)`` reports each lookup (the replica's metrics)."""
 
-    def __init__(self, store: MemoryStore, capacity: int, capacity_bytes: int):
+    def __init__(self, store: MemoryStore, capacity: int, capacity_bytes: int,
+                 on_lookup: Callable[[bool], None] | None = None):
         self.store, self.capacity, self.capacity_bytes = store, capacity, capacity_bytes
+        self.on_lookup = on_lookup
         self.items: OrderedDict[str, tuple[torch.Tensor, dict[str, Any]]] = OrderedDict()
         self.sizes: dict[str, int] = {}
         self.bytes = self.hits = self.misses = 0
 
     def get(self, entry: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         mid = entry["memory_id"]
+        if self.on_lookup is not None:
+            self.on_lookup(mid in self.items)
         if mid in self.items:
             self.hits += 1
             self.items.move_to_end(mid)
@@ -474,7 +550,9 @@ class GradMemService:
 
         self.cfg = from_dict(ServeConfig, config)
         bind_internal_grpc_to_node()
-        Guard.configure(GuardSettings(key=replica_key(self.cfg), max_body_bytes=self.cfg.max_body_bytes))
+        self.metrics = ServeMetrics()
+        Guard.configure(GuardSettings(key=replica_key(self.cfg), max_body_bytes=self.cfg.max_body_bytes,
+                                      metrics=self.metrics))
         configure_cpu(threads=max(1, int(self.cfg.cpus_per_replica)))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.reader = Reader.from_pretrained(local_dir(self.cfg.reader, self.cfg.s3_endpoint), device=device)
@@ -484,7 +562,7 @@ class GradMemService:
         self.index = MemoryIndex(self.store)
         self.index.refresh()
         self.last_refresh = time.monotonic()
-        self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes)
+        self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes, self.metrics.cache_lookup)
         self._answer_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.lock = asyncio.Lock()  # the reader is not thread-safe: one forward at a time per replica
@@ -550,6 +628,7 @@ class GradMemService:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _answer_batch(self, items: list[tuple[torch.Tensor, int, list[int], int]]) -> list[str]:
         """One greedy pass for the questions of many requests, each over its own memory (m, d)."""
+        self.metrics.batch_size.observe(len(items))
         async with self.lock:
             return await asyncio.to_thread(self._answer_now, items)
 
@@ -609,6 +688,7 @@ class GradMemService:
             self._maybe_refresh()
             known = self.index.by_doc.get((body.doc_id, 0))
         if known == mid:
+            self.metrics.online_write(created=False)
             return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=self.fingerprint)
         if known is not None:
             raise ApiError(409, f"document {body.doc_id!r} is already stored with other content (memory {known}); "
@@ -619,14 +699,15 @@ class GradMemService:
         except NonFiniteWriteError as e:
             raise ApiError(422, f"the WRITE produced NaN/inf for this text: {e}") from e
         greedy = self.reader.reconstruct(memories, [ids]).tolist()
-        table = records.to_table(memories, [body.doc_id], [ids], write_time_s=time.perf_counter() - start,
-                                 recon_greedy=greedy)
+        seconds = time.perf_counter() - start
+        table = records.to_table(memories, [body.doc_id], [ids], write_time_s=seconds, recon_greedy=greedy)
         part = self.store.write_part("memories", table)
         with self.store_lock:
             self.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
                             "fingerprint": self.fingerprint})
             self.index.parts.add(part)
             self.cache.put(mid, memories.tensor[0].clone(), table.drop_columns(["memory"]).to_pylist()[0])
+        self.metrics.online_write(created=True, seconds=seconds, steps_used=int(memories.steps_used[0]))
         return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=True, reader_fingerprint=self.fingerprint)
 
     @app.get("/v1/memories/{memory_id}", responses=errors(401, 404, 409, 413, 422, 500))
@@ -645,7 +726,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         cfg = override(cfg, {"api_key_sha256": str(KeyDigest.of(key))})
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     deployment = GradMemService.options(
-        num_replicas=cfg.replicas,
+        **cfg.scaling(),
         ray_actor_options=actor_options,
         max_ongoing_requests=max(64, 2 * cfg.max_batch_size),
     )

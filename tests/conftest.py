@@ -103,7 +103,8 @@ def ray_cluster(s3):
     """A real local Ray cluster (`ray start --head` on 127.0.0.1, with the job server) shared by the session.
 
     4 logical CPUs on this 2-core machine, so that readers, writers and trainers are not starved. The S3
-    credentials are in its environment, as a cluster's nodes would have them."""
+    credentials are in its environment, as a cluster's nodes would have them. Ray's Prometheus endpoint (GradMem's
+    metrics among Ray's) is at ``metrics``."""
     import ray
 
     dashboard = _port()
@@ -111,17 +112,18 @@ def ray_cluster(s3):
            "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     os.environ.update(s3.env)
-    gcs = _port()
+    gcs, metrics = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="gm-ray-")  # this cluster's own: teardown stops it and nothing else
     # the job agent on a free port, not Ray's fixed 52365: a second cluster (another checkout's tests) took it
     subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
                     f"--dashboard-agent-listen-port={_port()}", "--node-ip-address=127.0.0.1",
-                    "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
+                    f"--metrics-export-port={metrics}", "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # daemons inherit these: no pipes
     address = f"127.0.0.1:{gcs}"
     ray.init(address=address)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env,
+           "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     ray.shutdown()
     _stop_cluster(temp_dir, address)
 
@@ -174,6 +176,51 @@ def load_job(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def scrape(url: str, name: str, **labels: str) -> float:
+    """The sum of metric sample ``name`` over the series carrying ``labels``, read over HTTP from a Prometheus
+    endpoint (0 while none exists: Ray exports a counter only once it moved)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url, timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(_same(sample.labels.get(k), v) for k, v in labels.items()))
+
+
+def _same(label: str | None, wanted: str) -> bool:
+    """Label values compare as text, numbers (a bucket's ``le``: "2" or "2.0") as numbers."""
+    if label == wanted:
+        return True
+    try:
+        return label is not None and float(label) == float(wanted)
+    except ValueError:
+        return False
+
+
+def unmoved(before: dict[str, float], after: dict[str, float], wanted: dict[str, float]) -> dict:
+    """The counts that did not move by at least what ``wanted`` says: {name: (before, after, wanted)}."""
+    return {k: (before[k], after[k], n) for k, n in wanted.items() if after[k] - before[k] < n}
+
+
+def exported_names(url: str, prefix: str = "ray_gradmem_") -> list[str]:
+    """The series of ours a Prometheus endpoint shows (for failure messages)."""
+    import requests
+
+    return sorted({line for line in requests.get(url, timeout=10).text.splitlines() if line.startswith(prefix)})
+
+
+def wait_for(condition, timeout: float = 90, every: float = 2.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass (Ray exports metrics every few seconds)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
 
 
 def markdown_rows(text: str, header: str) -> dict[str, dict[str, str]]:

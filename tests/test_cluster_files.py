@@ -66,7 +66,11 @@ def test_rayservice_manifest_matches_serves_schema_and_builds_our_config():
     import importlib
 
     assert callable(getattr(importlib.import_module(module), attr))
-    from_dict(ServeConfig, app.args)  # the args are exactly our config's fields, valid
+    cfg = from_dict(ServeConfig, app.args)  # the args are exactly our config's fields, valid
+    from ray.serve.config import AutoscalingConfig
+
+    auto = AutoscalingConfig(**cfg.scaling()["autoscaling_config"])  # the service autoscales, as Serve reads it
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert gpus >= app.args["gpus_per_replica"]
+    assert auto.max_replicas <= workers["maxReplicas"] * gpus / app.args["gpus_per_replica"]

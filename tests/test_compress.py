@@ -21,7 +21,8 @@ import torch
 from gradmem import Reader, records
 from gradmem.store import MemoryStore
 from gradmem.tasks.kv import KVTask, exact_match
-from conftest import make_reader
+from conftest import make_reader, exported_names, scrape, unmoved, wait_for
+from pipelines import metrics
 from pipelines.compress import _PARSED, CompressConfig, InputFile, compress, parse, prepare, resolve_duplicates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +245,32 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     (row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive")).read("memories").to_pylist()
     assert 1 <= row["steps_used"] <= 4 and row["write_steps"] == 4 and row["write_target"] == 1.0
     assert compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))["this_run"]["memories"] == 0
+
+
+def test_the_writers_metrics_move_on_ray_prometheus_endpoint(ray_cluster, kv_reader_dir, tmp_path):
+    """Memories written, error rows by reason, write seconds and steps used, scraped over HTTP after a small run."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    exs = KVTask(1).examples(3, seed=[31, 3])
+    lines = [json.dumps({"id": f"m{i}", "text": e.context}) for i, e in enumerate(exs)]
+    lines += [json.dumps({"id": "blank", "text": "   "}), json.dumps({"id": "number", "text": 7})]
+    (corpus / "docs.jsonl").write_text("\n".join(lines))
+    url = ray_cluster["metrics"]
+
+    def counts() -> dict[str, float]:
+        return {"written": scrape(url, metrics.WRITTEN.exported),
+                "empty": scrape(url, metrics.ERROR_ROWS.exported, reason="empty"),
+                "not_text": scrape(url, metrics.ERROR_ROWS.exported, reason="not_text"),
+                "2 steps": scrape(url, metrics.STEPS_USED.exported + "_bucket", le="2.0"),
+                "write seconds": scrape(url, metrics.WRITE_SECONDS.exported)}
+
+    before = counts()
+    manifest = compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(tmp_path / "out"),
+                                       steps=2, greedy_check=False))
+    assert manifest["complete"] and manifest["memories"] == 3 and manifest["errors"] == 2
+    wanted = {"written": 3, "empty": 1, "not_text": 1, "2 steps": 3, "write seconds": 1e-6}
+    assert wait_for(lambda: not unmoved(before, counts(), wanted), timeout=90), (
+        unmoved(before, counts(), wanted), exported_names(url))
 
 
 def test_chunked_documents_become_ordered_memories(ray_cluster, kv_reader_dir, tmp_path):

@@ -115,3 +115,24 @@ def test_train_job_overrides_the_yaml_and_builds_the_distributed_config(tmp_path
     for bad in (["--set", "optim.lrr=1"], ["--deepspeed", str(zero3)], ["--set", "optim.lr"]):
         with pytest.raises(SystemExit):
             train_job.parse(["--config", "jobs/configs/kv_tiny.yaml", *bad])
+
+
+def test_serve_replicas_are_fixed_unless_max_replicas_asks_for_autoscaling():
+    from ray.serve.config import AutoscalingConfig
+
+    base = {"reader": "r", "memories": "m"}
+    assert from_dict(ServeConfig, {**base, "replicas": 3}).scaling() == {"num_replicas": 3}  # today's behaviour
+    auto = from_dict(ServeConfig, {**base, "replicas": 2, "max_replicas": 6, "target_ongoing_requests": 8}).scaling()
+    assert auto == {"autoscaling_config": {"min_replicas": 2, "max_replicas": 6, "initial_replicas": 2,
+                                           "target_ongoing_requests": 8.0}}
+    AutoscalingConfig(**auto["autoscaling_config"])  # as Ray Serve reads it
+    scale_to_zero = from_dict(ServeConfig, {**base, "min_replicas": 0, "max_replicas": 2}).scaling()
+    assert scale_to_zero["autoscaling_config"]["min_replicas"] == 0
+    with pytest.raises(ConfigError, match="autoscaling settings: set max_replicas"):
+        from_dict(ServeConfig, {**base, "min_replicas": 2})
+    with pytest.raises(ConfigError, match="autoscaling settings: set max_replicas"):
+        from_dict(ServeConfig, {**base, "target_ongoing_requests": 4})
+    with pytest.raises(ConfigError, match=r"replicas \(5, the starting count\) must lie within"):
+        from_dict(ServeConfig, {**base, "replicas": 5, "max_replicas": 4})
+    with pytest.raises(ConfigError, match="must lie within min_replicas"):
+        from_dict(ServeConfig, {**base, "min_replicas": 3, "max_replicas": 2, "replicas": 2})

@@ -13,10 +13,11 @@ import pytest
 import requests
 import torch
 
-from conftest import _port, make_reader
+from conftest import _port, make_reader, exported_names, scrape, unmoved, wait_for
 from gradmem import Reader, records
 from gradmem.store import MemoryStore
 from gradmem.tasks.kv import KVTask, exact_match
+from pipelines import metrics
 from pipelines.compress import CompressConfig, compress
 from pipelines.serve import build_app
 
@@ -468,3 +469,41 @@ def test_twins_answer_with_their_own_doc_id_and_a_garbage_part_breaks_nothing(se
     assert _query(base, {"doc_id": "never-written", "questions": ["?!ab:"]}).status_code == 404
     stored = store.read("memories", ["doc_id"]).column("doc_id").to_pylist()
     assert {"doc-5", "twin-of-doc-5"} <= set(stored)
+
+
+def test_the_metrics_endpoint_shows_the_counters_moving_after_requests(service, ray_cluster):
+    """Ray's Prometheus endpoint, scraped over HTTP: requests per route template and status, latency, READ batch
+    sizes, cache lookups and online writes all move after requests to the open application."""
+    base, url = service["base"], ray_cluster["metrics"]
+    requests_total, latency_count = metrics.REQUESTS.exported, metrics.LATENCY.exported + "_count"
+
+    def counts() -> dict[str, float]:
+        app = {"application": "open"}
+        return {
+            "query 200": scrape(url, requests_total, route="/v1/query", status="200", **app),
+            "query 404": scrape(url, requests_total, route="/v1/query", status="404", **app),
+            "metadata 404": scrape(url, requests_total, route="/v1/memories/{memory_id}", status="404", **app),
+            "unmatched 404": scrape(url, requests_total, route="unmatched", status="404", **app),
+            "query 200 latency": scrape(url, latency_count, route="/v1/query", status="200", **app),
+            "batches": scrape(url, metrics.BATCH_SIZE.exported + "_count", **app),
+            "cache lookups": scrape(url, metrics.CACHE.exported, **app),
+            "written": scrape(url, metrics.ONLINE_WRITES.exported, result="created", **app),
+            "steps": scrape(url, metrics.ONLINE_STEPS.exported + "_count", **app),
+        }
+
+    before = counts()
+    for i in range(3):
+        assert _query(base, {"doc_id": f"doc-{i}", "questions": ["?!ab:", "?!cd:"]}).status_code == 200
+    for _ in range(2):
+        assert _query(base, {"doc_id": "no-such-doc", "questions": ["?!ab:"]}).status_code == 404
+    assert requests.get(f"{base}/v1/memories/{'b' * 32}", timeout=30).status_code == 404
+    assert requests.get(f"{base}/no/such/route/{time.time_ns()}", timeout=30).status_code == 404
+    text = KVTask(1).examples(1, seed=[77, 7])[0].context
+    assert requests.post(f"{base}/v1/memories", json={"doc_id": f"metrics-{time.time_ns()}", "text": text},
+                         timeout=60).status_code == 200
+    wanted = {"query 200": 3, "query 404": 2, "metadata 404": 1, "unmatched 404": 1, "query 200 latency": 3,
+              "batches": 1, "cache lookups": 3, "written": 1, "steps": 1}
+    assert wait_for(lambda: not unmoved(before, counts(), wanted), timeout=90), (
+        unmoved(before, counts(), wanted), exported_names(url))
+    page = requests.get(url, timeout=10).text
+    assert "/no/such/route" not in page and "b" * 32 not in page  # labels are route templates, never raw paths
