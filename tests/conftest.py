@@ -110,7 +110,8 @@ def ray_cluster(s3):
     dashboard = _port()
     env = {**os.environ, **s3.env, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
            "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+           "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the endpoint in ~1 s, not Ray's 10 s
     os.environ.update(s3.env)
     gcs, metrics = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="gm-ray-")  # this cluster's own: teardown stops it and nothing else
