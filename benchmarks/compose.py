@@ -24,8 +24,8 @@ exactly c chunks for each c in ``eval_chunks``:
   story's statements but not which of them support the answer (the supporting ids count question lines too), so
   the oracle column is left empty for it;
 - what composition costs at READ: prefix rows and bytes per query, and the seconds per query of the composed
-  teacher-forced READ and of greedy answers (``Reader.answer(..., chunks=)``), every c timed in the same process
-  one after the other (medians), reported as ratios to c = 1.
+  teacher-forced READ and of greedy answers (``Reader.answer(..., chunks=)``), every c timed round-robin in the same
+  process (medians), reported as ratios to c = 1.
 
 Output directory::
 
@@ -46,6 +46,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -58,7 +59,7 @@ from pydantic import Field, field_validator, model_validator
 
 from benchmarks import common
 from benchmarks.capacity import NAME_PATTERN, TRAINED_METHODS, BenchmarkConfig, MethodSpec, method_sections, same_cell_config
-from benchmarks.common import device_name, git_commit, jsonable, pct, save_figure, timed, write_atomic, write_json_atomic
+from benchmarks.common import device_name, git_commit, jsonable, pct, save_figure, write_atomic, write_json_atomic
 from benchmarks.compare import learning_curve
 from gradmem import methods
 from gradmem.attention import attention_path
@@ -104,7 +105,7 @@ class ComposeConfig(BenchmarkConfig):
     test_split: Literal["validation", "test"] = Field("test", description="bAbI: the split measured")
     eval_batch_size: int | None = Field(None, ge=1, description="None: the base run.eval_batch_size")
     latency_batch: int = Field(16, ge=1, description="queries per timed READ")
-    latency_repeats: int = Field(5, ge=1, description="timed calls per c (median), after one warm-up")
+    latency_repeats: int = Field(5, ge=1, description="timed rounds over every c (median), after a warm-up round")
     max_new_tokens: int = Field(8, ge=1, description="greedy answers (timed)")
 
     @field_validator("regimes")
@@ -263,42 +264,61 @@ def measure_chunks(reader: Reader, task: Any, examples: list[Example], steps: in
 
 
 @torch.no_grad()
-def read_latency(reader: Reader, task: Any, examples: list[Example], steps: int, lr: float, repeats: int,
-                 max_new_tokens: int) -> dict[str, float]:
-    """Seconds per query of the composed READ on one batch of documents (written once beforehand): teacher-forced
-    (``read_s``) and greedy answers through ``Reader.answer(..., chunks=)`` (``answer_s``); medians of ``repeats``."""
-    batch = collate_documents(task, examples, reader.tokenizer).to(reader.device)
-    with attention_path(reader.lm, "sdpa"):
-        out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
+def read_latencies(reader: Reader, documents: dict[int, tuple[Any, list[Example]]], steps: int, lr: float,
+                   repeats: int, max_new_tokens: int) -> dict[int, dict[str, float]]:
+    """Seconds per query of the composed READ for every c, on one batch of documents of c chunks each (written
+    once beforehand): teacher-forced (``read_s_per_query``) and greedy answers through ``Reader.answer(...,
+    chunks=)`` (``answer_s_per_query``). The c are timed round-robin, one call each per round after a warm-up
+    round, and the median of ``repeats`` rounds kept: a machine whose speed drifts slows every c alike, so the
+    ratios to c = 1 hold."""
+    calls: dict[tuple[int, str], Any] = {}
+    for c, (task, examples) in documents.items():
+        batch = collate_documents(task, examples, reader.tokenizer).to(reader.device)
+        with attention_path(reader.lm, "sdpa"):
+            out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode="inference")
+        memories = reader.write([t for e in examples for t in e.chunks], steps=steps, lr=lr,
+                                batch_size=len(batch.ctx_ids))
 
-        def forced() -> None:
-            read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask, out.lengths,
-                                batch.chunks)
+        def forced(batch: Batch = batch, out: Any = out) -> None:
+            with attention_path(reader.lm, "sdpa"):
+                read_teacher_forced(reader, out.memory, batch.read_ids, batch.target_mask, batch.score_mask,
+                                    out.lengths, batch.chunks)
 
-        read_s = timed(forced, repeats)
-    memories = reader.write([t for e in examples for t in e.chunks], steps=steps, lr=lr, batch_size=len(batch.ctx_ids))
-    questions, counts = [e.query for e in examples], [len(e.chunks) for e in examples]
-    answer_s = timed(lambda: reader.answer(memories, questions, max_new_tokens=max_new_tokens,
-                                           batch_size=len(examples), chunks=counts), repeats)
-    return {"read_s_per_query": read_s / len(examples), "answer_s_per_query": answer_s / len(examples)}
+        def answer(memories: Any = memories, examples: list[Example] = examples) -> None:
+            reader.answer(memories, [e.query for e in examples], max_new_tokens=max_new_tokens,
+                          batch_size=len(examples), chunks=[len(e.chunks) for e in examples])
+
+        calls[(c, "read_s_per_query")], calls[(c, "answer_s_per_query")] = forced, answer
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in calls}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for key, call in calls.items():
+            started = time.perf_counter()
+            call()
+            if round_:
+                times[key].append(time.perf_counter() - started)
+    return {c: {kind: statistics.median(times[(c, kind)]) / len(documents[c][1])
+                for kind in ("read_s_per_query", "answer_s_per_query")} for c in documents}
 
 
 def measure(cfg: ComposeConfig, reader: Reader, train_cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """Every c of ``eval_chunks``: EM, oracle EM, prefix size, then the latencies (all c in this one process)."""
+    """Every c of ``eval_chunks``: EM, oracle EM and prefix size, then the READ latencies of all c side by side."""
     mem = train_cfg.memory
     batch_size = cfg.eval_batch_size or train_cfg.run.eval_batch_size
     was_training = reader.training
     reader.eval()
     try:
         by_c: dict[str, dict[str, Any]] = {}
+        timing: dict[int, tuple[Any, list[Example]]] = {}
         for c in cfg.eval_chunks:
             examples, task = eval_documents(cfg, train_cfg.task, c)
             by_c[str(c)] = measure_chunks(reader, task, examples, mem.write_steps, mem.write_lr, batch_size)
-            by_c[str(c)].update(read_latency(reader, task, examples[: cfg.latency_batch], mem.write_steps,
-                                             mem.write_lr, cfg.latency_repeats, cfg.max_new_tokens))
-            logger.info("  c = %d: EM %.3f, oracle %s, %.0f prefix rows, READ %.2f ms / query", c, by_c[str(c)]["em"],
+            timing[c] = (task, examples[: cfg.latency_batch])
+            logger.info("  c = %d: EM %.3f, oracle %s, %.0f prefix rows", c, by_c[str(c)]["em"],
                         "-" if by_c[str(c)]["oracle_em"] is None else f"{by_c[str(c)]['oracle_em']:.3f}",
-                        by_c[str(c)]["prefix_rows"], 1e3 * by_c[str(c)]["read_s_per_query"])
+                        by_c[str(c)]["prefix_rows"])
+        for c, latency in read_latencies(reader, timing, mem.write_steps, mem.write_lr, cfg.latency_repeats,
+                                         cfg.max_new_tokens).items():
+            by_c[str(c)].update(latency)
     finally:
         reader.train(was_training)
     return by_c
@@ -440,6 +460,9 @@ def render_markdown(cfg: ComposeConfig, summary: dict[str, Any]) -> str:
     ]
     lines += [f"| {row_label(c)} | " + " | ".join(pct(c["by_c"].get(str(k), {}).get("em")) for k in cs) + " |"
               for c in cells]
+    if cells and first.task.name != "kv":  # a story has at most one chunk per statement: say how many there were
+        lines.append("| (mean chunks per document) | " + " | ".join(
+            f"{cells[0]['by_c'][str(k)]['mean_chunks']:.2f}" if str(k) in cells[0]["by_c"] else "-" for k in cs) + " |")
     lines += ["", "## Oracle chunk: EM (%) of the READ given only the memory of the chunk holding the answer", "",
               head, rule]
     lines += [f"| {row_label(c)} | " + " | ".join(pct(c["by_c"].get(str(k), {}).get("oracle_em")) for k in cs) + " |"
