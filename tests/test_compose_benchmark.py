@@ -2,8 +2,9 @@
 
 What is checked: the entrypoint trains and measures every (method, regime) cell and writes results.json,
 results.md and compose.png; the report's tables show results.json's figures; a rerun skips the finished cells and
-retrains only a missing one; the oracle chunk is the one holding the queried key; a config whose longest document
-does not fit the backbone's positions is refused before any training.
+retrains only a missing one; bAbI stories run in chunks of statements with no oracle (with GRADMEM_DATA); the oracle
+chunk is the one holding the queried key; a config whose longest document does not fit the backbone's positions is
+refused before any training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from benchmarks import compose
 from benchmarks.compose import ComposeConfig, oracle_chunk
 from gradmem.data import Example
 from gradmem.tasks.kv import KVTask
-from conftest import markdown_rows
+from conftest import markdown_rows, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "configs" / "compose_smoke.yaml"
@@ -99,3 +100,19 @@ def test_a_document_past_the_positions_is_refused_before_training():
     data["eval_chunks"] = list(range(1, 9))  # full_context: 8 x 8 tokens + 8 > 64 positions
     with pytest.raises(ValueError, match="max_positions"):
         ComposeConfig.from_dict(data)
+
+
+@needs_data
+def test_babi_stories_in_chunks_without_an_oracle(tmp_path):
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(model={**data["model"], "max_positions": 512}, task={"name": "babi", "tasks": ["qa1"]},
+                memory={**data["memory"], "max_context_tokens": 400}, methods=[{"name": "gradmem", "method": "gradmem"}],
+                regimes=[{"name": "c1to2", "chunks": [1, 2]}])
+    config = tmp_path / "babi.yaml"
+    config.write_text(yaml.safe_dump(data))
+    summary = compose.main(["--config", str(config), "--threads", "1", "--device", "cpu", "--output", str(tmp_path / "out")])
+    (cell,) = summary["cells"]
+    for c, by in cell["by_c"].items():
+        assert by["oracle_em"] is None and by["oracle_documents"] == 0 and 1 <= by["mean_chunks"] <= int(c)
+    rows = markdown_rows((tmp_path / "out" / "results.md").read_text(), "| method / regime")
+    assert rows["(mean chunks per document)"]["c = 3"] == f"{cell['by_c']['3']['mean_chunks']:.2f}"
