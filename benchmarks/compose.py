@@ -431,6 +431,29 @@ def ratio(cell: dict[str, Any], c: int, key: str) -> str:
     return f"{here / base:.2f}" if base and here is not None else "-"
 
 
+def gain_section(cfg: ComposeConfig, cells: list[dict[str, Any]]) -> list[str]:
+    """What training with composition buys: each later regime's EM minus the first regime's (points), per method
+    and c; the first regime is the config's first (memories trained one at a time, e.g. [1, 1])."""
+    if len(cfg.regimes) < 2:
+        return []
+    base, cs = cfg.regimes[0].name, cfg.eval_chunks
+    by_name = {(c["name"], c["regime"]): c for c in cells}
+    lines = ["", f"## What training with composition buys: EM points over regime {base} "
+             f"{cfg.regimes[0].chunks} at the same c", "",
+             "| method: regime vs " + base + " | " + " | ".join(f"c = {c}" for c in cs) + " |", "|---|" + "---|" * len(cs)]
+    for spec in cfg.methods:
+        for regime in cfg.regimes[1:]:
+            one, other = by_name.get((spec.name, base)), by_name.get((spec.name, regime.name))
+            if one is None or other is None:
+                continue
+            diffs = []
+            for k in cs:
+                a, b = one["by_c"].get(str(k), {}).get("em"), other["by_c"].get(str(k), {}).get("em")
+                diffs.append("-" if a is None or b is None else f"{100 * (b - a):+.1f}")
+            lines.append(f"| {spec.name}: {regime.name} vs {base} | " + " | ".join(diffs) + " |")
+    return lines
+
+
 def render_markdown(cfg: ComposeConfig, summary: dict[str, Any]) -> str:
     cells, cs = summary["cells"], cfg.eval_chunks
     first = cfg.cell_config(*cfg.cells()[0])
@@ -462,6 +485,7 @@ def render_markdown(cfg: ComposeConfig, summary: dict[str, Any]) -> str:
     if cells and first.task.name != "kv":  # a story has at most one chunk per statement: say how many there were
         lines.append("| (mean chunks per document) | " + " | ".join(
             f"{cells[0]['by_c'][str(k)]['mean_chunks']:.2f}" if str(k) in cells[0]["by_c"] else "-" for k in cs) + " |")
+    lines += gain_section(cfg, cells)
     lines += ["", "## Oracle chunk: EM (%) of the READ given only the memory of the chunk holding the answer", "",
               head, rule]
     lines += [f"| {row_label(c)} | " + " | ".join(pct(c["by_c"].get(str(k), {}).get("oracle_em")) for k in cs) + " |"

@@ -69,6 +69,12 @@ def test_smoke_run_writes_every_cell_and_the_reports(smoke_run):
         for c in ("1", "2", "3"):
             assert em[label][f"c = {c}"] == f"{100 * cell['by_c'][c]['em']:.1f}"
             assert oracle[label][f"c = {c}"] == f"{100 * cell['by_c'][c]['oracle_em']:.1f}"
+    gains = markdown_rows(text[text.index("## What training with composition buys"):], "| method: regime vs c1")
+    cells = {(c["name"], c["regime"]): c for c in results["cells"]}
+    for method in ("gradmem", "rmt", "full_context"):
+        for c in ("1", "2", "3"):
+            diff = cells[(method, "c1to2")]["by_c"][c]["em"] - cells[(method, "c1")]["by_c"][c]["em"]
+            assert gains[f"{method}: c1to2 vs c1"][f"c = {c}"] == f"{100 * diff:+.1f}"
 
 
 def test_rerun_skips_finished_cells_and_retrains_a_missing_one(smoke_run, tmp_path, caplog):
