@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -53,6 +54,28 @@ def start_benchmark(args: argparse.Namespace) -> str:
     if args.max_steps is not None and args.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {args.max_steps}")
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def grid_main(name: str, doc: str, config_help: str, load: Callable[[str, list[str] | None], Any],
+              run: Callable[..., dict[str, Any]], argv: list[str] | None) -> dict[str, Any]:
+    """The command line of a training grid with ``--only`` (compare, compose): parse, load the config with
+    ``load(path, only)`` (a bad one exits 2 with the reason), run ``run(cfg, output, only=, max_steps=, command=,
+    repo_root=, device=)`` into ``--output`` (default runs/<config name>), print results.md, return the summary."""
+    parser = benchmark_parser(doc, config_help)
+    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
+    args = parser.parse_args(argv)
+    only = [method for method in args.only.split(",") if method] if args.only else None
+    try:
+        device = start_benchmark(args)
+        cfg = load(args.config, only)
+    except (OSError, ValueError) as exc:
+        print(f"{name}: bad config {args.config}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    output = args.output or str(ROOT / "runs" / Path(args.config).name.removesuffix(".yaml"))
+    command = ["python", "-m", f"benchmarks.{name}", *(sys.argv[1:] if argv is None else argv)]
+    summary = run(cfg, output, only=only, max_steps=args.max_steps, command=command, repo_root=ROOT, device=device)
+    print((Path(output) / "results.md").read_text())
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------- speed

@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -382,24 +381,15 @@ def plot(cfg: CompareConfig, summary: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- command line
+def load_config(path: str, only: list[str] | None) -> CompareConfig:
+    """The config at ``path``, with ``only`` checked against its methods (ValueError)."""
+    cfg = CompareConfig.from_yaml(path)
+    cfg.select(only)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = common.benchmark_parser(__doc__, "benchmarks/configs/{babi,squad}_*.yaml")
-    parser.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
-    args = parser.parse_args(argv)
-    only = [name for name in args.only.split(",") if name] if args.only else None
-    try:
-        device = common.start_benchmark(args)
-        cfg = CompareConfig.from_yaml(args.config)
-        cfg.select(only)
-    except (OSError, ValueError) as exc:
-        print(f"compare: bad config {args.config}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    output = args.output or str(common.ROOT / "runs" / Path(args.config).name.removesuffix(".yaml"))
-    command = ["python", "-m", "benchmarks.compare", *(sys.argv[1:] if argv is None else argv)]
-    summary = run_compare(cfg, output, only=only, max_steps=args.max_steps, command=command, repo_root=common.ROOT,
-                          device=device)
-    print((Path(output) / "results.md").read_text())
-    return summary
+    return common.grid_main("compare", __doc__, "benchmarks/configs/{babi,squad}_*.yaml", load_config, run_compare, argv)
 
 
 if __name__ == "__main__":
