@@ -24,6 +24,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if "ray_cluster" in getattr(item, "fixturenames", ()):  # `make test` (-n 2 --dist loadgroup): every test on
+            item.add_marker(pytest.mark.xdist_group("ray"))      # the one Ray cluster runs in one worker, in order
 
 # Tiny models gain nothing from a second OpenMP thread, and two spinning threads on a shared 2-core machine
 # (Ray workers, a second process) slow every small op down by an order of magnitude.
