@@ -12,6 +12,7 @@ import yaml
 
 from benchmarks.capacity import CapacityConfig, cell_name, run_capacity
 from benchmarks.compare import CompareConfig
+from benchmarks.compose import ComposeConfig
 from benchmarks.sweep import SweepConfig, fmt, pick
 from gradmem import Reader, methods
 from gradmem.train import TrainConfig, Trainer, build_reader
@@ -270,6 +271,19 @@ CLAIMS: dict[str, dict[str, object]] = {
                            "methods.rmt.memory.write_steps": 1},
     "squad_cqa_cpu.yaml": {"optim.aux_write_loss": 0.0, "methods.gradmem.memory.write_lr": 16.0,
                            "methods.rmt.memory.write_steps": 1},
+    # composition (issue 15): ``methods.<method>@<regime>`` for one cell
+    "compose_kv_cpu.yaml": {"task.name": "kv", "task.pairs": 1, "model.num_layers": 2, "model.hidden_size": 64,
+                            "model.max_positions": 128, "memory.num_memory": 4, "memory.write_steps": 2,
+                            "memory.write_lr": 0.5, "optim.lr": 2e-3, "optim.batch_size": 32, "optim.max_steps": 5000,
+                            "run.patience": 8, "methods.gradmem@c1.task.chunks": [1, 1],
+                            "methods.gradmem@c1to4.task.chunks": [1, 4], "methods.rmt@c1to4.task.chunks": [1, 4]},
+    "compose_babi_qa1_cpu.yaml": {"task.name": "babi", "model.num_layers": 2, "model.hidden_size": 64,
+                                  "model.max_positions": 512, "memory.num_memory": 8, "memory.mem_proj": True,
+                                  "optim.aux_write_loss": 0.0, "optim.lr": 3e-4, "memory.write_lr": 0.5,
+                                  "optim.max_steps": 3000,
+                                  "run.patience": 6, "methods.rmt@c1.memory.write_steps": 1,
+                                  "methods.gradmem@c1to4.memory.write_steps": 2,
+                                  "methods.gradmem@c1to4.task.chunks": [1, 4]},
 }
 
 
@@ -280,6 +294,9 @@ def resolved_methods(path: Path) -> dict[str, TrainConfig]:
     if "pairs" in data:
         cfg = CapacityConfig.from_dict(data)
         return {s.name: cfg.cell_config(s, cfg.pairs[-1]) for s in cfg.methods}
+    if "regimes" in data:
+        cfg = ComposeConfig.from_dict(data)
+        return {f"{s.name}@{r.name}": cfg.cell_config(s, r) for s, r in cfg.cells()}
     cfg = CompareConfig.from_dict(data)
     return {s.name: cfg.cell_config(s) for s in cfg.methods}
 
@@ -316,7 +333,7 @@ def test_each_shipped_config_resolves_to_what_its_header_claims(name):
 
 
 def test_every_shipped_training_config_has_its_claims_checked():
-    trained = set(CONFIGS) - {"capacity_smoke.yaml", "compare_smoke.yaml"}
+    trained = set(CONFIGS) - {"capacity_smoke.yaml", "compare_smoke.yaml", "compose_smoke.yaml"}
     unchecked = sorted(trained - set(CLAIMS) - {"kv_demo.yaml", "kv_tiny.yaml", "babi_qa1_smollm2_cpu.yaml"})
     assert not unchecked, f"configs whose header claims nobody checks: {unchecked}"
     for name in ("kv_demo.yaml", "kv_tiny.yaml", "babi_qa1_smollm2_cpu.yaml"):  # the small ones name no recipe
