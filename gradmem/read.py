@@ -79,7 +79,7 @@ def compose(
     - what it costs: the query moves to position sum(n_j), further than a reader trained at c = 1 has seen, which
       is why the READ is trained with c drawn from a range (``task.chunks``); composing memories trained one at a
       time is the untrained baseline to measure against (issue 15, item 3).
-    Measured once (a probe, 512 key-value documents of c chunks of 1 pair, teacher-forced EM; kv_tiny's reader):
+    Measured once (a throwaway probe, its script not kept in the repository: 512 key-value documents of c chunks of 1 pair, teacher-forced EM; kv_tiny's reader):
     trained at c = 1 only (300 steps), composing c = 2 / 3 / 4 memories gave 43 / 25 / 7% with consecutive
     positions against 27 / 11 / 5% with every memory at positions 0..m-1; trained with c in [1, 3] (1500 steps) the
     two agreed within noise (50 / 30 / 21% and 50 / 31 / 19%), both still on the 1-in-c plateau a key-matching
