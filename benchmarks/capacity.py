@@ -224,10 +224,14 @@ class BenchmarkConfig:
         return {**self.base, **{k: v for k, v in data.items() if k not in BASE_SECTIONS}}
 
     def with_max_steps(self, max_steps: int | None):
-        """A validated copy in which every method trains ``max_steps`` steps (smoke runs); ``self`` when None."""
+        """A validated copy in which every method trains ``max_steps`` steps, and every sweep candidate at most as
+        many (smoke runs); ``self`` when None."""
         if max_steps is None:
             return self
-        return override(self, {"methods": [{**asdict(spec), "max_steps": max_steps} for spec in self.methods]})
+        changes: dict[str, Any] = {"methods": [{**asdict(spec), "max_steps": max_steps} for spec in self.methods]}
+        if self.sweep is not None:
+            changes["sweep"] = {**asdict(self.sweep), "max_steps": min(self.sweep.max_steps, max_steps)}
+        return override(self, changes)
 
     def with_tuning(self, tuning: dict[str, dict[str, float]]):
         """A validated copy whose cells train with the sweep's picks (method name -> candidate)."""

@@ -50,7 +50,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 import yaml
@@ -60,6 +60,8 @@ from benchmarks import common
 from benchmarks.capacity import NAME_PATTERN, TRAINED_METHODS, BenchmarkConfig, MethodSpec, method_sections, same_cell_config
 from benchmarks.common import device_name, git_commit, jsonable, pct, save_figure, write_atomic, write_json_atomic
 from benchmarks.compare import learning_curve
+from benchmarks.sweep import sweep_record, sweep_section, tune
+from benchmarks.sweep import apply as sweep_apply
 from gradmem import methods
 from gradmem.attention import attention_path
 from gradmem.config import declared
@@ -129,8 +131,6 @@ class ComposeConfig(BenchmarkConfig):
     def _cells(self) -> "ComposeConfig":
         """Fail before any training: every cell's TrainConfig builds, and a key-value READ of the longest document
         fits the backbone's positions (bAbI's lengths are only known from its data: the READ refuses them then)."""
-        if self.sweep is not None:
-            raise ValueError("sweep: not supported by the composition benchmark (tune with benchmarks.compare first)")
         for spec in self.methods:
             for regime in self.regimes:
                 try:
@@ -143,19 +143,40 @@ class ComposeConfig(BenchmarkConfig):
                     check_kv_positions(cfg, max(max(self.eval_chunks), regime.chunks[1]))
         return self
 
-    def cell_config(self, spec: MethodSpec, regime: RegimeSpec) -> TrainConfig:
-        """The TrainConfig of one cell: base, then the method's overrides, K, alpha and budget, then the regime."""
+    def cell_config(self, spec: MethodSpec, regime: RegimeSpec, tuned: bool = True) -> TrainConfig:
+        """The TrainConfig of one cell: base, then the method's overrides, K, alpha and budget, then the regime,
+        then (``tuned``) the lr and alpha its sweep picked. Every cell is swept on its own regime: the documents a
+        regime trains on change what a good lr is, and each cell gets the same candidates and steps."""
         if isinstance(spec.write_lr, dict):
             raise ValueError(f"write_lr must be one number here, got {spec.write_lr!r}")
         data = method_sections(self.base, spec, spec.write_lr)
         data["task"] = {**(data.get("task") or {}), "chunks": list(regime.chunks)}
-        return TrainConfig.from_dict(data)
+        cfg = TrainConfig.from_dict(data)
+        name = cell_name(spec, regime)
+        return sweep_apply(cfg, self.tuning[name]) if tuned and name in self.tuning else cfg
+
+    def tuned_ready(self, spec: MethodSpec, regime: RegimeSpec) -> bool:
+        """Whether this cell can be built as it will train (no sweep, or its pick is known)."""
+        return self.sweep is None or cell_name(spec, regime) in self.tuning
+
+    def sweep_units(self, only: list[str] | None = None) -> list[SweepUnit]:
+        """One sweep per cell, named by the cell (``OUTPUT/sweep/<method>-<regime>.json``)."""
+        return [SweepUnit(cell_name(s, r), s.method, s, r) for s, r in self.cells(only)]
 
     def cells(self, only: list[str] | None = None) -> list[tuple[MethodSpec, RegimeSpec]]:
         unknown = sorted(set(only or []) - {s.name for s in self.methods})
         if unknown:
             raise ValueError(f"--only names {unknown} are not in the config's methods {[s.name for s in self.methods]}")
         return [(s, r) for s in self.methods for r in self.regimes if not only or s.name in only]
+
+
+class SweepUnit(NamedTuple):
+    """What ``benchmarks.sweep.tune`` sweeps: one cell, under its cell name."""
+
+    name: str
+    method: str
+    spec: MethodSpec
+    regime: RegimeSpec
 
 
 def check_kv_positions(cfg: TrainConfig, chunks: int) -> None:
@@ -350,6 +371,7 @@ def run_cell(cfg: ComposeConfig, spec: MethodSpec, regime: RegimeSpec, output: P
         "cell": name, "name": spec.name, "method": spec.method, "regime": regime.name,
         "chunks_trained": list(regime.chunks), "task": train_cfg.task.name,
         "k_train": mem.write_steps if spec.method in TRAINED_METHODS else None, "write_lr": mem.write_lr,
+        "lr": o.lr,
         "num_memory": mem.num_memory, "hidden_size": trainer.reader.d_model,
         "budget": {"max_steps": o.max_steps, "batch_size": o.batch_size, "trained_steps": trainer.step},
         "stopped": trainer.stopped, "selected": trainer.best_record(),
@@ -369,7 +391,7 @@ def finished_cells(cfg: ComposeConfig, output: Path) -> dict[str, dict[str, Any]
     cells = {}
     for spec, regime in cfg.cells():
         path = output / "cells" / f"{cell_name(spec, regime)}.json"
-        if not path.exists():
+        if not path.exists() or not cfg.tuned_ready(spec, regime):
             continue
         done = json.loads(path.read_text())
         if not same_cell_config(done.get("cell_config"), cell_fingerprint(cfg, spec, regime)):
@@ -388,7 +410,12 @@ def run_compose(cfg: ComposeConfig, output: str | os.PathLike, only: list[str] |
     output = Path(output)
     (output / "cells").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    selected = cfg.cells(only)
+    if cfg.sweep is not None:
+        units = cfg.sweep_units()
+        mine = [u.name for u in cfg.sweep_units(only)]
+        cfg = cfg.with_tuning(tune(units, cfg.sweep, output, lambda u: cfg.cell_config(u.spec, u.regime, tuned=False),
+                                   only=mine, device=device))
+    selected = [(s, r) for s, r in cfg.cells(only) if cfg.tuned_ready(s, r)]
     done = finished_cells(cfg, output)
     todo = [(s, r) for s, r in selected if cell_name(s, r) not in done]
     if len(todo) < len(selected):
@@ -414,6 +441,7 @@ def write_results(cfg: ComposeConfig, output: Path, meta: dict[str, Any]) -> dic
         **meta, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cells_wall_s": sum(c["train_wall_s"] + c["eval_wall_s"] for c in ordered),
         "complete": len(ordered) == len(cfg.cells()), "config": cfg.to_dict(), "cells": ordered,
+        "sweep": {u.name: r for u in cfg.sweep_units() if (r := sweep_record(output, u.name)) is not None},
     })
     write_json_atomic(output / "results.json", summary)
     write_atomic(output / "results.md", render_markdown(cfg, summary))
@@ -500,15 +528,17 @@ def render_markdown(cfg: ComposeConfig, summary: dict[str, Any]) -> str:
                      f"{1e3 * one.get('answer_s_per_query', 0):.2f} | "
                      + " | ".join(f"{ratio(c, k, 'read_s_per_query')} / {ratio(c, k, 'answer_s_per_query')} / "
                                   f"{c['by_c'].get(str(k), {}).get('prefix_rows', 0):.0f} rows" for k in cs[1:]) + " |")
-    lines += ["", "## Training", "", "| method / regime [chunks trained] | K train | budget | trained steps | "
-              "selected step (validation EM) | stopped | s / step | train s | measure s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Training", "", "| method / regime [chunks trained] | K train | lr / alpha | budget | trained steps | "
+              "selected step (validation EM) | stopped | s / step | train s | measure s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         sel = c.get("selected") or {}
         sps = f"{c['seconds_per_step']:.3f}" if c.get("seconds_per_step") else "-"
         lines.append(f"| {row_label(c)} | {c['k_train'] if c['k_train'] is not None else '-'} | "
+                     f"{c.get('lr', '-')} / {c['write_lr'] if c['k_train'] is not None else '-'} | "
                      f"{c['budget']['max_steps']} x {c['budget']['batch_size']} | {c['budget']['trained_steps']} | "
                      f"{sel.get('step', '-')} ({pct(sel.get('em'))}) | {c.get('stopped') or '-'} | {sps} | "
                      f"{c['train_wall_s']:.0f} | {c['eval_wall_s']:.0f} |")
+    lines += sweep_section(summary.get("sweep") or {})
     if first.task.name == "babi":
         lines += ["", "bAbI: no oracle chunk (the examples do not say which statements support the answer); a story "
                   "with fewer statements than c has fewer chunks (the mean is in results.json, `mean_chunks`)."]

@@ -122,3 +122,36 @@ def test_babi_stories_in_chunks_without_an_oracle(tmp_path):
         assert by["oracle_em"] is None and by["oracle_documents"] == 0 and 1 <= by["mean_chunks"] <= int(c)
     rows = markdown_rows((tmp_path / "out" / "results.md").read_text(), "| method / regime")
     assert rows["(mean chunks per document)"]["c = 3"] == f"{cell['by_c']['3']['mean_chunks']:.2f}"
+
+
+def test_every_cell_is_swept_on_validation_and_trains_with_its_pick(tmp_path, caplog):
+    """A ``sweep:`` section tunes each (method, regime) cell on its own documents: every candidate recorded
+    (GradMem crosses lr with alpha, the others try lr alone), the cell trained and reported with the pick; a rerun
+    reuses the records; ``--max-steps`` caps the candidates' steps too."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(methods=data["methods"][:2], regimes=[{"name": "c1to2", "chunks": [1, 2]}], eval_chunks=[1, 2],
+                sweep={"lr": [0.003, 0.0003], "write_lr": [0.5, 1.0], "max_steps": 50})
+    config = tmp_path / "swept.yaml"
+    config.write_text(yaml.safe_dump(data))
+    args = ["--config", str(config), "--threads", "1", "--device", "cpu", "--output", str(tmp_path / "out"),
+            "--max-steps", "4"]
+    summary = compose.main(args)
+    sweeps = summary["sweep"]
+    assert sorted(sweeps) == ["gradmem-c1to2", "rmt-c1to2"]
+    assert [t["candidate"] for t in sweeps["rmt-c1to2"]["trials"]] == [{"lr": 0.003}, {"lr": 0.0003}]
+    assert len(sweeps["gradmem-c1to2"]["trials"]) == 4
+    for name, record in sweeps.items():
+        assert all(t["trained_steps"] == 4 for t in record["trials"])  # capped by --max-steps
+        best = max(t["validation"]["em"] for t in record["trials"])
+        assert record["picked_validation"]["em"] == best
+        cell = next(c for c in summary["cells"] if c["cell"] == name)
+        assert cell["lr"] == record["picked"]["lr"]
+        assert cell["cell_config"]["train"]["optim"]["lr"] == record["picked"]["lr"]
+        if "write_lr" in record["picked"]:
+            assert cell["write_lr"] == record["picked"]["write_lr"]
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "Tuning (validation only" in text and "| gradmem-c1to2 |" in text
+    caplog.set_level("INFO", logger="benchmarks.sweep")
+    caplog.clear()
+    again = compose.main(args)
+    assert not [r for r in caplog.records if r.name == "benchmarks.sweep"] and again["complete"]

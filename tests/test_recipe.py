@@ -273,7 +273,7 @@ CLAIMS: dict[str, dict[str, object]] = {
                            "methods.rmt.memory.write_steps": 1},
     # composition (issue 15): ``methods.<method>@<regime>`` for one cell
     "compose_kv_cpu.yaml": {"task.name": "kv", "task.pairs": 1, "model.num_layers": 2, "model.hidden_size": 64,
-                            "model.max_positions": 128, "memory.num_memory": 4, "memory.write_lr": 0.5, "optim.lr": 2e-3, "optim.batch_size": 32, "optim.max_steps": 5000,
+                            "model.max_positions": 128, "memory.num_memory": 4, "memory.write_lr": 0.5, "optim.lr": 1e-3, "optim.batch_size": 32, "optim.max_steps": 8000,
                             "run.patience": 8, "methods.gradmem@c1.task.chunks": [1, 1],
                             "methods.gradmem@c1to4.task.chunks": [1, 4], "methods.rmt@c1to4.task.chunks": [1, 4],
                             "methods.rmt@c1.memory.write_steps": 1, "methods.gradmem@c1.memory.write_steps": 2},
