@@ -21,6 +21,8 @@ See SECURITY.md for what the service trusts and what an operator must do on a sh
 Metrics (pipelines/metrics.py, through Ray's Prometheus export): requests and latency per route template and
 status (recorded in ``Guard``, so refusals count too), READ batch sizes, cache hits and misses, online writes.
 Replicas: a fixed ``replicas``, or Serve autoscaling with ``max_replicas`` (``ServeConfig.scaling``).
+The served reader: the one the store's served-reader pointer names (else ``reader``); after an upgrade each replica
+switches within ``reader_check_interval_s``, every request answered wholly by one reader (pipelines/served.py).
 """
 
 
@@ -55,7 +57,8 @@ from gradmem.config import declared, from_dict, override
 from gradmem.data import tokenize
 from gradmem.store import MemoryIndex, MemoryStore
 from pipelines.metrics import UNMATCHED_ROUTE, ServeMetrics
-from pipelines.storage import local_dir, resolve
+from pipelines.served import PointerWatch, Served, initial_reader, load_served
+from pipelines.storage import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,9 @@ class ServeConfig:
     api_key_sha256: str | None = Field(None, description="set by build_app from the key; never the key itself")
     refresh_interval_s: float = Field(5.0, ge=0, description="at most one re-listing of the store per interval, on "
                                       "unknown ids")
+    reader_check_interval_s: float = Field(10.0, ge=0, description="how often a replica reads the store's "
+                                           "served-reader pointer and switches to the reader an upgrade named "
+                                           "(pipelines/served.py); 0: never")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
@@ -554,93 +560,123 @@ class GradMemService:
         Guard.configure(GuardSettings(key=replica_key(self.cfg), max_body_bytes=self.cfg.max_body_bytes,
                                       metrics=self.metrics))
         configure_cpu(threads=max(1, int(self.cfg.cpus_per_replica)))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.reader = Reader.from_pretrained(local_dir(self.cfg.reader, self.cfg.s3_endpoint), device=device)
-        self.fingerprint = self.reader.fingerprint
         target = resolve(self.cfg.memories, self.cfg.s3_endpoint)
         self.store = MemoryStore(target.filesystem, target.path)
-        self.index = MemoryIndex(self.store)
-        self.index.refresh()
+        uri, expect = initial_reader(self.store, self.cfg.reader)  # the store's served reader, else --reader
+        self.served = load_served(uri, self.store, self.cfg.s3_endpoint, expect)  # reader + index, swapped whole
         self.last_refresh = time.monotonic()
         self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes, self.metrics.cache_lookup)
         self._answer_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.lock = asyncio.Lock()  # the reader is not thread-safe: one forward at a time per replica
         self.store_lock = threading.Lock()  # index and cache, used from worker threads
+        self.watch = PointerWatch(self.store, self.cfg.s3_endpoint, self.cfg.reader_check_interval_s,
+                                  lambda: self.served.fingerprint, self._swap).start()
         logger.info("serving %d memories from %s with reader %s", len(self.index), self.cfg.memories, self.fingerprint)
 
+    # ------------------------------------------------------------------ the served reader (pipelines/served.py)
+    @property
+    def reader(self) -> Reader:
+        return self.served.reader
+
+    @property
+    def fingerprint(self) -> str:
+        return self.served.fingerprint
+
+    @property
+    def index(self) -> MemoryIndex:
+        return self.served.index
+
+    def _swap(self, served: Served) -> None:
+        """An upgrade's switch: one assignment. Requests hold the ``Served`` they started with."""
+        with self.store_lock:
+            self.served = served
+
     # ------------------------------------------------------------------ helpers (blocking: worker threads only)
-    def _maybe_refresh(self) -> None:
+    def _maybe_refresh(self, served: Served | None = None) -> None:
+        served = served or self.served
         if time.monotonic() - self.last_refresh >= self.cfg.refresh_interval_s:
             self.last_refresh = time.monotonic()
-            added = self.index.refresh()
+            added = served.index.refresh()
             if added:
-                logger.info("index: %d new memories (%d in all)", added, len(self.index))
+                logger.info("index: %d new memories (%d in all)", added, len(served.index))
 
-    def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None) -> dict:
-        """The index entry of an id (caller holds store_lock). Messages name the id, never the store."""
+    def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None,
+               served: Served | None = None) -> dict:
+        """The index entry of an id in ``served``'s index (caller holds store_lock). Messages name the id, never
+        the store."""
+        served = served or self.served
         for attempt in range(2):
             # by doc_id: that doc_id's own row (a twin with the same text shares the memory, not the doc_id)
-            entry = self.index.entry(memory_id=memory_id, doc_id=doc_id if memory_id is None else None, chunk=chunk or 0)
+            entry = served.index.entry(memory_id=memory_id, doc_id=doc_id if memory_id is None else None,
+                                       chunk=chunk or 0)
             if entry is not None:
                 break
             if attempt == 0:
-                self._maybe_refresh()
+                self._maybe_refresh(served)
+        what = f"memory {memory_id}" if memory_id else f"document {doc_id!r}" + (f" chunk {chunk}" if chunk else "")
+        writers = served.index.written_by(doc_id, chunk or 0) if entry is None and memory_id is None else []
+        if writers:  # the document exists, only not for this reader (an upgrade not yet complete for it)
+            raise ApiError(409, f"{what} was written by reader {', '.join(writers)}, not by the served reader "
+                           f"{served.fingerprint}; rewrite it with this reader")
         if entry is None:
-            what = f"memory {memory_id}" if memory_id else f"document {doc_id!r}" + (f" chunk {chunk}" if chunk else "")
             raise ApiError(404, f"unknown {what}")
         if doc_id is not None and chunk is None and entry["n_chunks"] > 1:
             raise ApiError(422, f"document {doc_id!r} was split into {entry['n_chunks']} chunks: give 'chunk' "
                            f"(0..{entry['n_chunks'] - 1})")
-        if entry["fingerprint"] != self.fingerprint:
+        if entry["fingerprint"] != served.fingerprint:
             raise ApiError(409, f"memory {entry['memory_id']} was written by reader {entry['fingerprint']}, not by the "
-                           f"served reader {self.fingerprint}; rewrite it with this reader")
+                           f"served reader {served.fingerprint}; rewrite it with this reader")
         return entry
 
-    def _load(self, memory_id: str | None = None, doc_id: str | None = None,
-              chunk: int | None = None) -> tuple[dict, torch.Tensor, dict[str, Any]]:
+    def _load(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None,
+              served: Served | None = None) -> tuple[dict, torch.Tensor, dict[str, Any]]:
         with self.store_lock:
-            entry = self._entry(memory_id, doc_id, chunk)
+            entry = self._entry(memory_id, doc_id, chunk, served)
             tensor, meta = self.cache.get(entry)
         return entry, tensor, meta
 
-    def _prepare_query(self, body: QueryRequest, budget: int) -> tuple[dict, torch.Tensor, int, list[list[int]]]:
+    def _prepare_query(self, body: QueryRequest, budget: int,
+                       served: Served) -> tuple[dict, torch.Tensor, int, list[list[int]]]:
         """The blocking part of a query (index refresh, store read, tokenization), run in a worker thread so
         that the event loop keeps answering other requests meanwhile. Every check of a READ happens here, once
         (the memory's reader in ``_entry``; finiteness, its rows and the questions' length below), not in the
         batch: one bad request must not fail a batch shared with other requests. Returns the entry, the memory
-        (P, d), the rows of it the READ sees and the question token ids."""
-        entry, tensor, meta = self._load(body.memory_id, body.doc_id, body.chunk)
+        (P, d), the rows of it the READ sees and the question token ids. ``served``: the reader and index this
+        request uses from start to end (an upgrade's switch meanwhile does not mix readers)."""
+        entry, tensor, meta = self._load(body.memory_id, body.doc_id, body.chunk, served)
         if not torch.isfinite(tensor).all():
             raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
         try:
-            rows = int(self.reader.prefix_rows(tensor[None], torch.tensor([meta["n_context_tokens"]]))[0])
+            rows = int(served.reader.prefix_rows(tensor[None], torch.tensor([meta["n_context_tokens"]]))[0])
         except ValueError as e:
             raise ApiError(409, f"memory {entry['memory_id']} cannot be read: {e}") from e
-        q_ids = tokenize(self.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
+        q_ids = tokenize(served.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
         try:
-            self.reader.check_questions([rows] * len(q_ids), q_ids, budget)
+            served.reader.check_questions([rows] * len(q_ids), q_ids, budget)
         except ValueError as e:
             raise ApiError(413, str(e)) from e
         return entry, tensor, rows, q_ids
 
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _answer_batch(self, items: list[tuple[torch.Tensor, int, list[int], int]]) -> list[str]:
-        """One greedy pass for the questions of many requests, each over its own memory (m, d)."""
+    async def _answer_batch(self, items: list[tuple[torch.Tensor, int, list[int], int, Reader]]) -> list[str]:
+        """One greedy pass for the questions of many requests, each over its own memory (m, d), per reader (an
+        upgrade's switch can leave requests of the old reader and the new in one batch)."""
         self.metrics.batch_size.observe(len(items))
         async with self.lock:
             return await asyncio.to_thread(self._answer_now, items)
 
-    def _answer_now(self, items: list[tuple[torch.Tensor, int, list[int], int]]) -> list[str]:
-        """items: (memory (P, d), rows of it the READ sees, question token ids, max new tokens), all checked in
-        ``_prepare_query``: the READ takes the memories and their rows as they are."""
+    def _answer_now(self, items: list[tuple[torch.Tensor, int, list[int], int, Reader]]) -> list[str]:
+        """items: (memory (P, d), rows of it the READ sees, question token ids, max new tokens, the request's
+        reader), all checked in ``_prepare_query``: the READ takes the memories and their rows as they are."""
         out: list[str | None] = [None] * len(items)
-        for budget in sorted({item[3] for item in items}):  # requests asking for different lengths: one pass each
-            picked = [i for i, item in enumerate(items) if item[3] == budget]
+        readers = {id(item[4]): item[4] for item in items}
+        for key, budget in sorted({(id(item[4]), item[3]) for item in items}):  # per reader and answer length
+            picked = [i for i, item in enumerate(items) if item[3] == budget and id(item[4]) == key]
             tensor = torch.stack([items[i][0] for i in picked])  # (b, P, d)
             rows = torch.tensor([items[i][1] for i in picked])  # (b,)
-            for i, answer in zip(picked, self.reader.generate_answers(tensor, rows, [items[i][2] for i in picked],
+            for i, answer in zip(picked, readers[key].generate_answers(tensor, rows, [items[i][2] for i in picked],
                                                                       budget, batch_size=len(picked))):
                 out[i] = answer
         return out  # type: ignore[return-value]
@@ -661,9 +697,10 @@ class GradMemService:
         budget = body.max_new_tokens or self.cfg.default_new_tokens
         if budget > self.cfg.max_new_tokens:
             raise ApiError(413, f"max_new_tokens {budget} is over this service's limit of {self.cfg.max_new_tokens}")
-        entry, tensor, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget)
-        answers = await asyncio.gather(*(self._answer_batch((tensor, rows, q, budget)) for q in q_ids))
-        return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=self.fingerprint,
+        served = self.served  # this request's reader and index, to the end
+        entry, tensor, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget, served)
+        answers = await asyncio.gather(*(self._answer_batch((tensor, rows, q, budget, served.reader)) for q in q_ids))
+        return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=served.fingerprint,
                              answers=list(answers))
 
     @app.post("/v1/memories", response_model=WriteResponse, responses=errors(401, 409, 413, 415, 422, 500))
@@ -676,39 +713,40 @@ class GradMemService:
             return await asyncio.to_thread(self._write_now, body)
 
     def _write_now(self, body: WriteRequest) -> WriteResponse:
-        ids = tokenize(self.reader.tokenizer, [body.text])[0]
+        served = self.served  # one reader for the whole write, whatever an upgrade's switch does meanwhile
+        ids = tokenize(served.reader.tokenizer, [body.text])[0]
         if not ids:
             raise ApiError(422, "text has no tokens: there is nothing to write")
-        if len(ids) > self.reader.max_context_tokens:
-            raise ApiError(413, f"text has {len(ids)} tokens, over the reader's maximum of {self.reader.max_context_tokens}")
-        cfg = self.reader.config  # the reader's own write setting, an adaptive target included
+        if len(ids) > served.reader.max_context_tokens:
+            raise ApiError(413, f"text has {len(ids)} tokens, over the reader's maximum of {served.reader.max_context_tokens}")
+        cfg = served.reader.config  # the reader's own write setting, an adaptive target included
         steps, lr, goal, floor = cfg.write_steps, cfg.write_lr, cfg.target_accuracy, cfg.min_write_steps
-        mid = records.memory_id(self.fingerprint, steps, lr, ids, goal, floor)
+        mid = records.memory_id(served.fingerprint, steps, lr, ids, goal, floor)
         with self.store_lock:
-            self._maybe_refresh()
-            known = self.index.by_doc.get((body.doc_id, 0))
+            self._maybe_refresh(served)
+            known = served.index.by_doc.get((body.doc_id, 0))
         if known == mid:
             self.metrics.online_write(created=False)
-            return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=self.fingerprint)
+            return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=served.fingerprint)
         if known is not None:
             raise ApiError(409, f"document {body.doc_id!r} is already stored with other content (memory {known}); "
                            "use a new doc_id")
         start = time.perf_counter()
         try:
-            memories = self.reader.write_tokens([ids], steps, lr, target=goal, min_steps=floor)
+            memories = served.reader.write_tokens([ids], steps, lr, target=goal, min_steps=floor)
         except NonFiniteWriteError as e:
             raise ApiError(422, f"the WRITE produced NaN/inf for this text: {e}") from e
-        greedy = self.reader.reconstruct(memories, [ids]).tolist()
+        greedy = served.reader.reconstruct(memories, [ids]).tolist()
         seconds = time.perf_counter() - start
         table = records.to_table(memories, [body.doc_id], [ids], write_time_s=seconds, recon_greedy=greedy)
         part = self.store.write_part("memories", table)
         with self.store_lock:
-            self.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
-                            "fingerprint": self.fingerprint})
-            self.index.parts.add(part)
+            served.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
+                              "fingerprint": served.fingerprint})
+            served.index.parts.add(part)
             self.cache.put(mid, memories.tensor[0].clone(), table.drop_columns(["memory"]).to_pylist()[0])
         self.metrics.online_write(created=True, seconds=seconds, steps_used=int(memories.steps_used[0]))
-        return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=True, reader_fingerprint=self.fingerprint)
+        return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=True, reader_fingerprint=served.fingerprint)
 
     @app.get("/v1/memories/{memory_id}", responses=errors(401, 404, 409, 413, 422, 500))
     async def metadata(self, memory_id: Annotated[MemoryId, Path()]) -> dict:
