@@ -85,7 +85,11 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     started = time.time()
     run = open_run(cfg, mode="repair")
     store, fingerprint = run.store, run.spec.fingerprint
+    _check_repairable(store, fingerprint, cfg)
     plan, already = plan_repair(store, fingerprint, rcfg.below, run.setting)
+    if plan and not cfg.chunk and any(chunk > 0 for _, chunk in plan):
+        raise ValueError("some memories to repair are chunks of a chunked document: pass --chunk, as the compression "
+                         "did (without it their texts are too long to write)")
     logger.info("repair: %d memories of reader %s under %.3f to rewrite with (steps, lr, target, min_steps) %s; %d "
                 "already carry that setting", len(plan), fingerprint, rcfg.below, run.setting, already)
     done = write_pass(run, plan) if plan else None  # nothing weak: no pass, nothing written
@@ -112,6 +116,16 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     return report
 
 
+def _check_repairable(store: MemoryStore, fingerprint: str, cfg: CompressConfig) -> None:
+    """Clear errors, before any work, for a reader that wrote nothing here and for a chunked store repaired
+    without --chunk (its long texts would not become memories)."""
+    if fingerprint not in set(store.fingerprints("memories").values()):
+        raise ValueError(f"the store {cfg.output} holds no memories of reader {fingerprint}: a repair rewrites "
+                         "memories with the reader that wrote them (--reader)")
+    if (store.manifest() or {}).get("chunked") and not cfg.chunk:
+        raise ValueError(f"the store {cfg.output} was compressed with --chunk: pass it to the repair too")
+
+
 def _still_weak(store: MemoryStore, fingerprint: str, below: float) -> int:
     """Current memories of the reader under the threshold after the repair (more steps do not always reach it)."""
     table = store.read_memories(["doc_id", "chunk", "memory_id", "recon_accuracy"])
@@ -132,7 +146,9 @@ def upgrade(cfg: CompressConfig) -> dict[str, Any]:
         return manifest
     where = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(where.filesystem, where.path)
-    store.write_served(_location(cfg.reader), manifest["reader_fingerprint"])  # the switch: one atomic replacement
+    pointer = {"reader": _location(cfg.reader), "fingerprint": manifest["reader_fingerprint"]}
+    if {k: (store.served() or {}).get(k) for k in pointer} != pointer:  # a rerun leaves the pointer as it is
+        store.write_served(**pointer)  # the switch: one atomic replacement
     manifest = {**manifest, "served": store.served()}
     store.write_manifest(manifest)
     logger.info("upgrade: reader %s is complete and now the served reader of %s", manifest["reader_fingerprint"],

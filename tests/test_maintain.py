@@ -86,6 +86,14 @@ def test_a_store_takes_another_reader_only_by_upgrade_and_a_repair_never_binds_t
         _check_output(store, old.spec, 2, 0.5, None, 0)
 
 
+def test_a_repair_with_a_reader_that_wrote_nothing_there_is_a_clear_error(tmp_path):
+    make_reader("llama", seed=4).save_pretrained(tmp_path / "reader")
+    cfg = CompressConfig(reader=str(tmp_path / "reader"), input=str(tmp_path / "corpus"), output=str(tmp_path / "store"),
+                         steps=8)
+    with pytest.raises(ValueError, match="holds no memories of reader .* the reader that wrote them"):
+        repair(cfg, RepairConfig(below=0.9))
+
+
 def test_a_replica_switches_only_to_the_reader_the_pointer_names(tmp_path):
     """pipelines/served.py in-process: no pointer, no switch; a pointer whose directory holds another reader
     than it names switches nothing; the right one switches once; a starting replica takes the pointer's reader."""
@@ -215,7 +223,7 @@ def test_an_upgrade_killed_and_rerun_writes_every_document_once_while_the_servic
 
     fs = s3.filesystem()
     prefix, out = f"gradmem-test/upgrade-corpus-{time.time_ns()}", f"gradmem-test/upgrade-memories-{time.time_ns()}"
-    docs = _kv_corpus(tmp_path / "in", 120, seed=43)
+    docs = _kv_corpus(tmp_path / "in", 64, seed=43)  # two writer calls of 32: the kill lands between
     pafs.copy_files(str(tmp_path / "in"), prefix, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     old = Reader.from_pretrained(kv_reader_dir)
     new = _new_reader(kv_reader_dir, tmp_path / "reader_v2")
