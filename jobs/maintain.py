@@ -22,7 +22,8 @@ On this machine (no RAY_ADDRESS: a local Ray is started and stopped by the job):
 Both take every flag of jobs/compress.py (--output is the store), and both can be killed and rerun: the rerun
 writes what is missing, and a rerun of a finished job writes nothing. The last line of stdout is a JSON summary;
 the exit status is 1 when the job is not complete (repair: a planned memory was not rewritten; upgrade: the new
-reader does not account for every input, so the served reader was not switched). See pipelines/maintain.py.
+reader does not account for every input, so the served reader was not switched), 2 when the store, reader or
+setting is refused (checked before anything is written; the message says why). See pipelines/maintain.py.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def parse(argv: list[str] | None = None) -> tuple[str, CompressConfig, RepairCon
         parser.error(str(exc))
 
 
+def run_repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict:
+    report = repair(cfg, rcfg)
+    return {k: report[k] for k in ("planned", "already_repaired", "rewritten", "stale", "remaining", "still_weak",
+                                   "complete")}
+
+
+def run_upgrade(cfg: CompressConfig) -> dict:
+    manifest = upgrade(cfg)
+    summary = {k: manifest[k] for k in ("reader_fingerprint", "inputs", "memories", "errors", "complete")}
+    return {**summary, "served": (manifest.get("served") or {}).get("fingerprint")}
+
+
 def main(argv: list[str] | None = None) -> None:
     command, cfg, rcfg = parse(argv)
     setup_logging()
@@ -65,14 +78,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
-    if command == "repair":
-        report = repair(cfg, rcfg)
-        summary = {k: report[k] for k in ("planned", "already_repaired", "rewritten", "stale", "remaining",
-                                          "still_weak", "complete")}
-    else:
-        manifest = upgrade(cfg)
-        summary = {k: manifest[k] for k in ("reader_fingerprint", "inputs", "memories", "errors", "complete")}
-        summary["served"] = (manifest.get("served") or {}).get("fingerprint")
+    try:
+        summary = run_repair(cfg, rcfg) if command == "repair" else run_upgrade(cfg)
+    except ValueError as exc:  # a store, reader or setting the job refuses (checked before it writes anything)
+        print(f"{command}: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(summary))
     if not summary["complete"]:
         print(f"{command} of {cfg.output} is not complete: rerun the same command (see its manifest.json)",

@@ -83,6 +83,9 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     setting; returns (and records in the manifest as ``last_repair``) the report. ``complete``: every planned
     memory was rewritten or found stale."""
     started = time.time()
+    if cfg.steps is None and cfg.target_accuracy is None:
+        raise ValueError("a repair needs its write setting: give --steps (more than the weak memories got) or "
+                         "--target-accuracy")
     run = open_run(cfg, mode="repair")
     store, fingerprint = run.store, run.spec.fingerprint
     _check_repairable(store, fingerprint, cfg)

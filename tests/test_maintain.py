@@ -92,6 +92,8 @@ def test_a_repair_with_a_reader_that_wrote_nothing_there_is_a_clear_error(tmp_pa
                          steps=8)
     with pytest.raises(ValueError, match="holds no memories of reader .* the reader that wrote them"):
         repair(cfg, RepairConfig(below=0.9))
+    with pytest.raises(ValueError, match="needs its write setting"):
+        repair(CompressConfig(reader=cfg.reader, input=cfg.input, output=cfg.output), RepairConfig(below=0.9))
 
 
 def test_a_replica_switches_only_to_the_reader_the_pointer_names(tmp_path):
