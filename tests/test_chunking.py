@@ -15,6 +15,7 @@ from gradmem.config import ConfigError, from_dict
 from gradmem.store import IncompleteDocument, MemoryIndex, MemoryStore
 from gradmem.tasks.kv import KVTask
 from pipelines.compress import CompressConfig
+from pipelines.serve import ServeConfig
 
 
 # ---------------------------------------------------------------------------------------------- the split
@@ -72,7 +73,7 @@ def test_chunk_settings_are_checked_against_the_reader():
 
 
 def test_chunk_settings_are_flags_of_the_jobs(capsys):
-    compress_job = load_job("compress")
+    compress_job, serve_job = load_job("compress"), load_job("serve")
     base = ["--reader", "r", "--input", "i", "--output", "o"]
     cfg = compress_job.parse(base + ["--chunk", "--chunk-tokens", "64", "--chunk-overlap", "8"])
     assert (cfg.chunk, cfg.chunk_tokens, cfg.chunk_overlap) == (True, 64, 8)
@@ -82,6 +83,11 @@ def test_chunk_settings_are_flags_of_the_jobs(capsys):
             compress_job.parse(base + bad)
         assert stop.value.code == 2
         assert "chunk" in capsys.readouterr().err
+    cfg, _ = serve_job.parse(["--reader", "r", "--memories", "m", "--max-chunks-per-query", "3"])
+    assert cfg.max_chunks_per_query == 3 and ServeConfig(reader="r", memories="m").max_chunks_per_query == 16
+    with pytest.raises(SystemExit):
+        serve_job.parse(["--reader", "r", "--memories", "m", "--max-chunks-per-query", "0"])
+    assert "max_chunks_per_query" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the store
