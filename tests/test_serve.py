@@ -162,6 +162,13 @@ def test_a_document_over_the_chunk_cap_is_a_413_and_its_chunks_still_answer_one_
     assert r.status_code == 200 and r.json()["chunks"] == [5], r.text
     assert exact_match(r.json()["answers"][0], six[-1].target), r.json()
     _assert_error_shape(_query(base, {"doc_id": "six", "chunk": 6, "questions": [six[-1].query]}), 404)
+    # online writes keep the store's chunking: one chunk at most, never over a chunked document
+    message = _assert_error_shape(requests.post(f"{base}/v1/memories", json={"doc_id": "two-pairs", "text":
+                                                six[0].context + six[1].context}, timeout=60), 413)
+    assert "16 tokens" in message and "chunk size of 8" in message, message
+    message = _assert_error_shape(requests.post(f"{base}/v1/memories", json={"doc_id": "six", "text": six[0].context},
+                                                timeout=60), 409)
+    assert "stored as 6 chunks" in message, message
 
 
 def test_documents_with_different_chunk_counts_share_a_batch(service, kv_reader_dir):
