@@ -158,3 +158,24 @@ def test_a_missing_chunk_is_an_error_never_a_partial_document(tmp_path):
     index.refresh()
     with pytest.raises(IncompleteDocument, match="disagree on how many there are"):
         index.document("odd")
+
+
+def test_the_manifest_counts_a_document_complete_only_with_every_chunk(tmp_path):
+    """What the batch job's manifest says of a chunked document (``summarize``): complete once all its chunks
+    are stored, in whatever parts, and not before (a chunk lost is an input not accounted for)."""
+    import pyarrow as pa
+
+    from pipelines.compress import summarize
+
+    reader = make_reader("llama")
+    texts = [ex.context for ex in KVTask(1).examples(3, seed=[33, 4])]
+    store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
+    inputs = pa.table({"order": [0], "source": ["docs.jsonl:1"], "doc_id": ["long"]})
+    tables, _ = _chunk_tables(reader, "long", texts, Chunking(tokens=8), [[2], [0], [1]])
+    store.write_part("memories", tables[0])
+    store.write_part("memories", tables[1])
+    counts = summarize(store, inputs)
+    assert not counts["complete"] and counts["missing"] == 1 and counts["memories"] == 2
+    store.write_part("memories", tables[2])
+    counts = summarize(store, inputs)
+    assert counts["complete"] and counts["missing"] == 0 and counts["memories"] == 3 and counts["extra_chunks"] == 2
