@@ -359,7 +359,7 @@ class MemoryIndex:
         self.by_id: dict[str, dict[str, Any]] = {}
         self.by_doc: dict[tuple[str, int], str] = {}
         self.entries: dict[tuple[str, int], dict[str, Any]] = {}
-        self.chunks: dict[str, dict[int, dict[str, Any]]] = {}  # doc_id -> chunk -> entry, whatever parts hold them
+        self.chunks: dict[str, set[int]] = {}  # doc_id -> the chunk numbers indexed, whatever parts hold them
         self.parts: set[str] = set()
         self.conflicts = 0
 
@@ -382,6 +382,7 @@ class MemoryIndex:
 
     def add(self, entry: dict[str, Any]) -> int:
         """Index one row; returns 1 when its (doc_id, chunk) is new."""
+        self.chunks.setdefault(entry["doc_id"], set()).add(entry["chunk"])
         key = (entry["doc_id"], entry["chunk"])
         known = self.by_doc.get(key)
         if known is not None:
@@ -391,14 +392,13 @@ class MemoryIndex:
         self.by_id.setdefault(entry["memory_id"], entry)
         self.by_doc[key] = entry["memory_id"]
         self.entries[key] = entry
-        self.chunks.setdefault(entry["doc_id"], {})[entry["chunk"]] = entry
         return 1
 
     def document(self, doc_id: str) -> list[dict[str, Any]] | None:
         """The entries of every chunk of ``doc_id``, in chunk order, wherever the store's parts put them; None when
         the document is unknown. ``IncompleteDocument`` when a chunk is missing or the chunks disagree on their
         count: a READ over what is there would answer from part of the document without saying so."""
-        found = self.chunks.get(doc_id)
+        found = {c: self.entries[(doc_id, c)] for c in self.chunks.get(doc_id, ()) if (doc_id, c) in self.entries}
         if not found:
             return None
         counts = sorted({e["n_chunks"] for e in found.values()})
