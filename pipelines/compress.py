@@ -54,9 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field
-
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from gradmem import records
 from gradmem.chunking import Chunking
@@ -117,8 +115,9 @@ class CompressConfig:
         return self
 
     def chunking(self, max_context_tokens: int) -> Chunking:
-        """This run's chunking for a reader that accepts ``max_context_tokens`` (a ValueError when it does not fit):
-        without ``chunk`` (or ``chunk_tokens``) chunks of that maximum, with no overlap without ``chunk``."""
+        """This run's chunking for a reader that accepts ``max_context_tokens``: ``chunk_tokens`` (default: that
+        maximum) and ``chunk_overlap``; without ``chunk``, that maximum and no overlap (longer documents are
+        ``too_long``). A ValueError when the chunking does not fit the reader."""
         tokens = max_context_tokens if self.chunk_tokens is None else self.chunk_tokens
         if tokens > max_context_tokens:
             raise ValueError(f"chunk_tokens {tokens} is over the reader's max_context_tokens ({max_context_tokens}): "
