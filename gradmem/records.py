@@ -15,7 +15,9 @@ Columns
     recon_accuracy   teacher-forced reconstruction accuracy of the final memory
     recon_greedy     free-running (greedy) reconstruction accuracy with the write head; null when not measured
     write_time_s     seconds of WRITE per context (a batch's time shared by its contexts)
-Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint.
+Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint, and
+gradmem.chunk_tokens, gradmem.chunk_overlap: how the documents were split into chunks (``gradmem.chunking``; absent
+in parts written before chunkings were recorded).
 
 ``to_table`` builds the table from ``Memories``; ``from_table`` loads it back into ``Memories`` and refuses a
 table written by another reader or in another format version.
@@ -34,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from gradmem.chunking import Chunking
 from gradmem.memory import Memories, WriteStats
 
 RECORD_FORMAT_VERSION = 1
@@ -66,7 +69,7 @@ def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int],
     return digest.hexdigest()[:32]
 
 
-def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
+def schema(m: int, d: int, fingerprint: str, chunking: Chunking | None = None) -> pa.Schema:
     fields = [
         pa.field("memory_id", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
@@ -85,7 +88,7 @@ def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
         pa.field("write_time_s", pa.float64(), nullable=False),
     ]
     metadata = {"format_version": RECORD_FORMAT_VERSION, "m": m, "d": d, "dtype": "float32",
-                "reader_fingerprint": fingerprint}
+                "reader_fingerprint": fingerprint, **(chunking.metadata() if chunking is not None else {})}
     return pa.schema(fields, metadata={f"{_META}{k}": str(v) for k, v in metadata.items()})
 
 
@@ -93,11 +96,12 @@ def to_table(
     memories: Memories, doc_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
     write_time_s: Sequence[float] | float = 0.0, chunks: Sequence[int] | None = None,
     n_chunks: Sequence[int] | None = None, recon_greedy: Sequence[float] | None = None,
-    memory_ids: Sequence[str] | None = None,
+    memory_ids: Sequence[str] | None = None, chunking: Chunking | None = None,
 ) -> pa.Table:
     """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id).
     ``memory_ids``: those ids when the caller already computed them with ``memory_id`` for these memories'
-    reader and write setting (the batch job does, to skip what the store holds); None: computed here."""
+    reader and write setting (the batch job does, to skip what the store holds); None: computed here.
+    ``chunking``: the store's chunking, recorded in the schema metadata (None: not recorded)."""
     n = len(memories)
     if not (len(doc_ids) == len(token_ids) == n) or (memory_ids is not None and len(memory_ids) != n):
         raise ValueError(f"need one doc_id and one token list per memory: {n} memories, {len(doc_ids)} ids, "
@@ -128,7 +132,7 @@ def to_table(
         "recon_greedy": [float(x) for x in recon_greedy] if recon_greedy is not None else [None] * n,
         "write_time_s": times,
     }
-    sch = schema(m, d, memories.fingerprint)
+    sch = schema(m, d, memories.fingerprint, chunking)
     return pa.table([pa.array(columns[f.name], type=f.type) if f.name != "memory" else columns["memory"] for f in sch],
                     schema=sch)
 

@@ -27,8 +27,15 @@ Guarantees
   store already holds is skipped before it reaches a writer, and parts are immutable, named by their rows'
   identities and published without ever replacing a file (``gradmem.store``), so a run killed at any point and
   started again ends with every record exactly once; temporary files of killed runs are removed at the next run.
-  One output store holds one reader and one write setting (checked on the parts, not only the manifest);
-  another is refused.
+  One output store holds one reader, one write setting and one chunking (checked on the parts, not only the
+  manifest); another is refused.
+- Chunking (``--chunk``): a document over the reader's ``max_context_tokens`` is split into ordered chunks of
+  ``chunk_tokens`` tokens (default: that maximum), each repeating ``chunk_overlap`` tokens of the one before
+  (``gradmem.chunking``); every chunk becomes a memory (doc_id, chunk, n_chunks), none is dropped, and the manifest
+  counts a document complete only when all its chunks are stored. The chunking is recorded in every memories
+  part's metadata and in the manifest (``chunk_tokens``, ``chunk_overlap``). Without ``--chunk`` the store's
+  chunking is the reader's maximum with no overlap (longer documents are ``too_long``), so a later run with
+  ``--chunk`` and no other chunk setting adds to the same store.
 
 Not supported: two jobs writing the same output at once (the manifest would report the duplicates).
 """
@@ -47,9 +54,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gradmem import records
+from gradmem.chunking import Chunking
 from gradmem.config import declared
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore
@@ -88,11 +96,37 @@ class CompressConfig:
     cpus_per_prepare_task: float = Field(0.5, gt=0, description="CPUs of each parse + tokenize task (cheap; a "
                                          "different request keeps them unfused)")
     chunk: bool = Field(False, description="split over-long documents into ordered chunks instead of rejecting them")
+    chunk_tokens: int | None = Field(None, ge=1, description="with chunk: tokens per chunk, at most the reader's "
+                                     "max_context_tokens (None: that maximum)")
+    chunk_overlap: int = Field(0, ge=0, description="with chunk: tokens each chunk repeats from the end of the one "
+                               "before it (fewer than the chunk size)")
     greedy_check: bool = Field(True, description="measure free-running reconstruction accuracy (one decoding step "
                                "per token)")
     compile: bool = Field(False, description="torch.compile each writer's backbone (pays off on large corpora)")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
+
+    @model_validator(mode="after")
+    def _chunk_settings(self) -> "CompressConfig":
+        if not self.chunk and (self.chunk_tokens is not None or self.chunk_overlap):
+            raise ValueError("chunk_tokens and chunk_overlap say how documents are split: set chunk (--chunk) too")
+        if self.chunk_tokens is not None:
+            Chunking(tokens=self.chunk_tokens, overlap=self.chunk_overlap)  # the one check of a chunking
+        return self
+
+    def chunking(self, max_context_tokens: int) -> Chunking:
+        """This run's chunking for a reader that accepts ``max_context_tokens``: ``chunk_tokens`` (default: that
+        maximum) and ``chunk_overlap``; without ``chunk``, that maximum and no overlap (longer documents are
+        ``too_long``). A ValueError when the chunking does not fit the reader."""
+        tokens = max_context_tokens if self.chunk_tokens is None else self.chunk_tokens
+        if tokens > max_context_tokens:
+            raise ValueError(f"chunk_tokens {tokens} is over the reader's max_context_tokens ({max_context_tokens}): "
+                             "a chunk must fit one WRITE")
+        try:
+            return Chunking(tokens=tokens, overlap=self.chunk_overlap)
+        except ValueError as e:
+            raise ValueError(f"chunk_overlap {self.chunk_overlap} with chunks of the reader's max_context_tokens "
+                             f"({tokens}): {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -390,9 +424,12 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
-            target: float | None, min_steps: int, chunk: bool, existing_ref) -> pa.Table:
+            target: float | None, min_steps: int, chunk: bool, existing_ref,
+            chunking: Chunking | None = None) -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
-    task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``."""
+    task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``.
+    ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap)."""
+    chunking = chunking or Chunking(tokens=spec["max_context_tokens"])
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
     memory_keys, error_ids = _existing(existing_ref)
     out: list[dict] = []
@@ -410,7 +447,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
             error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
         else:
             try:
-                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk,
+                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
                                         memory_keys, error_ids))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
@@ -419,8 +456,11 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
-                 target: float | None, min_steps: int, chunk: bool, memory_keys: set, error_ids: set) -> list[dict]:
-    """The chunks of one valid record, each to write or held (``error`` records why there are none)."""
+                 target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
+                 error_ids: set) -> list[dict]:
+    """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
+    ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
+    fits one chunk is one chunk, as without ``chunk``)."""
     limit = spec["max_context_tokens"]
     if not text or not ids:
         error(row, "empty", records.ERROR_REASONS["empty"])
@@ -428,7 +468,7 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
     if len(ids) > limit and not chunk:
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
-    pieces = [ids[k : k + limit] for k in range(0, len(ids), limit)]
+    pieces = chunking.split(ids) if chunk else [ids]
     mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
     held_by = _held_documents(memory_keys)
     other = [c for c, mid in enumerate(mids) if held_by.get((row["doc_id"], c), mid) != mid]
@@ -495,7 +535,7 @@ class MemoryWriter:
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
                  lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
-                 threads: int):
+                 threads: int, chunking: Chunking | None = None):
         import torch
 
         from gradmem import Reader
@@ -513,6 +553,7 @@ class MemoryWriter:
         self.store = MemoryStore(where.filesystem, where.path)
         self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
         self.batch_size, self.greedy_check = batch_size, greedy_check
+        self.chunking = chunking  # recorded in each memories part's metadata
         self.metrics = WriterMetrics()  # memories written, error rows by reason, write seconds, steps used
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -548,6 +589,7 @@ class MemoryWriter:
                 write_time_s=seconds / len(good), chunks=[r["chunk"] for r in kept],
                 n_chunks=[r["n_chunks"] for r in kept], recon_greedy=greedy,
                 memory_ids=[r["memory_id"] for r in kept],  # computed once, upstream, for this reader and setting
+                chunking=self.chunking,
             )
             self.store.write_part("memories", table)
         if errors:
@@ -563,11 +605,12 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
-                  min_steps: int) -> None:
+                  min_steps: int, chunking: Chunking | None = None) -> None:
     """One store, one reader and one write setting (K, alpha, the adaptive target and min steps): refuse to mix (memories could
     not be served together). An adaptive store's memories differ in ``steps_used``, never in the setting. The
     parts themselves are checked, not only the manifest: a first run killed before its manifest still binds.
-    Parts and manifests written before adaptive writes existed hold fixed-K writes (target None, min steps 0)."""
+    Parts and manifests written before adaptive writes existed hold fixed-K writes (target None, min steps 0).
+    And one chunking (``_check_chunking``; None: this run does not chunk)."""
     mine = (spec.fingerprint, steps, lr, target, min_steps)
     prior = store.manifest()
     if prior is not None:
@@ -585,6 +628,19 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
                    if c in settings.column_names else [before[c]] * settings.num_rows for c in names]
         for theirs in sorted(set(zip(*columns)), key=str):
             _refuse_other(store, (spec.fingerprint, *theirs), mine)
+    _check_chunking(store, spec, chunking or Chunking(tokens=spec.max_context_tokens))  # None: unchunked
+
+
+def _check_chunking(store: MemoryStore, spec: ReaderSpec, chunking: Chunking) -> None:
+    """One store, one chunking: a chunk number names other text under another chunking, so a document chunked one
+    way beside another chunked another way could not be read by one rule (checked on the parts, and the manifest)."""
+    before = Chunking(tokens=spec.max_context_tokens)  # what parts written before chunkings were recorded hold
+    for where, theirs in sorted(store.chunkings(before, spec.fingerprint).items()):
+        if theirs != chunking:
+            name = where.rsplit("/", 1)[-1]
+            raise ValueError(f"output {store.root} holds memories chunked at {theirs} ({name}); this run would chunk "
+                             f"at {chunking}. Rerun with --chunk-tokens {theirs.tokens} --chunk-overlap "
+                             f"{theirs.overlap}, or use another --output.")
 
 
 def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
@@ -716,14 +772,15 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     goal = spec.target_accuracy if cfg.target_accuracy is None else float(cfg.target_accuracy)
     floor = (spec.min_write_steps if goal is not None else 0) if cfg.min_steps is None else int(cfg.min_steps)
     check_write("inference", steps, goal, floor)  # before any record is prepared
+    chunking = cfg.chunking(spec.max_context_tokens)
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal, floor)
+    _check_output(store, spec, steps, lr, goal, floor, chunking)
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
-    logger.info("compressing %d files from %s with reader %s (K=%d, lr=%g) into %s", len(files), cfg.input,
-                spec.fingerprint, steps, lr, cfg.output)
+    logger.info("compressing %d files from %s with reader %s (K=%d, lr=%g, %s) into %s", len(files), cfg.input,
+                spec.fingerprint, steps, lr, f"chunks of {chunking}" if cfg.chunk else "no chunking", cfg.output)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver logs documents/s and ETA instead
@@ -736,7 +793,8 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": steps,
-                   "lr": lr, "target": goal, "min_steps": floor, "chunk": cfg.chunk, "existing_ref": existing_ref},
+                   "lr": lr, "target": goal, "min_steps": floor, "chunk": cfg.chunk, "existing_ref": existing_ref,
+                   "chunking": chunking},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     inputs = input_keys.num_rows
@@ -752,7 +810,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
                                "fingerprint": spec.fingerprint, "steps": steps, "lr": lr, "target": goal,
                                "min_steps": floor, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor))},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": chunking},
     )
     todo = max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))  # roughly what is left to do
     done = {"memories": 0, "errors": 0, "documents": 0, "tokens": 0, "padded_tokens": 0, "write_s": 0.0}
@@ -775,7 +833,7 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
         "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "write_target": goal, "write_min_steps": floor,
         "m": spec.num_memory,
-        "d": spec.d_model, "chunked": cfg.chunk, **counts,
+        "d": spec.d_model, "chunked": cfg.chunk, **chunking.describe(), **counts,
         "this_run": {**done, "wall_s": round(wall, 3), "write_pass_s": round(write_pass, 3), "padding": round(1 - done["tokens"] / done["padded_tokens"], 4)
                      if done["padded_tokens"] else 0.0},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
