@@ -57,7 +57,7 @@ from pydantic import Field, field_validator, model_validator
 from benchmarks import common
 from benchmarks.common import (deep_merge, pct, device_name, git_commit, jsonable, save_figure, write_atomic,
                                write_json_atomic)
-from benchmarks.sweep import SweepConfig, sweep_record, sweep_section, tune
+from benchmarks.sweep import SweepConfig, run_sweep, sweep_record, sweep_section, tune
 from benchmarks.sweep import apply as sweep_apply
 from gradmem.config import METHODS, ConfigError, declared, from_dict, known_method, override, to_dict
 from gradmem.train import TrainConfig, Trainer, evaluate
@@ -292,11 +292,12 @@ class CapacityConfig(BenchmarkConfig):
         return self
 
     # -- the cells
-    def cell_config(self, spec: MethodSpec, pairs: int, output: Path | None = None) -> TrainConfig:
+    def cell_config(self, spec: MethodSpec, pairs: int, output: Path | None = None, tuned: bool = True) -> TrainConfig:
         """The TrainConfig of one cell: base, then the method's overrides, then its method, K, alpha, budget, N.
 
         With ``curriculum`` the cell warm-starts from the same method's reader at the previous N; that reader lives
-        under ``output`` (``runs/<method>_N<prev>/reader``; a placeholder path when no output is given)."""
+        under ``output`` (``runs/<method>_N<prev>/reader``; a placeholder path when no output is given). ``tuned``:
+        with the lr and alpha its sweep picked, when known."""
         data = method_sections(self.base, spec, spec.write_lr[pairs] if isinstance(spec.write_lr, dict) else spec.write_lr)
         data["task"] = {**(data.get("task") or {}), "pairs": pairs}
         previous = self.previous_pairs(pairs)
@@ -304,15 +305,27 @@ class CapacityConfig(BenchmarkConfig):
             root = Path(output) if output is not None else Path("OUTPUT")
             data["model"] = {**(data.get("model") or {}), "warm_start": str(root / "runs" / cell_name(spec, previous) / "reader")}
         cfg = TrainConfig.from_dict(data)
-        return sweep_apply(cfg, self.tuning[spec.name]) if spec.name in self.tuning else cfg
+        pick = self.tuning.get(self.sweep_name(spec, pairs))
+        return sweep_apply(cfg, pick) if tuned and pick is not None else cfg
 
     def sweep_pairs(self) -> int:
-        """The N the sweep's candidates train at."""
+        """The N the sweep's candidates train at (one sweep per method)."""
         return self.sweep.pairs if self.sweep and self.sweep.pairs is not None else min(self.pairs)
 
-    def tuned_ready(self, spec: MethodSpec) -> bool:
-        """Whether this method's cells can be built as they will train (no sweep, or its pick is known)."""
-        return self.sweep is None or spec.name in self.tuning
+    def per_pairs(self) -> bool:
+        """Whether every (method, N) cell is swept on its own (``sweep.per_pairs``) rather than once per method."""
+        return self.sweep is not None and self.sweep.per_pairs
+
+    def sweep_name(self, spec: MethodSpec, pairs: int) -> str:
+        """The sweep record that tunes a cell: the cell's own (per_pairs) or its method's."""
+        return cell_name(spec, pairs) if self.per_pairs() else spec.name
+
+    def sweep_names(self) -> list[str]:
+        return [cell_name(s, n) for s, n in self.cells()] if self.per_pairs() else [s.name for s in self.methods]
+
+    def tuned_ready(self, spec: MethodSpec, pairs: int) -> bool:
+        """Whether this cell can be built as it will train (no sweep, or its pick is known)."""
+        return self.sweep is None or self.sweep_name(spec, pairs) in self.tuning
 
     def previous_pairs(self, pairs: int) -> int | None:
         """The N a curriculum cell at ``pairs`` starts from (None: from scratch)."""
@@ -431,7 +444,7 @@ def finished_cells(cfg: CapacityConfig, output: Path) -> dict[str, dict[str, Any
     """The cells already finished under ``output`` (by this process or another one working on other methods)."""
     results = {}
     for spec, pairs in cfg.cells():
-        if not cfg.tuned_ready(spec):  # its sweep has not picked yet, so none of its cells can be finished
+        if not cfg.tuned_ready(spec, pairs):  # its sweep has not picked yet, so the cell cannot be finished
             continue
         path = output / "cells" / f"{cell_name(spec, pairs)}.json"
         if path.exists():
@@ -458,7 +471,9 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
     log_budgets(cfg)
-    if cfg.sweep is not None:
+    if cfg.per_pairs():  # the picks recorded so far; the other cells are swept in the loop below, just before each
+        cfg = cfg.with_tuning({n: r["picked"] for n in cfg.sweep_names() if (r := sweep_record(output, n)) is not None})
+    elif cfg.sweep is not None:
         cfg = cfg.with_tuning(tune(cfg.methods, cfg.sweep, output, lambda spec: cfg.cell_config(spec, cfg.sweep_pairs()),
                                    only=only, run=not report_only, device=device))
 
@@ -475,6 +490,10 @@ def run_capacity(cfg: CapacityConfig, output: str | os.PathLike, max_steps: int 
     for spec, pairs in todo:
         index = cells.index((spec, pairs)) + 1
         cell_started = time.perf_counter()
+        if not cfg.tuned_ready(spec, pairs):  # per_pairs: this cell's own sweep, from the cell's own start
+            record = run_sweep(cell_name(spec, pairs), spec.method, cfg.cell_config(spec, pairs, output, tuned=False),
+                               cfg.sweep, output, device=device, warm_start=True)
+            cfg = cfg.with_tuning({**cfg.tuning, cell_name(spec, pairs): record["picked"]})
         cell = run_cell(cfg, spec, pairs, output, index, len(cells), device=device)
         write_json_atomic(output / "cells" / f"{cell['cell']}.json", cell)
         shutil.rmtree(output / "runs" / cell["cell"] / "checkpoints", ignore_errors=True)  # reader/ stays
@@ -514,7 +533,7 @@ def write_results(cfg: CapacityConfig, output: Path, cells: dict[str, dict[str, 
         **meta, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": wall_s, "cells_wall_s": sum(c["train_wall_s"] + c["eval_wall_s"] for c in ordered),
         "complete": len(ordered) == len(cfg.cells()), "config": cfg.to_dict(), "cells": ordered,
-        "sweep": {s.name: r for s in cfg.methods if (r := sweep_record(output, s.name)) is not None},
+        "sweep": {n: r for n in cfg.sweep_names() if (r := sweep_record(output, n)) is not None},
     })
     write_json_atomic(output / "results.json", summary)
     write_atomic(output / "results.md", render_markdown(cfg, summary))

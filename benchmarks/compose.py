@@ -131,6 +131,9 @@ class ComposeConfig(BenchmarkConfig):
     def _cells(self) -> "ComposeConfig":
         """Fail before any training: every cell's TrainConfig builds, and a key-value READ of the longest document
         fits the backbone's positions (bAbI's lengths are only known from its data: the READ refuses them then)."""
+        if self.sweep is not None and (self.sweep.pairs is not None or self.sweep.per_pairs):
+            raise ValueError("sweep.pairs and sweep.per_pairs are capacity settings: the composition benchmark sweeps "
+                             "every (method, regime) cell on its own documents")
         for spec in self.methods:
             for regime in self.regimes:
                 try:

@@ -45,11 +45,15 @@ class SweepConfig:
         default_factory=list, description="alpha candidates, GradMem only (empty: keep its alpha)")
     max_steps: int = Field(500, ge=1, description="each candidate's training budget")
     pairs: int | None = Field(None, ge=1, description="capacity only: the N candidates train at (None: the smallest N)")
+    per_pairs: bool = Field(False, description="capacity only: sweep every (method, N) cell just before it trains, "
+                                               "from the cell's own start (its curriculum warm start included)")
 
     @model_validator(mode="after")
     def _has_candidates(self) -> "SweepConfig":
         if not self.lr and not self.write_lr:
             raise ValueError("sweep needs candidates: sweep.lr and/or sweep.write_lr")
+        if self.per_pairs and self.pairs is not None:
+            raise ValueError("sweep.pairs and sweep.per_pairs exclude each other (per_pairs sweeps at every N)")
         return self
 
     @classmethod
@@ -87,12 +91,15 @@ def apply(cfg: TrainConfig, candidate: dict[str, float]) -> TrainConfig:
     return TrainConfig.from_dict(data)
 
 
-def trial_config(cfg: TrainConfig, candidate: dict[str, float], sweep: SweepConfig) -> TrainConfig:
-    """A candidate's short run: the method's cell config with the candidate, ``sweep.max_steps`` steps, from scratch,
-    validation at least 5 times; no wall-time cap (every candidate gets the same steps)."""
+def trial_config(cfg: TrainConfig, candidate: dict[str, float], sweep: SweepConfig,
+                 warm_start: bool = False) -> TrainConfig:
+    """A candidate's short run: the method's cell config with the candidate, ``sweep.max_steps`` steps, from scratch
+    (``warm_start``: from the cell's own warm start, as it will train), validation at least 5 times; no wall-time
+    cap (every candidate gets the same steps)."""
     data = apply(cfg, candidate).to_dict()
     data["optim"]["max_steps"] = sweep.max_steps
-    data["model"]["warm_start"] = None
+    if not warm_start:
+        data["model"]["warm_start"] = None
     run = data["run"]
     run.update(max_seconds=None, save_every=0)
     if not run["eval_every"] or run["eval_every"] > sweep.max_steps // 5:
@@ -101,20 +108,21 @@ def trial_config(cfg: TrainConfig, candidate: dict[str, float], sweep: SweepConf
 
 
 def run_sweep(name: str, method: str, cell_config: TrainConfig, sweep: SweepConfig, output: Path,
-              device: str = "cpu") -> dict[str, Any]:
-    """Try every candidate for one method (``name``) on ``cell_config``; write and return the record with the pick.
+              device: str = "cpu", warm_start: bool = False) -> dict[str, Any]:
+    """Try every candidate for one method or cell (``name``) on ``cell_config``; write and return the record with
+    the pick. ``warm_start``: the candidates start from the cell's warm start (else from scratch).
 
     A record already on disk for the same candidates and config is returned as it is (resume)."""
     path = output / "sweep" / f"{name}.json"
-    identity = jsonable({"sweep": asdict(sweep), "config": cell_config.to_dict()})
+    identity = jsonable({"sweep": asdict(sweep), "config": portable(cell_config, output), "warm_start": warm_start})
     if path.is_file():
         done = json.loads(path.read_text())
-        if done.get("identity") == identity:
+        if same_identity(done.get("identity"), identity):
             return done
         raise ValueError(f"{path} was produced by another sweep or config; use another --output or delete it")
     trials = []
     for i, candidate in enumerate(sweep.candidates(method), start=1):
-        trial_cfg = trial_config(cell_config, candidate, sweep)
+        trial_cfg = trial_config(cell_config, candidate, sweep, warm_start)
         run_dir = output / "sweep_runs" / f"{name}_{i}"
         logger.info("sweep %s %d/%d: %s for %d steps", name, i, len(sweep.candidates(method)), candidate,
                     sweep.max_steps)
@@ -133,6 +141,29 @@ def run_sweep(name: str, method: str, cell_config: TrainConfig, sweep: SweepConf
     write_json_atomic(path, record)
     logger.info("sweep %s: picked %s (validation EM %.4f)", name, chosen["candidate"], chosen["validation"]["em"])
     return record
+
+
+def portable(cfg: TrainConfig, output: Path) -> dict[str, Any]:
+    """``cfg`` as a dict with a warm start inside ``output`` named from there (``OUTPUT/runs/...``, as the cells'
+    fingerprints name it), so that a moved output directory keeps its finished sweeps."""
+    data = cfg.to_dict()
+    start = data["model"].get("warm_start")
+    if start and Path(start).resolve().is_relative_to(Path(output).resolve()):
+        data["model"]["warm_start"] = str(Path("OUTPUT") / Path(start).resolve().relative_to(Path(output).resolve()))
+    return data
+
+
+def same_identity(stored: Any, current: dict[str, Any]) -> bool:
+    """Whether a recorded sweep was run with the current candidates and config. The stored sweep settings are read
+    back through today's SweepConfig (and a record without ``warm_start`` started from scratch), so a setting added
+    since, at the default that keeps the old behaviour, does not invalidate a finished sweep."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("sweep"), dict):
+        return False
+    try:
+        settings = asdict(SweepConfig.from_dict(stored["sweep"]))
+    except (TypeError, ValueError):
+        return False
+    return jsonable({**stored, "sweep": settings, "warm_start": stored.get("warm_start", False)}) == current
 
 
 def sweep_record(output: Path, name: str) -> dict[str, Any] | None:

@@ -19,7 +19,9 @@ Columns
                      revision of the same (doc_id, chunk) from the same text. The current memory of a (doc_id,
                      chunk) for a reader is its highest revision (``gradmem.store.current_memories``): publishing
                      the repaired part is the switch. Tables written before the column existed hold revision 0.
-Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint.
+Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint, and
+gradmem.chunk_tokens, gradmem.chunk_overlap: how the documents were split into chunks (``gradmem.chunking``; absent
+in parts written before chunkings were recorded).
 
 ``to_table`` builds the table from ``Memories``; ``from_table`` loads it back into ``Memories`` and refuses a
 table written by another reader or in another format version.
@@ -38,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from gradmem.chunking import Chunking
 from gradmem.memory import Memories, WriteStats
 
 RECORD_FORMAT_VERSION = 1
@@ -70,7 +73,7 @@ def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int],
     return digest.hexdigest()[:32]
 
 
-def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
+def schema(m: int, d: int, fingerprint: str, chunking: Chunking | None = None) -> pa.Schema:
     fields = [
         pa.field("memory_id", pa.string(), nullable=False),
         pa.field("doc_id", pa.string(), nullable=False),
@@ -90,7 +93,7 @@ def schema(m: int, d: int, fingerprint: str) -> pa.Schema:
         pa.field("revision", pa.int32(), nullable=False),
     ]
     metadata = {"format_version": RECORD_FORMAT_VERSION, "m": m, "d": d, "dtype": "float32",
-                "reader_fingerprint": fingerprint}
+                "reader_fingerprint": fingerprint, **(chunking.metadata() if chunking is not None else {})}
     return pa.schema(fields, metadata={f"{_META}{k}": str(v) for k, v in metadata.items()})
 
 
@@ -98,11 +101,13 @@ def to_table(
     memories: Memories, doc_ids: Sequence[str], token_ids: Sequence[Sequence[int]],
     write_time_s: Sequence[float] | float = 0.0, chunks: Sequence[int] | None = None,
     n_chunks: Sequence[int] | None = None, recon_greedy: Sequence[float] | None = None,
-    memory_ids: Sequence[str] | None = None, revisions: Sequence[int] | None = None,
+    memory_ids: Sequence[str] | None = None, chunking: Chunking | None = None,
+    revisions: Sequence[int] | None = None,
 ) -> pa.Table:
     """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id).
     ``memory_ids``: those ids when the caller already computed them with ``memory_id`` for these memories'
     reader and write setting (the batch job does, to skip what the store holds); None: computed here.
+    ``chunking``: the store's chunking, recorded in the schema metadata (None: not recorded).
     ``revisions``: each memory's revision (None: 0, a first write)."""
     n = len(memories)
     if not (len(doc_ids) == len(token_ids) == n) or (memory_ids is not None and len(memory_ids) != n):
@@ -135,7 +140,7 @@ def to_table(
         "write_time_s": times,
         "revision": [int(r) for r in revisions] if revisions is not None else [0] * n,
     }
-    sch = schema(m, d, memories.fingerprint)
+    sch = schema(m, d, memories.fingerprint, chunking)
     return pa.table([pa.array(columns[f.name], type=f.type) if f.name != "memory" else columns["memory"] for f in sch],
                     schema=sch)
 

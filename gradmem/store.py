@@ -62,6 +62,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from gradmem.atomic import TMP_PREFIX, write_atomic  # one temporary-name prefix: clean_temporaries finds both
+from gradmem.chunking import Chunking, recorded
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class MemoryStore:
         self._checked: dict[str, str | None] = {}  # part path -> why it is skipped (None: readable); parts are immutable
         self.skipped: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
         self._fingerprints: dict[str, str] = {}  # readable part path -> reader fingerprint in its metadata
+        self._metadata: dict[str, dict[str, str]] = {}  # readable part path -> its gradmem.* schema metadata
 
     def _dir(self, kind: str) -> str:
         if kind not in KINDS:
@@ -271,15 +273,21 @@ class MemoryStore:
             return "not a part: a key column has an extension type"
         if kind == "memories" and not isinstance(sch.field("memory").type, pa.FixedShapeTensorType):
             return f"not a memories part: 'memory' is {sch.field('memory').type}, not arrow.fixed_shape_tensor"
-        fingerprint = records.table_metadata(sch).get("reader_fingerprint")
+        metadata = records.table_metadata(sch)
+        fingerprint = metadata.get("reader_fingerprint")
         if kind == "memories" and not fingerprint:
             return "not a memories part: no gradmem.reader_fingerprint metadata"
         self._fingerprints[path] = fingerprint or ""
+        self._metadata[path] = metadata
         return None
 
     def fingerprints(self, kind: str = "memories") -> dict[str, str]:
         """Readable part -> the reader fingerprint its metadata names."""
         return {p: self._fingerprints[p] for p in self.valid_parts(kind)}
+
+    def metadata(self, kind: str = "memories") -> dict[str, dict[str, str]]:
+        """Readable part -> its ``gradmem.*`` schema metadata (without the prefix): fingerprint, chunking, ..."""
+        return {p: self._metadata[p] for p in self.valid_parts(kind)}
 
     def read(self, kind: str, columns: Iterable[str] | None = None, parts: list[str] | None = None) -> pa.Table | None:
         """All rows of ``kind`` (or of the given parts) as one table; None when there are none. Parts that
@@ -321,6 +329,17 @@ class MemoryStore:
 
     def skipped_counts(self) -> dict[str, int]:
         return {kind: len(paths) for kind, paths in self.skipped.items()}
+
+    def chunkings(self, default: Chunking, fingerprint: str | None = None) -> dict[str, Chunking]:
+        """Every chunking this store records, by where it is recorded: ``manifest.json`` and each memories part
+        (only the parts of reader ``fingerprint`` when given: another reader's parts are refused anyway). What
+        was written before chunkings were recorded counts as ``default`` (the reader's limit, no overlap)."""
+        found = {path: recorded(meta, default) for path, meta in self.metadata("memories").items()
+                 if fingerprint is None or meta.get("reader_fingerprint") == fingerprint}
+        manifest = self.manifest()
+        if manifest is not None:
+            found["manifest.json"] = recorded(manifest, default)
+        return found
 
     def manifest(self) -> dict[str, Any] | None:
         return self._read_json(MANIFEST)
@@ -417,12 +436,28 @@ def describe_readers(store: MemoryStore) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- lookups
+class IncompleteDocument(LookupError):
+    """A chunked document whose chunks are not all in the store (or disagree on how many there are)."""
+
+    def __init__(self, doc_id: str, n_chunks: int, missing: list[int], counts: list[int], beyond: list[int]):
+        self.doc_id, self.n_chunks, self.missing = doc_id, n_chunks, missing
+        if len(counts) > 1:
+            what = f"its chunks disagree on how many there are ({', '.join(map(str, counts))})"
+        elif beyond:
+            what = f"chunk {beyond[0]} lies outside its {n_chunks} chunks"
+        else:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            what = f"chunk{'s' if len(missing) > 1 else ''} {shown} of {n_chunks} missing from the store"
+        super().__init__(f"document {doc_id!r} is incomplete: {what}")
+
+
 class MemoryIndex:
     """Where each memory lives, over the store's readable parts.
 
     ``by_doc``: (doc_id, chunk) -> memory_id; ``entries``: (doc_id, chunk) -> that row's entry (its own doc_id,
     part, n_chunks, fingerprint, revision); ``by_id``: memory_id -> the first entry indexed with that memory.
-    Documents with the same text share a memory_id but keep their own entries: look rows up with ``entry``.
+    Documents with the same text share a memory_id but keep their own entries: look rows up with ``entry``, and
+    all the chunks of a document, in chunk order, with ``document``.
 
     ``fingerprint``: the reader whose memories ``by_doc`` and ``entries`` hold (a service's served reader); None:
     whichever reader wrote a (doc_id, chunk) first. ``writers`` keeps every reader's current entry of each
@@ -442,6 +477,7 @@ class MemoryIndex:
         self.by_doc: dict[tuple[str, int], str] = {}
         self.entries: dict[tuple[str, int], dict[str, Any]] = {}
         self.writers: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+        self.chunks: dict[str, set[int]] = {}  # doc_id -> the chunk numbers indexed, whatever parts hold them
         self.parts: set[str] = set()
         self.conflicts = 0
 
@@ -482,11 +518,27 @@ class MemoryIndex:
             return 0  # any reader (no fingerprint): the first reader seen keeps the document
         self.by_doc[key] = entry["memory_id"]
         self.entries[key] = entry
+        self.chunks.setdefault(entry["doc_id"], set()).add(entry["chunk"])
         return int(shown is None)
 
     def written_by(self, doc_id: str, chunk: int = 0) -> list[str]:
         """The readers holding a current memory of (doc_id, chunk), indexed or not."""
         return sorted(self.writers.get((doc_id, chunk), {}))
+
+    def document(self, doc_id: str) -> list[dict[str, Any]] | None:
+        """The entries of every chunk of ``doc_id``, in chunk order, wherever the store's parts put them; None when
+        the document is unknown. ``IncompleteDocument`` when a chunk is missing or the chunks disagree on their
+        count: a READ over what is there would answer from part of the document without saying so."""
+        found = {c: self.entries[(doc_id, c)] for c in self.chunks.get(doc_id, ()) if (doc_id, c) in self.entries}
+        if not found:
+            return None
+        counts = sorted({e["n_chunks"] for e in found.values()})
+        wanted = counts[-1]
+        missing = [c for c in range(wanted) if c not in found]
+        beyond = sorted(c for c in found if not 0 <= c < wanted)
+        if len(counts) > 1 or missing or beyond:
+            raise IncompleteDocument(doc_id, wanted, missing, counts, beyond)
+        return [found[c] for c in range(wanted)]
 
     def entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int = 0) -> dict[str, Any] | None:
         """The row asked for: by doc_id (and chunk) the row of that doc_id, by memory_id the first row with

@@ -10,6 +10,13 @@ On this machine (no RAY_ADDRESS: a local Ray is started and stopped by the job):
 
     python jobs/compress.py --reader runs/demo/reader --input corpus/ --output runs/demo/memories --actors 2
 
+Long documents: --chunk splits a document over the reader's max_context_tokens into ordered chunks, one memory
+each (--chunk-tokens T per chunk, default that maximum; --chunk-overlap O tokens repeated from the chunk before,
+default 0). The chunking is recorded in the store; a later run on the same --output must use the same one:
+
+    python jobs/compress.py --reader runs/demo/reader --input corpus/ --output runs/demo/memories \
+        --chunk --chunk-tokens 64 --chunk-overlap 8
+
 --input: a .jsonl file (one {"id", "text"} object per line), a .json file (JSON lines or one JSON array), a
 Parquet file with string id and text columns, or a directory of such files and/or .txt files (id = the file name
 without .txt), local or s3://. Output:

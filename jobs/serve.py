@@ -5,6 +5,7 @@ On this machine (no RAY_ADDRESS: a local Ray is started; Ctrl-C stops the servic
     python jobs/serve.py --reader runs/demo/reader --memories runs/demo/memories
     curl -s localhost:8000/v1/query -H 'content-type: application/json' \
         -d '{"doc_id": "doc-0", "questions": ["?!ab:"], "max_new_tokens": 4}'
+    # a chunked document: over all its chunks at once (at most --max-chunks-per-query), or one: "chunk": 2
 
 On a cluster (memories on S3; the service keeps running after the job returns with --detach):
 

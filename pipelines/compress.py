@@ -27,12 +27,20 @@ Guarantees
   store already holds is skipped before it reaches a writer, and parts are immutable, named by their rows'
   identities and published without ever replacing a file (``gradmem.store``), so a run killed at any point and
   started again ends with every record exactly once; temporary files of killed runs are removed at the next run.
-  A reader's first writes into a store share one write setting (checked on the parts, not only the manifest);
-  another is refused, and so is another reader's store unless it is an upgrade (pipelines/maintain.py) or the
-  store's served-reader pointer names this reader. Everything is counted over this reader's current memories
-  (``gradmem.store.current_memories``): repaired revisions and other readers' memories never count twice.
+  A reader's first writes into a store share one write setting, and the store one chunking (checked on the
+  parts, not only the manifest); another is refused, and so is another reader's store unless it is an upgrade
+  (pipelines/maintain.py) or the store's served-reader pointer names this reader. Everything is counted over this
+  reader's current memories (``gradmem.store.current_memories``): repaired revisions and other readers' memories
+  never count twice.
 - ``open_run`` and ``write_pass`` are the pipeline's two halves: pipelines/maintain.py runs them for a repair
   (``write_pass`` with a plan: only the planned chunks, as their next revision) and an upgrade.
+- Chunking (``--chunk``): a document over the reader's ``max_context_tokens`` is split into ordered chunks of
+  ``chunk_tokens`` tokens (default: that maximum), each repeating ``chunk_overlap`` tokens of the one before
+  (``gradmem.chunking``); every chunk becomes a memory (doc_id, chunk, n_chunks), none is dropped, and the manifest
+  counts a document complete only when all its chunks are stored. The chunking is recorded in every memories
+  part's metadata and in the manifest (``chunk_tokens``, ``chunk_overlap``). Without ``--chunk`` the store's
+  chunking is the reader's maximum with no overlap (longer documents are ``too_long``), so a later run with
+  ``--chunk`` and no other chunk setting adds to the same store.
 
 Not supported: two jobs writing the same output at once (the manifest would report the duplicates).
 """
@@ -51,9 +59,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gradmem import records
+from gradmem.chunking import Chunking
 from gradmem.config import declared
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore, current_memories, describe_readers
@@ -92,11 +101,37 @@ class CompressConfig:
     cpus_per_prepare_task: float = Field(0.5, gt=0, description="CPUs of each parse + tokenize task (cheap; a "
                                          "different request keeps them unfused)")
     chunk: bool = Field(False, description="split over-long documents into ordered chunks instead of rejecting them")
+    chunk_tokens: int | None = Field(None, ge=1, description="with chunk: tokens per chunk, at most the reader's "
+                                     "max_context_tokens (None: that maximum)")
+    chunk_overlap: int = Field(0, ge=0, description="with chunk: tokens each chunk repeats from the end of the one "
+                               "before it (fewer than the chunk size)")
     greedy_check: bool = Field(True, description="measure free-running reconstruction accuracy (one decoding step "
                                "per token)")
     compile: bool = Field(False, description="torch.compile each writer's backbone (pays off on large corpora)")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (None: AWS_ENDPOINT_URL)")
     progress_every_s: float = Field(10.0, gt=0, description="seconds between progress lines")
+
+    @model_validator(mode="after")
+    def _chunk_settings(self) -> "CompressConfig":
+        if not self.chunk and (self.chunk_tokens is not None or self.chunk_overlap):
+            raise ValueError("chunk_tokens and chunk_overlap say how documents are split: set chunk (--chunk) too")
+        if self.chunk_tokens is not None:
+            Chunking(tokens=self.chunk_tokens, overlap=self.chunk_overlap)  # the one check of a chunking
+        return self
+
+    def chunking(self, max_context_tokens: int) -> Chunking:
+        """This run's chunking for a reader that accepts ``max_context_tokens``: ``chunk_tokens`` (default: that
+        maximum) and ``chunk_overlap``; without ``chunk``, that maximum and no overlap (longer documents are
+        ``too_long``). A ValueError when the chunking does not fit the reader."""
+        tokens = max_context_tokens if self.chunk_tokens is None else self.chunk_tokens
+        if tokens > max_context_tokens:
+            raise ValueError(f"chunk_tokens {tokens} is over the reader's max_context_tokens ({max_context_tokens}): "
+                             "a chunk must fit one WRITE")
+        try:
+            return Chunking(tokens=tokens, overlap=self.chunk_overlap)
+        except ValueError as e:
+            raise ValueError(f"chunk_overlap {self.chunk_overlap} with chunks of the reader's max_context_tokens "
+                             f"({tokens}): {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -402,11 +437,14 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
-            target: float | None, min_steps: int, chunk: bool, existing_ref, plan_ref=None) -> pa.Table:
+            target: float | None, min_steps: int, chunk: bool, existing_ref,
+            chunking: Chunking | None = None, plan_ref=None) -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``.
+    ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap).
     ``plan_ref``: a repair's plan (``RepairTarget`` per (doc_id, chunk)): only those chunks are written, as their
     next revision; every other chunk is held."""
+    chunking = chunking or Chunking(tokens=spec["max_context_tokens"])
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
     memory_keys, error_ids = _existing(existing_ref)
     plan = _fetch(plan_ref, dict)
@@ -425,7 +463,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
             error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
         else:
             try:
-                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk,
+                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
                                         memory_keys, error_ids, plan))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
@@ -434,9 +472,11 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
-                 target: float | None, min_steps: int, chunk: bool, memory_keys: set, error_ids: set,
-                 plan: dict | None = None) -> list[dict]:
-    """The chunks of one valid record, each to write or held (``error`` records why there are none)."""
+                 target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
+                 error_ids: set, plan: dict | None = None) -> list[dict]:
+    """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
+    ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
+    fits one chunk is one chunk, as without ``chunk``)."""
     limit = spec["max_context_tokens"]
     if not text or not ids:
         error(row, "empty", records.ERROR_REASONS["empty"])
@@ -444,7 +484,7 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
     if len(ids) > limit and not chunk:
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
-    pieces = [ids[k : k + limit] for k in range(0, len(ids), limit)]
+    pieces = chunking.split(ids) if chunk else [ids]
     mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
     if plan is not None:
         return _repair_rows(row, text, pieces, mids, spec["fingerprint"], plan, memory_keys)
@@ -552,7 +592,7 @@ class MemoryWriter:
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
                  lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
-                 threads: int):
+                 threads: int, chunking: Chunking | None = None):
         import torch
 
         from gradmem import Reader
@@ -570,6 +610,7 @@ class MemoryWriter:
         self.store = MemoryStore(where.filesystem, where.path)
         self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
         self.batch_size, self.greedy_check = batch_size, greedy_check
+        self.chunking = chunking  # recorded in each memories part's metadata
         self.metrics = WriterMetrics()  # memories written, error rows by reason, write seconds, steps used
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -605,6 +646,7 @@ class MemoryWriter:
                 write_time_s=seconds / len(good), chunks=[r["chunk"] for r in kept],
                 n_chunks=[r["n_chunks"] for r in kept], recon_greedy=greedy,
                 memory_ids=[r["memory_id"] for r in kept],  # computed once, upstream, for this reader and setting
+                chunking=self.chunking,
                 revisions=[r.get("revision") or 0 for r in kept],  # a repair's next revision; 0: a first write
             )
             self.store.write_part("memories", table)
@@ -621,12 +663,13 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
-                  min_steps: int, mode: str = "compress") -> None:
+                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress") -> None:
     """One reader's first writes into a store share one write setting (K, alpha, the adaptive target and min
     steps): refuse to mix (memories could not be served together). An adaptive store's memories differ in
     ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a first run
     killed before its manifest still binds. Parts and manifests written before adaptive writes existed hold
-    fixed-K writes (target None, min steps 0).
+    fixed-K writes (target None, min steps 0). And one chunking (``_check_chunking``; None: this run does not
+    chunk), whatever the mode.
 
     ``mode``: "compress" also refuses memories of another reader, unless the store's served-reader pointer names
     this one (an upgraded store: the old reader's memories stay beside it); "upgrade" (another reader's memories
@@ -640,21 +683,31 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
                               prior.get("write_target"), prior.get("write_min_steps", 0)), mine)
     names = ("write_steps", "write_lr", "write_target", "write_min_steps")
     rows = store.read_memories(names)
-    if rows is None:
-        return
-    fingerprints = set(rows.column("fingerprint").to_pylist())
+    fingerprints = set(rows.column("fingerprint").to_pylist()) if rows is not None else set()
     if mode == "compress" and (served is None or served["fingerprint"] != spec.fingerprint):
         for fp in sorted(fingerprints - {spec.fingerprint}):
             raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
                              "Use another --output (or jobs/maintain.py upgrade to add this reader's memories).")
-    if mode == "repair":
-        return
-    first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
-                                pc.equal(rows.column("revision"), 0)))
-    before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
-    columns = [[before.get(c) if v is None else v for v in first.column(c).to_pylist()] for c in names]
-    for theirs in sorted(set(zip(*columns)), key=str):
-        _refuse_other(store, (spec.fingerprint, *theirs), mine)
+    if rows is not None and mode != "repair":
+        first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
+                                    pc.equal(rows.column("revision"), 0)))
+        before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
+        columns = [[before.get(c) if v is None else v for v in first.column(c).to_pylist()] for c in names]
+        for theirs in sorted(set(zip(*columns)), key=str):
+            _refuse_other(store, (spec.fingerprint, *theirs), mine)
+    _check_chunking(store, spec, chunking or Chunking(tokens=spec.max_context_tokens))  # None: unchunked
+
+
+def _check_chunking(store: MemoryStore, spec: ReaderSpec, chunking: Chunking) -> None:
+    """One store, one chunking: a chunk number names other text under another chunking, so a document chunked one
+    way beside another chunked another way could not be read by one rule (checked on the parts, and the manifest)."""
+    before = Chunking(tokens=spec.max_context_tokens)  # what parts written before chunkings were recorded hold
+    for where, theirs in sorted(store.chunkings(before, spec.fingerprint).items()):
+        if theirs != chunking:
+            name = where.rsplit("/", 1)[-1]
+            raise ValueError(f"output {store.root} holds memories chunked at {theirs} ({name}); this run would chunk "
+                             f"at {chunking}. Rerun with --chunk-tokens {theirs.tokens} --chunk-overlap "
+                             f"{theirs.overlap}, or use another --output.")
 
 
 def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
@@ -799,6 +852,7 @@ class Run:
     target: float | None
     min_steps: int
     store: MemoryStore
+    chunking: Chunking  # how --chunk splits a document (recorded in parts and the manifest)
 
     @property
     def setting(self) -> tuple[int, float, float | None, int]:
@@ -825,11 +879,12 @@ def open_run(cfg: CompressConfig, mode: str = "compress") -> Run:
     goal = spec.target_accuracy if cfg.target_accuracy is None else float(cfg.target_accuracy)
     floor = (spec.min_write_steps if goal is not None else 0) if cfg.min_steps is None else int(cfg.min_steps)
     check_write("inference", steps, goal, floor)  # before any record is prepared
+    chunking = cfg.chunking(spec.max_context_tokens)
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal, floor, mode)
-    return Run(cfg, spec, steps, lr, goal, floor, store)
+    _check_output(store, spec, steps, lr, goal, floor, chunking, mode)
+    return Run(cfg, spec, steps, lr, goal, floor, store, chunking)
 
 
 def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None) -> Pass:
@@ -842,9 +897,9 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
     cfg, spec, store = run.cfg, run.spec, run.store
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
-    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g) into %s", "compressing" if plan is None else
+    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s) into %s", "compressing" if plan is None else
                 f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.steps, run.lr,
-                cfg.output)
+                f"chunks of {run.chunking}" if cfg.chunk else "no chunking", cfg.output)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver logs documents/s and ETA instead
@@ -859,7 +914,7 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": run.steps,
                    "lr": run.lr, "target": run.target, "min_steps": run.min_steps, "chunk": cfg.chunk,
-                   "existing_ref": existing_ref, "plan_ref": plan_ref},
+                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     stale = _stale_chunks(prepared) if plan is not None else []
@@ -877,7 +932,7 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
                                "fingerprint": spec.fingerprint, "steps": run.steps, "lr": run.lr, "target": run.target,
                                "min_steps": run.min_steps, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor))},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
     )
     todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
     done = {"memories": 0, "errors": 0, "documents": 0, "tokens": 0, "padded_tokens": 0, "write_s": 0.0}
@@ -923,7 +978,7 @@ def compress(cfg: CompressConfig, mode: str = "compress") -> dict[str, Any]:
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
         "reader": cfg.reader, "input": cfg.input, "write_steps": run.steps, "write_lr": run.lr,
         "write_target": run.target, "write_min_steps": run.min_steps, "m": spec.num_memory,
-        "d": spec.d_model, "chunked": cfg.chunk, **counts,
+        "d": spec.d_model, "chunked": cfg.chunk, **run.chunking.describe(), **counts,
         "this_run": this_run(done.done, done.seconds, started),
         "readers": describe_readers(store), "served": store.served(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -5,10 +5,18 @@ read from the store (local or s3://), and answers the questions of concurrent re
 memories, in one batched forward pass (``@serve.batch``).
 
 API (OpenAPI at /openapi.json, docs page at /docs):
-    POST /v1/query            {"doc_id" | "memory_id", "chunk"?, "questions": [...], "max_new_tokens"?}
+    POST /v1/query            {"doc_id" | "memory_id", "chunk"?, "questions": [...], "max_new_tokens"?,
+                               "chunk_tokens"?, "chunk_overlap"?}
     POST /v1/memories         {"doc_id", "text"} -> writes a memory online into the same store
     GET  /v1/memories/{id}    a memory's metadata
-    GET  /healthz             liveness, reader fingerprint, memories indexed
+    GET  /healthz             liveness, reader fingerprint, memories indexed, the store's chunking
+A chunked document (the batch job's --chunk) is answered over all its chunks at once: ``{"doc_id", "questions"}``
+reads ``[M_1; ...; M_c; Q]`` (``gradmem.read.compose``), its chunk memories in chunk order wherever the store's
+parts hold them, at most ``max_chunks_per_query`` of them (413 past it); a chunk missing from the store is a 409,
+never an answer from part of the document. ``{"doc_id", "chunk"}`` reads that one chunk. Requests of documents
+with different chunk counts share a batch (the composed READ pads them). A request may say which chunking it
+assumes (``chunk_tokens``, ``chunk_overlap``, e.g. because it numbered chunks by token offsets): under any other
+than the store's it is refused (409).
 Every error, whatever raised it (a route, validation, routing, an unexpected exception), is JSON
 ``{"error": message, "status": code}`` (``error_response``): 401 bad or missing API key (when a key is set;
 send ``Authorization: Bearer KEY``; everything but /healthz needs it, /docs and /openapi.json included), 404
@@ -38,7 +46,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Awaitable, Callable, Iterator
+from typing import Annotated, Any, Awaitable, Callable, Iterator, NamedTuple
 
 import pyarrow.parquet as pq
 import torch
@@ -53,9 +61,10 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradmem import NonFiniteWriteError, Reader, records
+from gradmem.chunking import Chunking
 from gradmem.config import declared, from_dict, override
 from gradmem.data import tokenize
-from gradmem.store import MemoryIndex, MemoryStore
+from gradmem.store import IncompleteDocument, MemoryIndex, MemoryStore
 from pipelines.metrics import UNMATCHED_ROUTE, ServeMetrics
 from pipelines.served import PointerWatch, Served, initial_reader, load_served
 from pipelines.storage import resolve
@@ -97,6 +106,8 @@ class ServeConfig:
     max_body_bytes: int = Field(1_000_000, ge=1, description="a request body over this is refused (413) while it is "
                                 "read, before parsing")
     max_new_tokens: int = Field(64, ge=1, description="the most answer tokens a request may ask for")
+    max_chunks_per_query: int = Field(16, ge=1, description="the most chunk memories one query over a whole "
+                                      "document reads (composed READ); a longer document: 413 (ask by chunk)")
     default_new_tokens: int = Field(16, ge=1, description="answer tokens when a request does not say")
     api_key_env: str = Field("GRADMEM_API_KEY", description="the variable holding the key; unset or empty: no key "
                              "required")
@@ -209,6 +220,10 @@ DocId = Annotated[str, StringConstraints(min_length=1, max_length=records.MAX_ID
 MemoryId = Annotated[str, StringConstraints(pattern=MEMORY_ID_PATTERN), AfterValidator(_memory_id)]
 Chunk = Annotated[StrictInt, Field(ge=0, le=MAX_INT32, description="which chunk of a chunked document (doc_id)")]
 NewTokens = Annotated[StrictInt, Field(ge=1, le=MAX_INT32, description="answer length; over the service's limit: 413")]
+ChunkTokens = Annotated[StrictInt, Field(ge=1, le=MAX_INT32, description="the chunk size the request assumes "
+                                         "(409 when the store was chunked otherwise)")]
+ChunkOverlap = Annotated[StrictInt, Field(ge=0, le=MAX_INT32, description="the chunk overlap the request assumes "
+                                          "(409 when the store was chunked otherwise)")]
 
 
 class QueryRequest(BaseModel):
@@ -217,6 +232,8 @@ class QueryRequest(BaseModel):
     chunk: Chunk | None = None
     questions: list[Text] = Field(..., min_length=1)
     max_new_tokens: NewTokens | None = None
+    chunk_tokens: ChunkTokens | None = None
+    chunk_overlap: ChunkOverlap | None = None
 
     @model_validator(mode="after")
     def one_id(self) -> "QueryRequest":
@@ -226,10 +243,12 @@ class QueryRequest(BaseModel):
 
 
 class QueryResponse(BaseModel):
-    memory_id: str
+    memory_id: str  # the memory read; over a whole chunked document, its first chunk's (all in memory_ids)
     doc_id: str
     reader_fingerprint: str
     answers: list[str]
+    memory_ids: list[str]  # every memory the READ composed, in chunk order
+    chunks: list[int]  # their chunk numbers
 
 
 class WriteRequest(BaseModel):
@@ -254,8 +273,9 @@ class ErrorBody(BaseModel):
 ERROR_MEANINGS = {
     401: "missing or wrong API key (when the service has one)",
     404: "unknown memory or document",
-    409: "the memory was written by another reader, holds NaN/inf, or the doc_id already holds other content",
-    413: "body, text, questions or answer length over the service's limits",
+    409: "the memory was written by another reader, holds NaN/inf, or the doc_id already holds other content; a "
+         "chunk of the document is missing from the store; the request assumes another chunking than the store's",
+    413: "body, text, questions, answer length or a document's chunks over the service's limits",
     415: "the body is not JSON",
     422: "malformed request",
     500: "unexpected failure (logged by the service)",
@@ -464,6 +484,46 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error: the service logged it")
 
 
+# ---------------------------------------------------------------------------------------------- the batched READ
+class ReadItem(NamedTuple):
+    """One question of a request, as it joins a READ batch (checked by the replica before it joins)."""
+
+    memories: torch.Tensor  # (c, P, d) its document's memories in chunk order (c = 1: one memory)
+    rows: torch.Tensor  # (c,) rows of each the READ sees
+    q_ids: list[int]  # the question's token ids
+    budget: int  # max new tokens
+    reader: Reader | None = None  # the request's reader (pipelines/served.py); None: the caller's one reader
+
+
+def answer_items(reader: Reader, items: list[ReadItem]) -> list[str]:
+    """Greedy answers to a batch of questions from different requests, each over its own document's memories
+    composed in chunk order (``[M_1; ...; M_c; Q]``): documents with different chunk counts share one pass, the
+    composed READ pads them. Requests asking for different answer lengths get one pass per length."""
+    out: list[str | None] = [None] * len(items)
+    for budget in sorted({item.budget for item in items}):
+        picked = [i for i, item in enumerate(items) if item.budget == budget]
+        tensor = torch.cat([items[i].memories for i in picked])  # (N, P, d), N = sum of the c's, item after item
+        rows = torch.cat([items[i].rows for i in picked])  # (N,)
+        chunks = [items[i].memories.shape[0] for i in picked]  # (b,)
+        answers = reader.generate_answers(tensor, rows, [items[i].q_ids for i in picked], budget,
+                                          batch_size=len(picked), chunks=chunks)
+        for i, answer in zip(picked, answers):
+            out[i] = answer
+    return out  # type: ignore[return-value]
+
+
+def answer_by_reader(items: list[ReadItem]) -> list[str]:
+    """``answer_items`` per reader: each request is answered by the reader it started with, so a batch that an
+    upgrade's switch left holding requests of the old reader and the new never mixes them."""
+    out: list[str | None] = [None] * len(items)
+    readers = {id(item.reader): item.reader for item in items}
+    for key, reader in readers.items():
+        picked = [i for i, item in enumerate(items) if id(item.reader) == key]
+        for i, answer in zip(picked, answer_items(reader, [items[i] for i in picked])):
+            out[i] = answer
+    return out  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------------------------------------- the replica
 def _approx_bytes(tensor: torch.Tensor, meta: dict[str, Any]) -> int:
     """A memory's weight in the cache: its tensor plus a rough size of its metadata row."""
@@ -564,6 +624,7 @@ class GradMemService:
         self.store = MemoryStore(target.filesystem, target.path)
         uri, expect = initial_reader(self.store, self.cfg.reader)  # the store's served reader, else --reader
         self.served = load_served(uri, self.store, self.cfg.s3_endpoint, expect)  # reader + index, swapped whole
+        self.chunking = self._store_chunking()
         self.last_refresh = time.monotonic()
         self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes, self.metrics.cache_lookup)
         self._answer_batch.set_max_batch_size(self.cfg.max_batch_size)
@@ -591,6 +652,7 @@ class GradMemService:
         """An upgrade's switch: one assignment. Requests hold the ``Served`` they started with."""
         with self.store_lock:
             self.served = served
+        self.chunking = self._store_chunking()  # as the new reader reads the store's records (the same, normally)
 
     # ------------------------------------------------------------------ helpers (blocking: worker threads only)
     def _maybe_refresh(self, served: Served | None = None) -> None:
@@ -600,6 +662,20 @@ class GradMemService:
             added = served.index.refresh()
             if added:
                 logger.info("index: %d new memories (%d in all)", added, len(served.index))
+                self.chunking = self._store_chunking()
+
+    def _store_chunking(self) -> Chunking | None:
+        """The chunking the store records: its manifest's (the batch job checked every part against it), else
+        the one its parts of this reader record; an empty store: the reader's limit, no overlap (which online
+        writes then record). None, logged, when parts without a manifest disagree: no query may assume one."""
+        default = Chunking(tokens=self.reader.max_context_tokens)
+        found = self.store.chunkings(default, self.fingerprint)
+        if "manifest.json" in found:
+            return found["manifest.json"]
+        if len(set(found.values())) > 1:
+            logger.error("the store's parts record several chunkings: %s", sorted({str(c) for c in found.values()}))
+            return None
+        return next(iter(found.values()), default)
 
     def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None,
                served: Served | None = None) -> dict:
@@ -621,13 +697,43 @@ class GradMemService:
                            f"{served.fingerprint}; rewrite it with this reader")
         if entry is None:
             raise ApiError(404, f"unknown {what}")
-        if doc_id is not None and chunk is None and entry["n_chunks"] > 1:
-            raise ApiError(422, f"document {doc_id!r} was split into {entry['n_chunks']} chunks: give 'chunk' "
-                           f"(0..{entry['n_chunks'] - 1})")
+        self._check_reader(entry, served)
+        return entry
+
+    def _check_reader(self, entry: dict, served: Served) -> None:
         if entry["fingerprint"] != served.fingerprint:
             raise ApiError(409, f"memory {entry['memory_id']} was written by reader {entry['fingerprint']}, not by the "
                            f"served reader {served.fingerprint}; rewrite it with this reader")
-        return entry
+
+    def _document(self, doc_id: str, served: Served) -> list[dict]:
+        """The index entries of every chunk of ``doc_id`` in chunk order (caller holds store_lock), checked before
+        any memory is read: known, complete (a chunk not yet indexed is looked for once more), within
+        ``max_chunks_per_query``, written by the served reader (``served``: this request's)."""
+        for attempt in range(2):
+            try:
+                entries = served.index.document(doc_id)
+            except IncompleteDocument as e:
+                entries, incomplete = None, e
+            else:
+                incomplete = None
+                if entries is not None:
+                    break
+            if attempt == 0:
+                self._maybe_refresh(served)
+        if incomplete is not None:
+            raise ApiError(409, f"{incomplete}: it cannot be answered as a whole (ask by 'chunk', or rewrite it)")
+        writers = served.index.written_by(doc_id, 0) if entries is None else []
+        if writers:  # the document exists, only not for this reader (an upgrade not yet complete for it)
+            raise ApiError(409, f"document {doc_id!r} was written by reader {', '.join(writers)}, not by the served "
+                           f"reader {served.fingerprint}; rewrite it with this reader")
+        if entries is None:
+            raise ApiError(404, f"unknown document {doc_id!r}")
+        if len(entries) > self.cfg.max_chunks_per_query:
+            raise ApiError(413, f"document {doc_id!r} has {len(entries)} chunks: at most "
+                           f"{self.cfg.max_chunks_per_query} per query; ask by 'chunk' (0..{len(entries) - 1})")
+        for entry in entries:
+            self._check_reader(entry, served)
+        return entries
 
     def _load(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None,
               served: Served | None = None) -> tuple[dict, torch.Tensor, dict[str, Any]]:
@@ -636,55 +742,69 @@ class GradMemService:
             tensor, meta = self.cache.get(entry)
         return entry, tensor, meta
 
+    def _load_query(self, body: QueryRequest, served: Served) -> list[tuple[dict, torch.Tensor, dict[str, Any]]]:
+        """The memories a query reads, in chunk order: by doc_id alone every chunk of the document (one for an
+        unchunked one), else the one memory named."""
+        if body.doc_id is None or body.chunk is not None:
+            return [self._load(body.memory_id, body.doc_id, body.chunk, served)]
+        with self.store_lock:
+            return [(entry, *self.cache.get(entry)) for entry in self._document(body.doc_id, served)]
+
     def _prepare_query(self, body: QueryRequest, budget: int,
-                       served: Served) -> tuple[dict, torch.Tensor, int, list[list[int]]]:
+                       served: Served) -> tuple[list[dict], torch.Tensor, torch.Tensor, list[list[int]]]:
         """The blocking part of a query (index refresh, store read, tokenization), run in a worker thread so
         that the event loop keeps answering other requests meanwhile. Every check of a READ happens here, once
-        (the memory's reader in ``_entry``; finiteness, its rows and the questions' length below), not in the
-        batch: one bad request must not fail a batch shared with other requests. Returns the entry, the memory
-        (P, d), the rows of it the READ sees and the question token ids. ``served``: the reader and index this
-        request uses from start to end (an upgrade's switch meanwhile does not mix readers)."""
-        entry, tensor, meta = self._load(body.memory_id, body.doc_id, body.chunk, served)
-        if not torch.isfinite(tensor).all():
-            raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
-        try:
-            rows = int(served.reader.prefix_rows(tensor[None], torch.tensor([meta["n_context_tokens"]]))[0])
-        except ValueError as e:
-            raise ApiError(409, f"memory {entry['memory_id']} cannot be read: {e}") from e
+        (the memory's reader in ``_entry``/``_document``; finiteness, its rows and the questions' length below),
+        not in the batch: one bad request must not fail a batch shared with other requests. Returns the entries,
+        the memories (c, P, d) in chunk order, the rows of each the READ sees (c,) and the question token ids.
+        ``served``: the reader and index this request uses from start to end (an upgrade's switch meanwhile does
+        not mix readers)."""
+        loaded = self._load_query(body, served)
+        rows = []
+        for entry, tensor, meta in loaded:
+            if not torch.isfinite(tensor).all():
+                raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
+            try:
+                rows.append(int(served.reader.prefix_rows(tensor[None],
+                                                          torch.tensor([meta["n_context_tokens"]]))[0]))
+            except ValueError as e:
+                raise ApiError(409, f"memory {entry['memory_id']} cannot be read: {e}") from e
         q_ids = tokenize(served.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
         try:
-            served.reader.check_questions([rows] * len(q_ids), q_ids, budget)
+            served.reader.check_questions([sum(rows)] * len(q_ids), q_ids, budget)  # every chunk's rows, composed
         except ValueError as e:
             raise ApiError(413, str(e)) from e
-        return entry, tensor, rows, q_ids
+        tensors = torch.stack([tensor for _, tensor, _ in loaded])  # (c, P, d)
+        return [entry for entry, _, _ in loaded], tensors, torch.tensor(rows), q_ids
+
+    def _check_assumed_chunking(self, body: QueryRequest) -> None:
+        """Fail closed when the request says which chunking it assumes and the store's is another (or unknown)."""
+        if body.chunk_tokens is None and body.chunk_overlap is None:
+            return
+        have = self.chunking
+        if have is None:
+            raise ApiError(409, "this store records conflicting chunkings: no query can rely on one")
+        if body.chunk_tokens not in (None, have.tokens) or body.chunk_overlap not in (None, have.overlap):
+            assumed = ", ".join(f"{k} {v}" for k, v in (("chunk_tokens", body.chunk_tokens),
+                                                        ("chunk_overlap", body.chunk_overlap)) if v is not None)
+            raise ApiError(409, f"this store's documents were chunked at {have}; the request assumes {assumed}: its "
+                           "chunks would be other text")
 
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _answer_batch(self, items: list[tuple[torch.Tensor, int, list[int], int, Reader]]) -> list[str]:
-        """One greedy pass for the questions of many requests, each over its own memory (m, d), per reader (an
-        upgrade's switch can leave requests of the old reader and the new in one batch)."""
+    async def _answer_batch(self, items: list["ReadItem"]) -> list[str]:
+        """One greedy pass for the questions of many requests, each over its own document's memories, per reader
+        (an upgrade's switch can leave requests of the old reader and the new in one batch)."""
         self.metrics.batch_size.observe(len(items))
         async with self.lock:
-            return await asyncio.to_thread(self._answer_now, items)
-
-    def _answer_now(self, items: list[tuple[torch.Tensor, int, list[int], int, Reader]]) -> list[str]:
-        """items: (memory (P, d), rows of it the READ sees, question token ids, max new tokens, the request's
-        reader), all checked in ``_prepare_query``: the READ takes the memories and their rows as they are."""
-        out: list[str | None] = [None] * len(items)
-        readers = {id(item[4]): item[4] for item in items}
-        for key, budget in sorted({(id(item[4]), item[3]) for item in items}):  # per reader and answer length
-            picked = [i for i, item in enumerate(items) if item[3] == budget and id(item[4]) == key]
-            tensor = torch.stack([items[i][0] for i in picked])  # (b, P, d)
-            rows = torch.tensor([items[i][1] for i in picked])  # (b,)
-            for i, answer in zip(picked, readers[key].generate_answers(tensor, rows, [items[i][2] for i in picked],
-                                                                      budget, batch_size=len(picked))):
-                out[i] = answer
-        return out  # type: ignore[return-value]
+            return await asyncio.to_thread(answer_by_reader, items)
 
     # ------------------------------------------------------------------ routes (the key is checked by Guard)
     @app.get("/healthz", responses=errors(413, 500))
     async def healthz(self) -> dict:
         return {"status": "ok", "reader_fingerprint": self.fingerprint, "memories": len(self.index),
+                "chunking": self.chunking.describe() if self.chunking is not None else None,  # None: conflicting
+                "max_chunks_per_query": self.cfg.max_chunks_per_query,
                 "cache": {"size": len(self.cache.items), "bytes": self.cache.bytes, "hits": self.cache.hits,
                           "misses": self.cache.misses}}
 
@@ -697,11 +817,14 @@ class GradMemService:
         budget = body.max_new_tokens or self.cfg.default_new_tokens
         if budget > self.cfg.max_new_tokens:
             raise ApiError(413, f"max_new_tokens {budget} is over this service's limit of {self.cfg.max_new_tokens}")
+        self._check_assumed_chunking(body)
         served = self.served  # this request's reader and index, to the end
-        entry, tensor, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget, served)
-        answers = await asyncio.gather(*(self._answer_batch((tensor, rows, q, budget, served.reader)) for q in q_ids))
-        return QueryResponse(memory_id=entry["memory_id"], doc_id=entry["doc_id"], reader_fingerprint=served.fingerprint,
-                             answers=list(answers))
+        entries, tensors, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget, served)
+        answers = await asyncio.gather(*(self._answer_batch(ReadItem(tensors, rows, q, budget, served.reader))
+                                         for q in q_ids))
+        return QueryResponse(memory_id=entries[0]["memory_id"], doc_id=entries[0]["doc_id"],
+                             reader_fingerprint=served.fingerprint, answers=list(answers),
+                             memory_ids=[e["memory_id"] for e in entries], chunks=[e["chunk"] for e in entries])
 
     @app.post("/v1/memories", response_model=WriteResponse, responses=errors(401, 409, 413, 415, 422, 500))
     async def write(self, body: WriteRequest) -> WriteResponse:
@@ -717,14 +840,20 @@ class GradMemService:
         ids = tokenize(served.reader.tokenizer, [body.text])[0]
         if not ids:
             raise ApiError(422, "text has no tokens: there is nothing to write")
-        if len(ids) > served.reader.max_context_tokens:
-            raise ApiError(413, f"text has {len(ids)} tokens, over the reader's maximum of {served.reader.max_context_tokens}")
+        limit = min(self.chunking.tokens if self.chunking is not None else served.reader.max_context_tokens,
+                    served.reader.max_context_tokens)
+        if len(ids) > limit:  # the store's chunk size, at most the reader's maximum: a memory as the store's hold
+            raise ApiError(413, f"text has {len(ids)} tokens, over this store's chunk size of {limit} (the batch job, "
+                           "jobs/compress.py --chunk, splits longer documents)")
         cfg = served.reader.config  # the reader's own write setting, an adaptive target included
         steps, lr, goal, floor = cfg.write_steps, cfg.write_lr, cfg.target_accuracy, cfg.min_write_steps
         mid = records.memory_id(served.fingerprint, steps, lr, ids, goal, floor)
         with self.store_lock:
             self._maybe_refresh(served)
             known = served.index.by_doc.get((body.doc_id, 0))
+            chunks = served.index.entries[(body.doc_id, 0)]["n_chunks"] if known is not None else 1
+        if chunks > 1:
+            raise ApiError(409, f"document {body.doc_id!r} is already stored as {chunks} chunks; use a new doc_id")
         if known == mid:
             self.metrics.online_write(created=False)
             return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=served.fingerprint)
@@ -738,7 +867,8 @@ class GradMemService:
             raise ApiError(422, f"the WRITE produced NaN/inf for this text: {e}") from e
         greedy = served.reader.reconstruct(memories, [ids]).tolist()
         seconds = time.perf_counter() - start
-        table = records.to_table(memories, [body.doc_id], [ids], write_time_s=seconds, recon_greedy=greedy)
+        table = records.to_table(memories, [body.doc_id], [ids], write_time_s=seconds, recon_greedy=greedy,
+                                 chunking=self.chunking)
         part = self.store.write_part("memories", table)
         with self.store_lock:
             served.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,

@@ -24,8 +24,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if "ray_cluster" in getattr(item, "fixturenames", ()):  # `make test` (-n 2 --dist loadgroup): every test on
-            item.add_marker(pytest.mark.xdist_group("ray"))      # the one Ray cluster runs in one worker, in order
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(ray_group(item.module.__name__)))
+
+
+# `make test` runs two pytest workers (-n 2 --dist loadgroup). The Ray tests make two groups, each kept in order in
+# one worker on that worker's own cluster (the cluster fixture is per session, and each worker is one session):
+# training (Ray Train, DeepSpeed, jobs) and data (Ray Data compression, Ray Serve). Each group spends most of its
+# time waiting on processes (cluster and worker start-up, checkpoints, HTTP), so the two overlap on two cores.
+RAY_TRAIN_MODULES = {"test_distributed", "test_jobs"}
+
+
+def ray_group(module: str) -> str:
+    return "ray-train" if module.rsplit(".", 1)[-1] in RAY_TRAIN_MODULES else "ray-data"
 
 # Tiny models gain nothing from a second OpenMP thread, and two spinning threads on a shared 2-core machine
 # (Ray workers, a second process) slow every small op down by an order of magnitude.
@@ -117,10 +128,12 @@ def ray_cluster(s3):
     os.environ.update(s3.env)
     gcs, metrics = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="gm-ray-")  # this cluster's own: teardown stops it and nothing else
-    # the job agent on a free port, not Ray's fixed 52365: a second cluster (another checkout's tests) took it
+    # the job agent and the client server on free ports, not Ray's fixed 52365 and 10001: the other pytest worker's
+    # cluster (or another checkout's tests) may hold them
     subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    f"--dashboard-agent-listen-port={_port()}", "--node-ip-address=127.0.0.1",
+                    f"--dashboard-agent-listen-port={_port()}", f"--ray-client-server-port={_port()}",
+                    "--node-ip-address=127.0.0.1",
                     f"--metrics-export-port={metrics}", "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # daemons inherit these: no pipes
     address = f"127.0.0.1:{gcs}"

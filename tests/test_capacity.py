@@ -138,6 +138,36 @@ def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, caplog):
     assert summary["cells"][0]["budget"]["trained_steps"] == 30
 
 
+def test_per_pairs_sweeps_every_cell_from_its_curriculum_start(tmp_path, caplog):
+    """``sweep.per_pairs``: each (method, N) cell is swept just before it trains, its candidates starting where the
+    cell starts (N = 2 from the method's N = 1 reader), and the cell trains with its own pick; a rerun sweeps
+    nothing again."""
+    data = yaml.safe_load(SMOKE.read_text())
+    data.update(methods=data["methods"][:2], curriculum=True, eval_samples=16,
+                sweep={"lr": [0.003, 0.0003], "write_lr": [0.5, 1.0], "max_steps": 6, "per_pairs": True})
+    data["run"].update(eval_every=3, eval_samples=16)
+    cfg = CapacityConfig.from_dict(data)
+    summary = run_capacity(cfg, tmp_path, max_steps=6)
+    names = ["gradmem_k1_N1", "rmt_N1", "gradmem_k1_N2", "rmt_N2"]
+    assert [c["cell"] for c in summary["cells"]] == names and sorted(summary["sweep"]) == sorted(names)
+    for cell in summary["cells"]:
+        record = summary["sweep"][cell["cell"]]
+        assert len(record["trials"]) == (4 if cell["method"] == "gradmem" else 2)
+        assert cell["cell_config"]["train"]["optim"]["lr"] == record["picked"]["lr"]
+        start = record["identity"]["config"]["model"]["warm_start"]
+        if cell["pairs"] == 2:  # the candidates started from the N = 1 reader, as the cell did
+            assert start == f"OUTPUT/runs/{cell['name']}_N1/reader" and record["identity"]["warm_start"]
+            assert cell["cell_config"]["train"]["model"]["warm_start"] == start
+            trial = yaml.safe_load((tmp_path / "sweep_runs" / f"{cell['cell']}_1" / "config.yaml").read_text())
+            assert trial["model"]["warm_start"] == str(tmp_path / "runs" / f"{cell['name']}_N1" / "reader")
+        else:
+            assert start is None
+    caplog.set_level("INFO", logger="benchmarks.sweep")
+    caplog.clear()
+    again = run_capacity(cfg, tmp_path, max_steps=6)
+    assert again["complete"] and not [r for r in caplog.records if r.name == "benchmarks.sweep"]
+
+
 # ------------------------------------------------------------------------------------------ bad configs
 def smoke_dict() -> dict:
     return yaml.safe_load(SMOKE.read_text())
@@ -161,6 +191,7 @@ def smoke_dict() -> dict:
     ({"pair": [1]}, r"pair: unknown key \(a typo\?\)"),
     ({"tuning": {"rmt": {"lr": 0.1}}}, "tuning: set from the sweep records"),
     ({"sweep": {"lr": [1e-3], "pairs": 4}}, r"sweep\.pairs: 4 must be one of pairs \[1, 2\]"),
+    ({"sweep": {"lr": [1e-3], "pairs": 1, "per_pairs": True}}, "exclude each other"),
     ({"task": {"name": "babi"}}, "key-value task"),
     ({"model": {"max_positions": 20}}, "needs model.max_positions >= 21"),
     ({"optim": {"attention": "sdpa"}}, "double backward"),

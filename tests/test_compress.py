@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from gradmem import Reader, records
+from gradmem.chunking import Chunking, recorded
+from gradmem.data import tokenize
 from gradmem.store import MemoryStore
 from gradmem.tasks.kv import KVTask, exact_match
 from conftest import make_reader, exported_names, scrape, unmoved, wait_for
@@ -103,6 +105,12 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
     split = [resolve_duplicates(t, {"c": (-1, "g:1")}, (set(), set())).to_pylist() for t in (twice.slice(0, 3),
                                                                                                twice.slice(3))]
     assert [r["reason"] for part in split for r in part if r["doc_id"] == "c"] == ["duplicate_id"]
+    # the job's chunk size and overlap: 320 tokens in chunks of 60 every 40 tokens
+    overlapping = prepare(batch, chunk=True, chunking=Chunking(tokens=60, overlap=20), **kwargs).to_pylist()
+    pieces = [r["token_ids"] for r in overlapping if r["doc_id"] == "c"]
+    assert pieces == Chunking(tokens=60, overlap=20).split(tokenize(reader.tokenizer, [long_text])[0])
+    assert len(pieces) == 8
+    assert [r["n_chunks"] for r in overlapping if r["doc_id"] == "c"] == [8] * 8
 
     done = {("a", 0, rows[0]["memory_id"])}, {records.error_id("f:2", "b", None, "empty")}
     again = prepare(batch, chunk=False, **{**kwargs, "existing_ref": done})
@@ -274,19 +282,40 @@ def test_the_writers_metrics_move_on_ray_prometheus_endpoint(ray_cluster, kv_rea
 
 
 def test_chunked_documents_become_ordered_memories(ray_cluster, kv_reader_dir, tmp_path):
+    """Every chunk of every document is written, split by the job's chunk size and overlap, and the manifest
+    accounts for them; the chunking is recorded in the manifest and every part, and a rerun with another chunking
+    (unchunked included: the reader's maximum, no overlap) is refused before anything is written."""
     corpus = tmp_path / "in"
     corpus.mkdir()
     exs = KVTask(1).examples(30, seed=[2, 2])
-    (corpus / "docs.jsonl").write_text("\n".join(json.dumps({"id": f"d{i}", "text": e.context * (1 + 10 * (i % 3))})
-                                                 for i, e in enumerate(exs)))  # 8, 88 and 168 tokens
+    texts = {f"d{i}": e.context * (1 + 10 * (i % 3)) for i, e in enumerate(exs)}  # 8, 88 and 168 tokens
+    (corpus / "docs.jsonl").write_text("\n".join(json.dumps({"id": d, "text": t}) for d, t in texts.items()))
     out = tmp_path / "out"
-    manifest = compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), chunk=True))
-    assert manifest["complete"] and manifest["errors"] == 0 and manifest["extra_chunks"] == 10
-    mem = MemoryStore(pafs.LocalFileSystem(), str(out)).read("memories", ["doc_id", "chunk", "n_chunks", "n_context_tokens"])
+    cfg = CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), chunk=True, chunk_tokens=60,
+                         chunk_overlap=20, greedy_check=False)
+    manifest = compress(cfg)
+    # stride 40: 8 tokens -> 1 chunk, 88 -> [0:60] [40:88], 168 -> [0:60] [40:100] [80:140] [120:168]
+    assert manifest["complete"] and manifest["errors"] == 0 and manifest["extra_chunks"] == 10 * 1 + 10 * 3
+    assert (manifest["chunk_tokens"], manifest["chunk_overlap"], manifest["chunked"]) == (60, 20, True)
+    store = MemoryStore(pafs.LocalFileSystem(), str(out))
+    mem = store.read("memories", ["doc_id", "chunk", "n_chunks", "n_context_tokens", "memory_id"])
     rows = sorted(mem.to_pylist(), key=lambda r: (int(r["doc_id"][1:]), r["chunk"]))
     assert [(r["doc_id"], r["chunk"], r["n_chunks"], r["n_context_tokens"]) for r in rows if r["doc_id"] == "d2"] == \
-        [("d2", 0, 2, 100), ("d2", 1, 2, 68)]
-    assert manifest["memories"] == 30 + 10 and manifest["inputs"] == 30
+        [("d2", 0, 4, 60), ("d2", 1, 4, 60), ("d2", 2, 4, 60), ("d2", 3, 4, 48)]
+    assert manifest["memories"] == 30 + 40 and manifest["inputs"] == 30
+    reader = Reader.from_pretrained(kv_reader_dir)
+    chunking = Chunking(tokens=60, overlap=20)
+    expected = [(d, c, records.memory_id(reader.fingerprint, reader.config.write_steps, reader.config.write_lr, piece))
+                for d, ids in zip(texts, tokenize(reader.tokenizer, list(texts.values())))
+                for c, piece in enumerate(chunking.split(ids))]
+    assert sorted((r["doc_id"], r["chunk"], r["memory_id"]) for r in rows) == sorted(expected)  # the very tokens
+    assert {recorded(m, Chunking(tokens=1)) for m in store.metadata("memories").values()} == {chunking}
+
+    for other in ({"chunk_tokens": 50}, {"chunk_overlap": 0}, {"chunk": False, "chunk_tokens": None,
+                                                                "chunk_overlap": 0}):
+        with pytest.raises(ValueError, match="holds memories chunked at 60 tokens per chunk, overlap 20"):
+            compress(CompressConfig(**{**cfg.__dict__, **other}))
+    assert store.manifest() == manifest  # nothing written by the refused runs
 
 
 def _wait_for_no_writers(address: str, timeout: float = 60) -> None:
