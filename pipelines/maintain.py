@@ -21,7 +21,9 @@ holds both readers' memories (the manifest's ``readers`` says which is which). I
 reader's memories account for every input (the manifest's ``complete``), writes the served-reader pointer
 (``MemoryStore.write_served``) in one atomic replacement; services switch when they see it
 (pipelines/served.py). Documents written online by the old reader (not in the input) are not upgraded: the
-service answers 409 for them, naming the reader that wrote them.
+service answers 409 for them, naming the reader that wrote them. Error rows are keyed by input, not by reader, so
+an input the old reader recorded as an error (``non_finite`` included) stays that error for the new reader and is
+not retried.
 
 Not supported: two maintenance or compression jobs on one store at once (as for compression).
 """
