@@ -15,6 +15,10 @@ Columns
     recon_accuracy   teacher-forced reconstruction accuracy of the final memory
     recon_greedy     free-running (greedy) reconstruction accuracy with the write head; null when not measured
     write_time_s     seconds of WRITE per context (a batch's time shared by its contexts)
+    revision         0 for a document's first memory by a reader; a repair (pipelines/maintain.py) writes the next
+                     revision of the same (doc_id, chunk) from the same text. The current memory of a (doc_id,
+                     chunk) for a reader is its highest revision (``gradmem.store.current_memories``): publishing
+                     the repaired part is the switch. Tables written before the column existed hold revision 0.
 Schema metadata: gradmem.format_version, gradmem.m, gradmem.d, gradmem.dtype, gradmem.reader_fingerprint, and
 gradmem.chunk_tokens, gradmem.chunk_overlap: how the documents were split into chunks (``gradmem.chunking``; absent
 in parts written before chunkings were recorded).
@@ -86,6 +90,7 @@ def schema(m: int, d: int, fingerprint: str, chunking: Chunking | None = None) -
         pa.field("recon_accuracy", pa.float32(), nullable=False),
         pa.field("recon_greedy", pa.float32(), nullable=True),
         pa.field("write_time_s", pa.float64(), nullable=False),
+        pa.field("revision", pa.int32(), nullable=False),
     ]
     metadata = {"format_version": RECORD_FORMAT_VERSION, "m": m, "d": d, "dtype": "float32",
                 "reader_fingerprint": fingerprint, **(chunking.metadata() if chunking is not None else {})}
@@ -97,11 +102,13 @@ def to_table(
     write_time_s: Sequence[float] | float = 0.0, chunks: Sequence[int] | None = None,
     n_chunks: Sequence[int] | None = None, recon_greedy: Sequence[float] | None = None,
     memory_ids: Sequence[str] | None = None, chunking: Chunking | None = None,
+    revisions: Sequence[int] | None = None,
 ) -> pa.Table:
     """One row per memory. ``token_ids`` are the context tokens that were written (they define memory_id).
     ``memory_ids``: those ids when the caller already computed them with ``memory_id`` for these memories'
     reader and write setting (the batch job does, to skip what the store holds); None: computed here.
-    ``chunking``: the store's chunking, recorded in the schema metadata (None: not recorded)."""
+    ``chunking``: the store's chunking, recorded in the schema metadata (None: not recorded).
+    ``revisions``: each memory's revision (None: 0, a first write)."""
     n = len(memories)
     if not (len(doc_ids) == len(token_ids) == n) or (memory_ids is not None and len(memory_ids) != n):
         raise ValueError(f"need one doc_id and one token list per memory: {n} memories, {len(doc_ids)} ids, "
@@ -131,6 +138,7 @@ def to_table(
         "recon_accuracy": memories.stats.accuracy.float().tolist(),
         "recon_greedy": [float(x) for x in recon_greedy] if recon_greedy is not None else [None] * n,
         "write_time_s": times,
+        "revision": [int(r) for r in revisions] if revisions is not None else [0] * n,
     }
     sch = schema(m, d, memories.fingerprint, chunking)
     return pa.table([pa.array(columns[f.name], type=f.type) if f.name != "memory" else columns["memory"] for f in sch],

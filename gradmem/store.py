@@ -2,7 +2,18 @@
 
     ROOT/memories/part-<hash>.parquet   memory records (gradmem.records.schema)
     ROOT/errors/part-<hash>.parquet     inputs that did not become memories (gradmem.records.error_schema)
-    ROOT/manifest.json                  the last batch run's counts, reader fingerprint and write settings
+    ROOT/manifest.json                  the last batch run's counts, reader fingerprint and write settings, and
+                                        which readers and settings the store holds (``describe_readers``)
+    ROOT/served.json                    the served-reader pointer: {"reader", "fingerprint", "switched_at"},
+                                        written by the upgrade job once the new reader's set is complete; the
+                                        service serves that reader (absent: the service's own --reader)
+
+Several readers and write settings (reader upgrades, repairs)
+- Every part names its reader (schema metadata); a store may hold memories of several readers. Each reader has
+  at most one *current* memory per (doc_id, chunk): the one of the highest ``revision`` (a repair writes the next
+  revision from the same text; ``current_memories`` and ``MemoryIndex`` apply this one rule). A repaired memory
+  is one new immutable part, so the moment it is visible it is current and the one it replaces is not: a reader
+  never sees the document without a memory, or with two current ones.
 
 ROOT is any pyarrow filesystem location (a local directory, an S3 bucket/prefix).
 
@@ -45,6 +56,7 @@ import uuid
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -61,6 +73,7 @@ _REQUIRED = {  # what a part of each kind must hold to be read at all
     "errors": {"error_id", "doc_id", "chunk", "n_chunks", "source", "reason"},
 }
 _ALTERNATIVES = 8  # names tried for one part when its own name is taken by a foreign file
+MANIFEST, SERVED = "manifest.json", "served.json"
 TMP_GRACE_S = 15 * 60  # a temporary file older than this belongs to a writer that died (parts take seconds)
 
 
@@ -178,10 +191,21 @@ class MemoryStore:
             raise
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """The manifest is the one mutable file: replaced as a whole (rename locally, one put on S3)."""
-        body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        """The manifest is replaced as a whole (rename locally, one put on S3)."""
+        self._replace_json(MANIFEST, manifest)
+
+    def write_served(self, reader: str, fingerprint: str) -> None:
+        """Point the service at ``reader`` (its location and fingerprint), replacing the pointer as a whole: a
+        service reading it sees the old reader or the new, never half a pointer."""
+        self._replace_json(SERVED, {"reader": reader, "fingerprint": fingerprint,
+                                    "switched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    def _replace_json(self, name: str, value: dict[str, Any]) -> None:
+        """The store's only mutable files (``MANIFEST``, ``SERVED``) are replaced whole: a rename locally, one
+        put (upload, check, server-side copy) on S3."""
+        body = json.dumps(value, indent=2, sort_keys=True).encode()
         self.fs.create_dir(self.root, recursive=True)
-        path = f"{self.root}/manifest.json"
+        path = f"{self.root}/{name}"
         if not self.is_local:
             self._put(path, body)
             return
@@ -318,11 +342,97 @@ class MemoryStore:
         return found
 
     def manifest(self) -> dict[str, Any] | None:
-        path = f"{self.root}/manifest.json"
+        return self._read_json(MANIFEST)
+
+    def served(self) -> dict[str, Any] | None:
+        """The served-reader pointer (``write_served``), or None when no upgrade has set one."""
+        pointer = self._read_json(SERVED)
+        if pointer is not None and not {"reader", "fingerprint"} <= set(pointer):
+            raise ValueError(f"{SERVED} in the store lacks 'reader' or 'fingerprint': {sorted(pointer)}")
+        return pointer
+
+    def _read_json(self, name: str) -> dict[str, Any] | None:
+        path = f"{self.root}/{name}"
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(path) as f:
             return json.loads(f.read().decode())
+
+    def read_memories(self, columns: Iterable[str]) -> pa.Table | None:
+        """``columns`` of every memory row plus ``fingerprint`` (the reader its part names) and ``revision`` (0
+        in parts written before the column existed); None when the store holds no memories."""
+        wanted = [c for c in columns if c not in ("fingerprint", "revision")]
+        by_reader: dict[str, list[str]] = {}
+        for part, fingerprint in self.fingerprints("memories").items():
+            by_reader.setdefault(fingerprint, []).append(part)
+        tables = []
+        for fingerprint, parts in sorted(by_reader.items()):
+            table = self.read("memories", [*wanted, "revision"], parts=parts)
+            if table is None:
+                continue
+            revision = (pc.fill_null(table.column("revision"), 0) if "revision" in table.column_names
+                        else pa.array([0] * table.num_rows, pa.int32()))
+            for name in wanted:  # a column every part of this reader predates (write_target, steps_used): null
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(table.num_rows))
+            table = table.select(wanted).append_column("revision", revision.cast(pa.int32()))
+            tables.append(table.append_column("fingerprint", pa.array([fingerprint] * table.num_rows, pa.string())))
+        return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+# ---------------------------------------------------------------------------------------------- current memories
+def supersedes(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether row ``new`` replaces ``old`` as the current memory of their (reader, doc_id, chunk): a higher
+    revision wins; at an equal revision the row seen first stays (another memory_id there is a conflict)."""
+    return int(new.get("revision") or 0) > int(old.get("revision") or 0)
+
+
+def current_memories(table: pa.Table | None) -> tuple[pa.Table | None, int]:
+    """The current row of each (fingerprint, doc_id, chunk) of ``read_memories`` output (its highest revision;
+    the first such row in table order), and how many other rows share that revision (duplicates: the same
+    memory written twice, or two contents under one id; a superseded revision is not one)."""
+    if table is None:
+        return None, 0
+    keep: dict[tuple, int] = {}
+    ties: dict[tuple, int] = {}
+    rows = table.select(["fingerprint", "doc_id", "chunk", "revision"]).to_pylist()
+    for i, row in enumerate(rows):
+        key = (row["fingerprint"], row["doc_id"], row["chunk"])
+        known = keep.get(key)
+        if known is None or supersedes(row, rows[known]):
+            keep[key], ties[key] = i, 0
+        elif not supersedes(rows[known], row):
+            ties[key] += 1
+    return table.take(pa.array(sorted(keep.values()), pa.int64())), sum(ties.values())
+
+
+_SETTING = ("write_steps", "write_lr", "write_target", "write_min_steps")
+
+
+def describe_readers(store: MemoryStore) -> dict[str, dict[str, Any]]:
+    """Which readers and write settings the store holds: per reader fingerprint, its memories (all rows and
+    current ones), documents, and per write setting (steps, lr, target, min_steps) and revision how many current
+    memories have it. The manifest carries this, so a store of several readers says which is which."""
+    table = store.read_memories(["doc_id", "chunk", "memory_id", *_SETTING])
+    current, _ = current_memories(table)
+    out: dict[str, dict[str, Any]] = {}
+    if table is None:
+        return out
+    for fp in sorted(set(table.column("fingerprint").to_pylist())):
+        out[fp] = {"rows": 0, "memories": 0, "documents": set(), "settings": {}}
+    for row in table.select(["fingerprint"]).to_pylist():
+        out[row["fingerprint"]]["rows"] += 1
+    for row in current.to_pylist():
+        entry = out[row["fingerprint"]]
+        entry["memories"] += 1
+        entry["documents"].add(row["doc_id"])
+        setting = json.dumps([row.get(c) for c in _SETTING] + [row["revision"]])
+        entry["settings"][setting] = entry["settings"].get(setting, 0) + 1
+    for entry in out.values():
+        entry["documents"] = len(entry["documents"])
+        entry["settings"] = [dict(zip([*_SETTING, "revision", "memories"], [*json.loads(k), n]))
+                             for k, n in sorted(entry["settings"].items())]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- lookups
@@ -345,20 +455,28 @@ class MemoryIndex:
     """Where each memory lives, over the store's readable parts.
 
     ``by_doc``: (doc_id, chunk) -> memory_id; ``entries``: (doc_id, chunk) -> that row's entry (its own doc_id,
-    part, n_chunks, fingerprint); ``by_id``: memory_id -> the first entry indexed with that memory. Documents
-    with the same text share a memory_id but keep their own entries: look rows up with ``entry``, and all the
-    chunks of a document, in chunk order, with ``document``.
+    part, n_chunks, fingerprint, revision); ``by_id``: memory_id -> the first entry indexed with that memory.
+    Documents with the same text share a memory_id but keep their own entries: look rows up with ``entry``, and
+    all the chunks of a document, in chunk order, with ``document``.
+
+    ``fingerprint``: the reader whose memories ``by_doc`` and ``entries`` hold (a service's served reader); None:
+    whichever reader wrote a (doc_id, chunk) first. ``writers`` keeps every reader's current entry of each
+    (doc_id, chunk), so a caller can say which reader wrote a document the indexed reader cannot read. Per reader
+    the current memory is the highest revision (``supersedes``): a repaired memory replaces the weak one the moment
+    its part is indexed.
 
     ``refresh`` reads only parts it has not seen (a few small columns each), so a service can call it when an
     id is unknown and pick up what a batch job or another replica wrote since. A (doc_id, chunk) written twice
-    with different content keeps the first part's memory (parts are listed in name order) and is counted in
-    ``conflicts``; unreadable parts are skipped and counted in ``stats()``."""
+    by one reader with different content at the same revision keeps the first part's memory (parts are listed in
+    name order) and is counted in ``conflicts``; unreadable parts are skipped and counted in ``stats()``."""
 
-    def __init__(self, store: MemoryStore):
+    def __init__(self, store: MemoryStore, fingerprint: str | None = None):
         self.store = store
+        self.fingerprint = fingerprint
         self.by_id: dict[str, dict[str, Any]] = {}
         self.by_doc: dict[tuple[str, int], str] = {}
         self.entries: dict[tuple[str, int], dict[str, Any]] = {}
+        self.writers: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
         self.chunks: dict[str, set[int]] = {}  # doc_id -> the chunk numbers indexed, whatever parts hold them
         self.parts: set[str] = set()
         self.conflicts = 0
@@ -371,28 +489,41 @@ class MemoryIndex:
         for part in self.store.valid_parts("memories"):
             if part in self.parts:
                 continue
-            table = self.store.read("memories", ["memory_id", "doc_id", "chunk", "n_chunks"], parts=[part])
+            table = self.store.read("memories", ["memory_id", "doc_id", "chunk", "n_chunks", "revision"], parts=[part])
             if table is None:
                 continue  # unreadable: skipped and counted by the store
             fingerprint = records.table_metadata(table).get("reader_fingerprint", "")
             for row in table.to_pylist():
-                added += self.add({**row, "part": part, "fingerprint": fingerprint})
+                added += self.add({**row, "revision": row.get("revision") or 0, "part": part,
+                                   "fingerprint": fingerprint})
             self.parts.add(part)
         return added
 
     def add(self, entry: dict[str, Any]) -> int:
-        """Index one row; returns 1 when its (doc_id, chunk) is new."""
-        self.chunks.setdefault(entry["doc_id"], set()).add(entry["chunk"])
+        """Index one row; returns 1 when its (doc_id, chunk) is new to ``entries``."""
+        entry = {**entry, "revision": entry.get("revision") or 0}
         key = (entry["doc_id"], entry["chunk"])
-        known = self.by_doc.get(key)
-        if known is not None:
-            if known != entry["memory_id"]:
+        by_reader = self.writers.setdefault(key, {})
+        known = by_reader.get(entry["fingerprint"])
+        if known is not None and not supersedes(entry, known):
+            if known["memory_id"] != entry["memory_id"] and not supersedes(known, entry):
                 self.conflicts += 1
             return 0
+        by_reader[entry["fingerprint"]] = entry
         self.by_id.setdefault(entry["memory_id"], entry)
+        shown = self.entries.get(key)
+        if self.fingerprint is not None and entry["fingerprint"] != self.fingerprint:
+            return 0
+        if shown is not None and shown["fingerprint"] != entry["fingerprint"]:
+            return 0  # any reader (no fingerprint): the first reader seen keeps the document
         self.by_doc[key] = entry["memory_id"]
         self.entries[key] = entry
-        return 1
+        self.chunks.setdefault(entry["doc_id"], set()).add(entry["chunk"])
+        return int(shown is None)
+
+    def written_by(self, doc_id: str, chunk: int = 0) -> list[str]:
+        """The readers holding a current memory of (doc_id, chunk), indexed or not."""
+        return sorted(self.writers.get((doc_id, chunk), {}))
 
     def document(self, doc_id: str) -> list[dict[str, Any]] | None:
         """The entries of every chunk of ``doc_id``, in chunk order, wherever the store's parts put them; None when
@@ -418,6 +549,7 @@ class MemoryIndex:
 
     def stats(self) -> dict[str, Any]:
         return {"memories": len(self.by_id), "documents": len(self.entries), "parts": len(self.parts),
+                "readers": len({fp for w in self.writers.values() for fp in w}),
                 "conflicts": self.conflicts, "skipped_parts": len(self.store.skipped["memories"])}
 
     def __len__(self) -> int:

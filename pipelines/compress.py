@@ -27,8 +27,13 @@ Guarantees
   store already holds is skipped before it reaches a writer, and parts are immutable, named by their rows'
   identities and published without ever replacing a file (``gradmem.store``), so a run killed at any point and
   started again ends with every record exactly once; temporary files of killed runs are removed at the next run.
-  One output store holds one reader, one write setting and one chunking (checked on the parts, not only the
-  manifest); another is refused.
+  A reader's first writes into a store share one write setting, and the store one chunking (checked on the
+  parts, not only the manifest); another is refused, and so is another reader's store unless it is an upgrade
+  (pipelines/maintain.py) or the store's served-reader pointer names this reader. Everything is counted over this
+  reader's current memories (``gradmem.store.current_memories``): repaired revisions and other readers' memories
+  never count twice.
+- ``open_run`` and ``write_pass`` are the pipeline's two halves: pipelines/maintain.py runs them for a repair
+  (``write_pass`` with a plan: only the planned chunks, as their next revision) and an upgrade.
 - Chunking (``--chunk``): a document over the reader's ``max_context_tokens`` is split into ordered chunks of
   ``chunk_tokens`` tokens (default: that maximum), each repeating ``chunk_overlap`` tokens of the one before
   (``gradmem.chunking``); every chunk becomes a memory (doc_id, chunk, n_chunks), none is dropped, and the manifest
@@ -60,7 +65,7 @@ from gradmem import records
 from gradmem.chunking import Chunking
 from gradmem.config import declared
 from gradmem.reader import ReaderSpec
-from gradmem.store import MemoryStore
+from gradmem.store import MemoryStore, current_memories, describe_readers
 from gradmem.write import check_write
 from pipelines.metrics import WriterMetrics
 from pipelines.storage import local_dir, resolve
@@ -375,11 +380,12 @@ def parse(batch: pa.Table, files: dict[str, InputFile]) -> pa.Table:
 _PREPARED = pa.schema([
     ("order", pa.int64()), ("source", pa.string()), ("doc_id", pa.string()), ("status", pa.string()),
     ("chunk", pa.int32()), ("n_chunks", pa.int32()), ("token_ids", pa.list_(pa.int32())), ("memory_id", pa.string()),
-    ("reason", pa.string()), ("message", pa.string()), ("excerpt", pa.string()),
+    ("reason", pa.string()), ("message", pa.string()), ("excerpt", pa.string()), ("revision", pa.int32()),
 ])
+# "stale" (a repair only): the input's text is not the text the memory to repair was written from; left as it is
 _UNREADABLE = ("malformed", "not_text")  # a duplicate id on a record that could not be read keeps this reason
 _TOKENIZERS: dict[str, Any] = {}
-_EXISTING: dict[str, tuple[set, set]] = {}
+_FETCHED: dict[str, Any] = {}
 
 
 def _tokenizer(reader_uri: str, s3_endpoint: str | None):
@@ -402,17 +408,24 @@ def _held_documents(memory_keys: set) -> dict[tuple[str, int], str]:
 
 
 def _existing(ref) -> tuple[set, set]:
-    """The store's (doc_id, chunk, memory_id) keys and error ids, fetched once per worker process (an object
-    ref, or the pair itself when called outside Ray)."""
-    if isinstance(ref, tuple):
+    """The (doc_id, chunk, memory_id) keys of this run's reader in the store and the store's error ids, fetched
+    once per worker process (an object ref, or the pair itself when called outside Ray)."""
+    return _fetch(ref, tuple)
+
+
+def _fetch(ref, kind: type):
+    """A driver-side value shipped once per job (``ray.put``), fetched once per worker process and per ref; the
+    value itself (of ``kind``) when called outside Ray."""
+    if ref is None or isinstance(ref, kind):
         return ref
     import ray
 
-    key = ref.hex()
-    if key not in _EXISTING:
-        _EXISTING.clear()
-        _EXISTING[key] = ray.get(ref)
-    return _EXISTING[key]
+    key = f"{kind.__name__}:{ref.hex()}"
+    if key not in _FETCHED:
+        for old in [k for k in _FETCHED if k.startswith(f"{kind.__name__}:")]:  # a previous job's
+            del _FETCHED[old]
+        _FETCHED[key] = ray.get(ref)
+    return _FETCHED[key]
 
 
 def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) -> dict:
@@ -425,13 +438,16 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
             target: float | None, min_steps: int, chunk: bool, existing_ref,
-            chunking: Chunking | None = None) -> pa.Table:
+            chunking: Chunking | None = None, plan_ref=None) -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``.
-    ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap)."""
+    ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap).
+    ``plan_ref``: a repair's plan (``RepairTarget`` per (doc_id, chunk)): only those chunks are written, as their
+    next revision; every other chunk is held."""
     chunking = chunking or Chunking(tokens=spec["max_context_tokens"])
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
     memory_keys, error_ids = _existing(existing_ref)
+    plan = _fetch(plan_ref, dict)
     out: list[dict] = []
 
     def error(row: dict, reason: str, message: str, **extra) -> None:
@@ -448,7 +464,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
         else:
             try:
                 out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
-                                        memory_keys, error_ids))
+                                        memory_keys, error_ids, plan))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
@@ -457,7 +473,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
                  target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
-                 error_ids: set) -> list[dict]:
+                 error_ids: set, plan: dict | None = None) -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
     ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
     fits one chunk is one chunk, as without ``chunk``)."""
@@ -470,8 +486,12 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         return []
     pieces = chunking.split(ids) if chunk else [ids]
     mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
-    held_by = _held_documents(memory_keys)
-    other = [c for c, mid in enumerate(mids) if held_by.get((row["doc_id"], c), mid) != mid]
+    if plan is not None:
+        return _repair_rows(row, text, pieces, mids, spec["fingerprint"], plan, memory_keys)
+    held_by = _held_documents(memory_keys)  # this reader's memories: another reader's never conflict
+    other = [c for c, mid in enumerate(mids)  # a chunk held with this very memory (a repair may have
+             if (row["doc_id"], c, mid) not in memory_keys  # superseded it since) is no conflict
+             and held_by.get((row["doc_id"], c), mid) != mid]
     if other:  # the id holds other content (an online write, an earlier text): never replaced, never doubled
         error(row, "conflict", f"id {row['doc_id']!r} already holds another memory for chunk {other[0]} "
               f"({held_by[(row['doc_id'], other[0])]}); this text would be {mids[other[0]]}")
@@ -487,9 +507,45 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
     return out
 
 
-def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], existing_ref) -> pa.Table:
+@dataclass(frozen=True)
+class RepairTarget:
+    """A memory a repair rewrites: its id, the write setting it was written with (to check that the input's
+    text is the memory's own: the id is a content address) and its revision (the repair writes the next)."""
+
+    memory_id: str
+    steps: int
+    lr: float
+    target: float | None
+    min_steps: int
+    revision: int
+
+
+def _repair_rows(row: dict, text: str, pieces: list[list[int]], mids: list[str], fingerprint: str, plan: dict,
+                 memory_keys: set) -> list[dict]:
+    """A repair's rows of one record: the planned chunks to write as their next revision (held when that memory
+    is already stored: a rerun), ``stale`` when the text is no longer the one the memory was written from;
+    every other chunk held."""
+    out = []
+    for c, (piece, mid) in enumerate(zip(pieces, mids)):
+        weak: RepairTarget | None = plan.get((row["doc_id"], c))
+        status = "held"
+        if weak is not None:
+            was = records.memory_id(fingerprint, weak.steps, weak.lr, piece, weak.target, weak.min_steps)
+            status = ("stale" if was != weak.memory_id else
+                      "held" if (row["doc_id"], c, mid) in memory_keys else "write")
+        out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
+                    "n_chunks": len(pieces), "status": status, "token_ids": piece if status == "write" else None,
+                    "memory_id": mid if status == "write" else None,
+                    "revision": weak.revision + 1 if weak is not None else None,
+                    "excerpt": text[:EXCERPT_CHARS] if c == 0 else None})
+    return out
+
+
+def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], existing_ref,
+                       errors: bool = True) -> pa.Table:
     """Prepared rows -> what the writers do: the rows of a record whose id was first used by an earlier record
-    become one ``duplicate_id`` error (an unreadable record keeps its own reason); held rows are dropped."""
+    become one ``duplicate_id`` error (an unreadable record keeps its own reason); held rows are dropped.
+    ``errors`` False (a repair): error rows are dropped too, the compression run accounted for every input."""
     _, error_ids = _existing(existing_ref)
     out: list[dict] = []
     for row in batch.to_pylist():
@@ -500,7 +556,8 @@ def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], 
                                       f"id {row['doc_id']!r} was first used at {first[1]}", error_ids))
             continue
         out.append(row)
-    return pa.Table.from_pylist([r for r in out if r["status"] != "held"], schema=_PREPARED)
+    keep = ("write", "error") if errors else ("write",)
+    return pa.Table.from_pylist([r for r in out if r["status"] in keep], schema=_PREPARED)
 
 
 def _tokenize_each(tokenizer, texts: list[str]) -> tuple[list[list[int] | None], dict[int, str]]:
@@ -590,6 +647,7 @@ class MemoryWriter:
                 n_chunks=[r["n_chunks"] for r in kept], recon_greedy=greedy,
                 memory_ids=[r["memory_id"] for r in kept],  # computed once, upstream, for this reader and setting
                 chunking=self.chunking,
+                revisions=[r.get("revision") or 0 for r in kept],  # a repair's next revision; 0: a first write
             )
             self.store.write_part("memories", table)
         if errors:
@@ -605,27 +663,36 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
-                  min_steps: int, chunking: Chunking | None = None) -> None:
-    """One store, one reader and one write setting (K, alpha, the adaptive target and min steps): refuse to mix (memories could
-    not be served together). An adaptive store's memories differ in ``steps_used``, never in the setting. The
-    parts themselves are checked, not only the manifest: a first run killed before its manifest still binds.
-    Parts and manifests written before adaptive writes existed hold fixed-K writes (target None, min steps 0).
-    And one chunking (``_check_chunking``; None: this run does not chunk)."""
+                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress") -> None:
+    """One reader's first writes into a store share one write setting (K, alpha, the adaptive target and min
+    steps): refuse to mix (memories could not be served together). An adaptive store's memories differ in
+    ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a first run
+    killed before its manifest still binds. Parts and manifests written before adaptive writes existed hold
+    fixed-K writes (target None, min steps 0). And one chunking (``_check_chunking``; None: this run does not
+    chunk), whatever the mode.
+
+    ``mode``: "compress" also refuses memories of another reader, unless the store's served-reader pointer names
+    this one (an upgraded store: the old reader's memories stay beside it); "upgrade" (another reader's memories
+    are the point) and "repair" (a repair writes its own setting as later revisions) relax what they must.
+    Repaired memories (revision > 0) never bind the setting."""
     mine = (spec.fingerprint, steps, lr, target, min_steps)
+    served = store.served()
     prior = store.manifest()
-    if prior is not None:
+    if mode == "compress" and prior is not None and (served is None or prior.get("reader_fingerprint") == mine[0]):
         _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"),
                               prior.get("write_target"), prior.get("write_min_steps", 0)), mine)
-    fingerprints = set(store.fingerprints("memories").values())
-    for fp in fingerprints - {spec.fingerprint}:
-        raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
-                         "Use another --output.")
     names = ("write_steps", "write_lr", "write_target", "write_min_steps")
-    settings = store.read("memories", list(names))
-    if settings is not None:
+    rows = store.read_memories(names)
+    fingerprints = set(rows.column("fingerprint").to_pylist()) if rows is not None else set()
+    if mode == "compress" and (served is None or served["fingerprint"] != spec.fingerprint):
+        for fp in sorted(fingerprints - {spec.fingerprint}):
+            raise ValueError(f"output {store.root} holds memories of reader {fp}, not of {spec.fingerprint}; "
+                             "Use another --output (or jobs/maintain.py upgrade to add this reader's memories).")
+    if rows is not None and mode != "repair":
+        first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
+                                    pc.equal(rows.column("revision"), 0)))
         before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
-        columns = [[before.get(c) if v is None else v for v in settings.column(c).to_pylist()]
-                   if c in settings.column_names else [before[c]] * settings.num_rows for c in names]
+        columns = [[before.get(c) if v is None else v for v in first.column(c).to_pylist()] for c in names]
         for theirs in sorted(set(zip(*columns)), key=str):
             _refuse_other(store, (spec.fingerprint, *theirs), mine)
     _check_chunking(store, spec, chunking or Chunking(tokens=spec.max_context_tokens))  # None: unchunked
@@ -651,11 +718,22 @@ def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
                          "Use another --output.")
 
 
-def _existing_keys(store: MemoryStore) -> tuple[set, set]:
-    mem = store.read("memories", ["doc_id", "chunk", "memory_id"])
+def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set]:
+    """The (doc_id, chunk, memory_id) of every memory of this reader (another reader's never conflict and never
+    stand in for one of this reader), and every error id."""
+    mem = _memories_of(store, fingerprint, ["doc_id", "chunk", "memory_id"])
     err = store.read("errors", ["error_id"])
     memory_keys = set(zip(*(mem.column(c).to_pylist() for c in ("doc_id", "chunk", "memory_id")))) if mem else set()
     return memory_keys, set(err.column("error_id").to_pylist()) if err else set()
+
+
+def _memories_of(store: MemoryStore, fingerprint: str, columns: list[str]) -> pa.Table | None:
+    """``columns`` (plus fingerprint and revision) of one reader's memories; None when it has none."""
+    table = store.read_memories(columns)
+    if table is None:
+        return None
+    table = table.filter(pc.equal(table.column("fingerprint"), fingerprint))
+    return table if table.num_rows else None
 
 
 def _collect_keys(keys) -> pa.Table:
@@ -698,16 +776,23 @@ def _complete_documents(mem: pa.Table | None) -> set[str]:
     return {d for d, have in chunks.items() if have >= set(range(wanted[d]))}
 
 
-def summarize(store: MemoryStore, inputs: pa.Table) -> dict[str, Any]:
-    """Counts over the store and whether every input of this run is accounted for.
+def summarize(store: MemoryStore, inputs: pa.Table, fingerprint: str | None = None) -> dict[str, Any]:
+    """Counts over the store's current memories of reader ``fingerprint`` (the run's; None: the store's one
+    reader; a repaired memory counts once, in place of the one it replaced; another reader's are not counted) and
+    whether every input of this run is accounted for.
 
     Complete means: every input record (``inputs``: order, source, doc_id) either is the first record of a
     doc_id whose memories hold all its chunks, or has a current error row (matched by its source); and no
-    (doc_id, chunk) holds two memories. An error row is superseded (ignored, counted apart) when its document
-    has since been written in full (e.g. ``too_long``, then a rerun with ``--chunk``) or when its source is now
-    accounted for by memories. Memories of documents that are not among the inputs (online writes, other
+    (doc_id, chunk) holds two current memories of this reader. An error row is superseded (ignored, counted apart)
+    when its document has since been written in full (e.g. ``too_long``, then a rerun with ``--chunk``) or when
+    its source is now accounted for by memories. Memories of documents that are not among the inputs (online writes, other
     corpora) neither complete nor break a run."""
-    mem = store.read("memories", ["doc_id", "chunk", "n_chunks"])
+    if fingerprint is None:
+        readers = sorted(set(store.fingerprints("memories").values()))
+        if len(readers) > 1:
+            raise ValueError(f"the store holds memories of {len(readers)} readers: say whose to count")
+        fingerprint = readers[0] if readers else ""
+    mem, duplicates = current_memories(_memories_of(store, fingerprint, ["doc_id", "chunk", "n_chunks", "memory_id"]))
     err = store.read("errors", ["doc_id", "chunk", "n_chunks", "reason", "source"])
     complete_docs = _complete_documents(mem)
     first: dict[str, int] = {}
@@ -727,10 +812,6 @@ def summarize(store: MemoryStore, inputs: pa.Table) -> dict[str, Any]:
         for r in rows:
             if r["n_chunks"] is not None and r["n_chunks"] > 1:
                 chunked[r["doc_id"]] = r["n_chunks"]
-    duplicates = 0
-    if mem is not None:
-        counts = mem.group_by(["doc_id", "chunk"]).aggregate([([], "count_all")])
-        duplicates = int(pc.sum(pc.subtract(counts.column("count_all"), 1)).as_py() or 0)
     input_ids = set(first)
     n_mem = mem.num_rows if mem is not None else 0
     other = sum(1 for d in mem.column("doc_id").to_pylist() if d not in input_ids) if mem is not None else 0
@@ -759,14 +840,40 @@ def _current_errors(err: pa.Table | None, complete_docs: set[str], by_memory: se
     return current, superseded
 
 
-def compress(cfg: CompressConfig) -> dict[str, Any]:
-    """Run the pipeline on the connected Ray cluster; returns (and writes) the manifest."""
-    import ray
-    import ray.data
+@dataclass(frozen=True)
+class Run:
+    """A write pass over a store (a compression, a repair or an upgrade), resolved once in the driver: the
+    reader, the write setting every memory of the pass gets, and the store."""
 
-    started = time.time()
-    reader_path = local_dir(cfg.reader, cfg.s3_endpoint)
-    spec = ReaderSpec.from_dir(reader_path)
+    cfg: CompressConfig
+    spec: ReaderSpec
+    steps: int
+    lr: float
+    target: float | None
+    min_steps: int
+    store: MemoryStore
+    chunking: Chunking  # how --chunk splits a document (recorded in parts and the manifest)
+
+    @property
+    def setting(self) -> tuple[int, float, float | None, int]:
+        return self.steps, self.lr, self.target, self.min_steps
+
+
+@dataclass
+class Pass:
+    """What a write pass saw and did: every input record's (order, source, doc_id), the writers' summed
+    summaries (``_SUMMARY``), the seconds of the write, and a repair's stale chunks."""
+
+    inputs: pa.Table
+    done: dict[str, float]
+    seconds: float
+    stale: list[tuple[str, int]]
+
+
+def open_run(cfg: CompressConfig, mode: str = "compress") -> Run:
+    """Resolve the reader and the write setting, clean what killed runs left and check that this pass may write
+    into the store (``_check_output``; ``mode``: compress, repair or upgrade)."""
+    spec = ReaderSpec.from_dir(local_dir(cfg.reader, cfg.s3_endpoint))
     steps = spec.write_steps if cfg.steps is None else int(cfg.steps)
     lr = spec.write_lr if cfg.lr is None else float(cfg.lr)
     goal = spec.target_accuracy if cfg.target_accuracy is None else float(cfg.target_accuracy)
@@ -776,43 +883,58 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal, floor, chunking)
+    _check_output(store, spec, steps, lr, goal, floor, chunking, mode)
+    return Run(cfg, spec, steps, lr, goal, floor, store, chunking)
+
+
+def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None) -> Pass:
+    """Read, prepare and write the input on the connected Ray cluster: everything the store lacks for this reader
+    and setting (``plan`` None), or a repair's planned chunks only (no error rows: the compression run accounted
+    for every input)."""
+    import ray
+    import ray.data
+
+    cfg, spec, store = run.cfg, run.spec, run.store
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
-    logger.info("compressing %d files from %s with reader %s (K=%d, lr=%g, %s) into %s", len(files), cfg.input,
-                spec.fingerprint, steps, lr, f"chunks of {chunking}" if cfg.chunk else "no chunking", cfg.output)
+    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s) into %s", "compressing" if plan is None else
+                f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.steps, run.lr,
+                f"chunks of {run.chunking}" if cfg.chunk else "no chunking", cfg.output)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver logs documents/s and ETA instead
 
-    memory_keys, error_ids = _existing_keys(store)
+    memory_keys, error_ids = _existing_keys(store, spec.fingerprint)
     existing_ref = ray.put((memory_keys, error_ids))
+    plan_ref = ray.put(plan) if plan is not None else None
     raw = ray.data.read_binary_files([f.path for f in files], filesystem=fs, include_paths=True,
                                      override_num_blocks=len(files))
     prepared = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow").map_batches(
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
-        fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": steps,
-                   "lr": lr, "target": goal, "min_steps": floor, "chunk": cfg.chunk, "existing_ref": existing_ref,
-                   "chunking": chunking},
+        fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": run.steps,
+                   "lr": run.lr, "target": run.target, "min_steps": run.min_steps, "chunk": cfg.chunk,
+                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
+    stale = _stale_chunks(prepared) if plan is not None else []
     inputs = input_keys.num_rows
     duplicates = _find_duplicates(input_keys)
-    logger.info("%d input records, %d ids used more than once; the store already holds %d memories and %d errors",
-                inputs, len(duplicates), len(memory_keys), len(error_ids))
+    logger.info("%d input records, %d ids used more than once; the store already holds %d memories of this reader "
+                "and %d errors", inputs, len(duplicates), len(memory_keys), len(error_ids))
     to_write = prepared.map_batches(resolve_duplicates, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,
-                                    fn_kwargs={"duplicates": duplicates, "existing_ref": existing_ref})
+                                    fn_kwargs={"duplicates": duplicates, "existing_ref": existing_ref,
+                                               "errors": plan is None})
     written = to_write.map_batches(
         MemoryWriter, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.batches_per_call,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         fn_constructor_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "output": cfg.output,
-                               "fingerprint": spec.fingerprint, "steps": steps, "lr": lr, "target": goal,
-                               "min_steps": floor, "batch_size": cfg.batch_size,
+                               "fingerprint": spec.fingerprint, "steps": run.steps, "lr": run.lr, "target": run.target,
+                               "min_steps": run.min_steps, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": chunking},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
     )
-    todo = max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))  # roughly what is left to do
+    todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
     done = {"memories": 0, "errors": 0, "documents": 0, "tokens": 0, "padded_tokens": 0, "write_s": 0.0}
     run_start, last_log = time.time(), time.time()
     for summary in written.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -826,21 +948,46 @@ def compress(cfg: CompressConfig) -> dict[str, Any]:
             logger.info("progress: %d/~%d records (%d memories, %d errors), %.1f records/s, ETA %.0f s",
                         done["documents"], todo, done["memories"], done["errors"], rate, eta)
             last_log = now
-    write_pass = time.time() - run_start
-    wall = time.time() - started
-    counts = summarize(store, input_keys)
+    return Pass(input_keys, done, time.time() - run_start, stale)
+
+
+def _stale_chunks(prepared) -> list[tuple[str, int]]:
+    """(doc_id, chunk) of a repair's ``stale`` rows: memories left as they are because the input's text changed."""
+    import ray
+
+    tables = [t for t in ray.get(prepared.select_columns(["doc_id", "chunk", "status"]).to_arrow_refs()) if t.num_rows]
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    return sorted((r["doc_id"], r["chunk"]) for r in rows if r["status"] == "stale")
+
+
+def this_run(done: dict[str, float], seconds: float, started: float) -> dict[str, Any]:
+    """The manifest's account of one pass: what the writers did, wall and write seconds, padding."""
+    return {**done, "wall_s": round(time.time() - started, 3), "write_pass_s": round(seconds, 3),
+            "padding": round(1 - done["tokens"] / done["padded_tokens"], 4) if done["padded_tokens"] else 0.0}
+
+
+def compress(cfg: CompressConfig, mode: str = "compress") -> dict[str, Any]:
+    """Run the pipeline on the connected Ray cluster; returns (and writes) the manifest. ``mode`` "upgrade": the
+    store may hold other readers' memories (pipelines/maintain.py); the pipeline is the same."""
+    started = time.time()
+    run = open_run(cfg, mode)
+    store, spec = run.store, run.spec
+    done = write_pass(run)
+    counts = summarize(store, done.inputs, spec.fingerprint)
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
-        "reader": cfg.reader, "input": cfg.input, "write_steps": steps, "write_lr": lr, "write_target": goal, "write_min_steps": floor,
-        "m": spec.num_memory,
-        "d": spec.d_model, "chunked": cfg.chunk, **chunking.describe(), **counts,
-        "this_run": {**done, "wall_s": round(wall, 3), "write_pass_s": round(write_pass, 3), "padding": round(1 - done["tokens"] / done["padded_tokens"], 4)
-                     if done["padded_tokens"] else 0.0},
+        "reader": cfg.reader, "input": cfg.input, "write_steps": run.steps, "write_lr": run.lr,
+        "write_target": run.target, "write_min_steps": run.min_steps, "m": spec.num_memory,
+        "d": spec.d_model, "chunked": cfg.chunk, **run.chunking.describe(), **counts,
+        "this_run": this_run(done.done, done.seconds, started),
+        "readers": describe_readers(store), "served": store.served(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if (prior := store.manifest()) is not None and "last_repair" in prior:
+        manifest["last_repair"] = prior["last_repair"]
     store.write_manifest(manifest)
     logger.info("done: %d inputs -> %d memories + %d errors (%s) in %.1f s; this run wrote %d memories and %d errors "
-                "(%.1f records/s); complete=%s", inputs, counts["memories"], counts["errors"],
-                counts["error_reasons"], wall, done["memories"], done["errors"],
-                done["documents"] / max(write_pass, 1e-9), counts["complete"])
+                "(%.1f records/s); complete=%s", counts["inputs"], counts["memories"], counts["errors"],
+                counts["error_reasons"], manifest["this_run"]["wall_s"], done.done["memories"], done.done["errors"],
+                done.done["documents"] / max(done.seconds, 1e-9), counts["complete"])
     return manifest

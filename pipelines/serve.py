@@ -29,6 +29,8 @@ See SECURITY.md for what the service trusts and what an operator must do on a sh
 Metrics (pipelines/metrics.py, through Ray's Prometheus export): requests and latency per route template and
 status (recorded in ``Guard``, so refusals count too), READ batch sizes, cache hits and misses, online writes.
 Replicas: a fixed ``replicas``, or Serve autoscaling with ``max_replicas`` (``ServeConfig.scaling``).
+The served reader: the one the store's served-reader pointer names (else ``reader``); after an upgrade each replica
+switches within ``reader_check_interval_s``, every request answered wholly by one reader (pipelines/served.py).
 """
 
 
@@ -64,7 +66,8 @@ from gradmem.config import declared, from_dict, override
 from gradmem.data import tokenize
 from gradmem.store import IncompleteDocument, MemoryIndex, MemoryStore
 from pipelines.metrics import UNMATCHED_ROUTE, ServeMetrics
-from pipelines.storage import local_dir, resolve
+from pipelines.served import PointerWatch, Served, initial_reader, load_served
+from pipelines.storage import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,9 @@ class ServeConfig:
     api_key_sha256: str | None = Field(None, description="set by build_app from the key; never the key itself")
     refresh_interval_s: float = Field(5.0, ge=0, description="at most one re-listing of the store per interval, on "
                                       "unknown ids")
+    reader_check_interval_s: float = Field(10.0, ge=0, description="how often a replica reads the store's "
+                                           "served-reader pointer and switches to the reader an upgrade named "
+                                           "(pipelines/served.py); 0: never")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
@@ -486,6 +492,7 @@ class ReadItem(NamedTuple):
     rows: torch.Tensor  # (c,) rows of each the READ sees
     q_ids: list[int]  # the question's token ids
     budget: int  # max new tokens
+    reader: Reader | None = None  # the request's reader (pipelines/served.py); None: the caller's one reader
 
 
 def answer_items(reader: Reader, items: list[ReadItem]) -> list[str]:
@@ -501,6 +508,18 @@ def answer_items(reader: Reader, items: list[ReadItem]) -> list[str]:
         answers = reader.generate_answers(tensor, rows, [items[i].q_ids for i in picked], budget,
                                           batch_size=len(picked), chunks=chunks)
         for i, answer in zip(picked, answers):
+            out[i] = answer
+    return out  # type: ignore[return-value]
+
+
+def answer_by_reader(items: list[ReadItem]) -> list[str]:
+    """``answer_items`` per reader: each request is answered by the reader it started with, so a batch that an
+    upgrade's switch left holding requests of the old reader and the new never mixes them."""
+    out: list[str | None] = [None] * len(items)
+    readers = {id(item.reader): item.reader for item in items}
+    for key, reader in readers.items():
+        picked = [i for i, item in enumerate(items) if id(item.reader) == key]
+        for i, answer in zip(picked, answer_items(reader, [items[i] for i in picked])):
             out[i] = answer
     return out  # type: ignore[return-value]
 
@@ -601,13 +620,10 @@ class GradMemService:
         Guard.configure(GuardSettings(key=replica_key(self.cfg), max_body_bytes=self.cfg.max_body_bytes,
                                       metrics=self.metrics))
         configure_cpu(threads=max(1, int(self.cfg.cpus_per_replica)))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.reader = Reader.from_pretrained(local_dir(self.cfg.reader, self.cfg.s3_endpoint), device=device)
-        self.fingerprint = self.reader.fingerprint
         target = resolve(self.cfg.memories, self.cfg.s3_endpoint)
         self.store = MemoryStore(target.filesystem, target.path)
-        self.index = MemoryIndex(self.store)
-        self.index.refresh()
+        uri, expect = initial_reader(self.store, self.cfg.reader)  # the store's served reader, else --reader
+        self.served = load_served(uri, self.store, self.cfg.s3_endpoint, expect)  # reader + index, swapped whole
         self.chunking = self._store_chunking()
         self.last_refresh = time.monotonic()
         self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes, self.metrics.cache_lookup)
@@ -615,15 +631,37 @@ class GradMemService:
         self._answer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.lock = asyncio.Lock()  # the reader is not thread-safe: one forward at a time per replica
         self.store_lock = threading.Lock()  # index and cache, used from worker threads
+        self.watch = PointerWatch(self.store, self.cfg.s3_endpoint, self.cfg.reader_check_interval_s,
+                                  lambda: self.served.fingerprint, self._swap).start()
         logger.info("serving %d memories from %s with reader %s", len(self.index), self.cfg.memories, self.fingerprint)
 
+    # ------------------------------------------------------------------ the served reader (pipelines/served.py)
+    @property
+    def reader(self) -> Reader:
+        return self.served.reader
+
+    @property
+    def fingerprint(self) -> str:
+        return self.served.fingerprint
+
+    @property
+    def index(self) -> MemoryIndex:
+        return self.served.index
+
+    def _swap(self, served: Served) -> None:
+        """An upgrade's switch: one assignment. Requests hold the ``Served`` they started with."""
+        with self.store_lock:
+            self.served = served
+        self.chunking = self._store_chunking()  # as the new reader reads the store's records (the same, normally)
+
     # ------------------------------------------------------------------ helpers (blocking: worker threads only)
-    def _maybe_refresh(self) -> None:
+    def _maybe_refresh(self, served: Served | None = None) -> None:
+        served = served or self.served
         if time.monotonic() - self.last_refresh >= self.cfg.refresh_interval_s:
             self.last_refresh = time.monotonic()
-            added = self.index.refresh()
+            added = served.index.refresh()
             if added:
-                logger.info("index: %d new memories (%d in all)", added, len(self.index))
+                logger.info("index: %d new memories (%d in all)", added, len(served.index))
                 self.chunking = self._store_chunking()
 
     def _store_chunking(self) -> Chunking | None:
@@ -639,33 +677,41 @@ class GradMemService:
             return None
         return next(iter(found.values()), default)
 
-    def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None) -> dict:
-        """The index entry of an id (caller holds store_lock). Messages name the id, never the store."""
+    def _entry(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None,
+               served: Served | None = None) -> dict:
+        """The index entry of an id in ``served``'s index (caller holds store_lock). Messages name the id, never
+        the store."""
+        served = served or self.served
         for attempt in range(2):
             # by doc_id: that doc_id's own row (a twin with the same text shares the memory, not the doc_id)
-            entry = self.index.entry(memory_id=memory_id, doc_id=doc_id if memory_id is None else None, chunk=chunk or 0)
+            entry = served.index.entry(memory_id=memory_id, doc_id=doc_id if memory_id is None else None,
+                                       chunk=chunk or 0)
             if entry is not None:
                 break
             if attempt == 0:
-                self._maybe_refresh()
+                self._maybe_refresh(served)
+        what = f"memory {memory_id}" if memory_id else f"document {doc_id!r}" + (f" chunk {chunk}" if chunk else "")
+        writers = served.index.written_by(doc_id, chunk or 0) if entry is None and memory_id is None else []
+        if writers:  # the document exists, only not for this reader (an upgrade not yet complete for it)
+            raise ApiError(409, f"{what} was written by reader {', '.join(writers)}, not by the served reader "
+                           f"{served.fingerprint}; rewrite it with this reader")
         if entry is None:
-            what = f"memory {memory_id}" if memory_id else f"document {doc_id!r}" + (f" chunk {chunk}" if chunk else "")
             raise ApiError(404, f"unknown {what}")
-        self._check_reader(entry)
+        self._check_reader(entry, served)
         return entry
 
-    def _check_reader(self, entry: dict) -> None:
-        if entry["fingerprint"] != self.fingerprint:
+    def _check_reader(self, entry: dict, served: Served) -> None:
+        if entry["fingerprint"] != served.fingerprint:
             raise ApiError(409, f"memory {entry['memory_id']} was written by reader {entry['fingerprint']}, not by the "
-                           f"served reader {self.fingerprint}; rewrite it with this reader")
+                           f"served reader {served.fingerprint}; rewrite it with this reader")
 
-    def _document(self, doc_id: str) -> list[dict]:
+    def _document(self, doc_id: str, served: Served) -> list[dict]:
         """The index entries of every chunk of ``doc_id`` in chunk order (caller holds store_lock), checked before
         any memory is read: known, complete (a chunk not yet indexed is looked for once more), within
-        ``max_chunks_per_query``, written by the served reader."""
+        ``max_chunks_per_query``, written by the served reader (``served``: this request's)."""
         for attempt in range(2):
             try:
-                entries = self.index.document(doc_id)
+                entries = served.index.document(doc_id)
             except IncompleteDocument as e:
                 entries, incomplete = None, e
             else:
@@ -673,52 +719,59 @@ class GradMemService:
                 if entries is not None:
                     break
             if attempt == 0:
-                self._maybe_refresh()
+                self._maybe_refresh(served)
         if incomplete is not None:
             raise ApiError(409, f"{incomplete}: it cannot be answered as a whole (ask by 'chunk', or rewrite it)")
+        writers = served.index.written_by(doc_id, 0) if entries is None else []
+        if writers:  # the document exists, only not for this reader (an upgrade not yet complete for it)
+            raise ApiError(409, f"document {doc_id!r} was written by reader {', '.join(writers)}, not by the served "
+                           f"reader {served.fingerprint}; rewrite it with this reader")
         if entries is None:
             raise ApiError(404, f"unknown document {doc_id!r}")
         if len(entries) > self.cfg.max_chunks_per_query:
             raise ApiError(413, f"document {doc_id!r} has {len(entries)} chunks: at most "
                            f"{self.cfg.max_chunks_per_query} per query; ask by 'chunk' (0..{len(entries) - 1})")
         for entry in entries:
-            self._check_reader(entry)
+            self._check_reader(entry, served)
         return entries
 
-    def _load(self, memory_id: str | None = None, doc_id: str | None = None,
-              chunk: int | None = None) -> tuple[dict, torch.Tensor, dict[str, Any]]:
+    def _load(self, memory_id: str | None = None, doc_id: str | None = None, chunk: int | None = None,
+              served: Served | None = None) -> tuple[dict, torch.Tensor, dict[str, Any]]:
         with self.store_lock:
-            entry = self._entry(memory_id, doc_id, chunk)
+            entry = self._entry(memory_id, doc_id, chunk, served)
             tensor, meta = self.cache.get(entry)
         return entry, tensor, meta
 
-    def _load_query(self, body: QueryRequest) -> list[tuple[dict, torch.Tensor, dict[str, Any]]]:
+    def _load_query(self, body: QueryRequest, served: Served) -> list[tuple[dict, torch.Tensor, dict[str, Any]]]:
         """The memories a query reads, in chunk order: by doc_id alone every chunk of the document (one for an
         unchunked one), else the one memory named."""
         if body.doc_id is None or body.chunk is not None:
-            return [self._load(body.memory_id, body.doc_id, body.chunk)]
+            return [self._load(body.memory_id, body.doc_id, body.chunk, served)]
         with self.store_lock:
-            return [(entry, *self.cache.get(entry)) for entry in self._document(body.doc_id)]
+            return [(entry, *self.cache.get(entry)) for entry in self._document(body.doc_id, served)]
 
-    def _prepare_query(self, body: QueryRequest, budget: int) -> tuple[list[dict], torch.Tensor, torch.Tensor,
-                                                                       list[list[int]]]:
+    def _prepare_query(self, body: QueryRequest, budget: int,
+                       served: Served) -> tuple[list[dict], torch.Tensor, torch.Tensor, list[list[int]]]:
         """The blocking part of a query (index refresh, store read, tokenization), run in a worker thread so
         that the event loop keeps answering other requests meanwhile. Every check of a READ happens here, once
         (the memory's reader in ``_entry``/``_document``; finiteness, its rows and the questions' length below),
         not in the batch: one bad request must not fail a batch shared with other requests. Returns the entries,
-        the memories (c, P, d) in chunk order, the rows of each the READ sees (c,) and the question token ids."""
-        loaded = self._load_query(body)
+        the memories (c, P, d) in chunk order, the rows of each the READ sees (c,) and the question token ids.
+        ``served``: the reader and index this request uses from start to end (an upgrade's switch meanwhile does
+        not mix readers)."""
+        loaded = self._load_query(body, served)
         rows = []
         for entry, tensor, meta in loaded:
             if not torch.isfinite(tensor).all():
                 raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
             try:
-                rows.append(int(self.reader.prefix_rows(tensor[None], torch.tensor([meta["n_context_tokens"]]))[0]))
+                rows.append(int(served.reader.prefix_rows(tensor[None],
+                                                          torch.tensor([meta["n_context_tokens"]]))[0]))
             except ValueError as e:
                 raise ApiError(409, f"memory {entry['memory_id']} cannot be read: {e}") from e
-        q_ids = tokenize(self.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
+        q_ids = tokenize(served.reader.tokenizer, body.questions)  # once: checked here, answered from these ids
         try:
-            self.reader.check_questions([sum(rows)] * len(q_ids), q_ids, budget)  # every chunk's rows, composed
+            served.reader.check_questions([sum(rows)] * len(q_ids), q_ids, budget)  # every chunk's rows, composed
         except ValueError as e:
             raise ApiError(413, str(e)) from e
         tensors = torch.stack([tensor for _, tensor, _ in loaded])  # (c, P, d)
@@ -740,10 +793,11 @@ class GradMemService:
     # ------------------------------------------------------------------ batched READ
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _answer_batch(self, items: list["ReadItem"]) -> list[str]:
-        """One greedy pass for the questions of many requests, each over its own document's memories."""
+        """One greedy pass for the questions of many requests, each over its own document's memories, per reader
+        (an upgrade's switch can leave requests of the old reader and the new in one batch)."""
         self.metrics.batch_size.observe(len(items))
         async with self.lock:
-            return await asyncio.to_thread(answer_items, self.reader, items)
+            return await asyncio.to_thread(answer_by_reader, items)
 
     # ------------------------------------------------------------------ routes (the key is checked by Guard)
     @app.get("/healthz", responses=errors(413, 500))
@@ -764,10 +818,12 @@ class GradMemService:
         if budget > self.cfg.max_new_tokens:
             raise ApiError(413, f"max_new_tokens {budget} is over this service's limit of {self.cfg.max_new_tokens}")
         self._check_assumed_chunking(body)
-        entries, tensors, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget)
-        answers = await asyncio.gather(*(self._answer_batch(ReadItem(tensors, rows, q, budget)) for q in q_ids))
+        served = self.served  # this request's reader and index, to the end
+        entries, tensors, rows, q_ids = await run_in_threadpool(self._prepare_query, body, budget, served)
+        answers = await asyncio.gather(*(self._answer_batch(ReadItem(tensors, rows, q, budget, served.reader))
+                                         for q in q_ids))
         return QueryResponse(memory_id=entries[0]["memory_id"], doc_id=entries[0]["doc_id"],
-                             reader_fingerprint=self.fingerprint, answers=list(answers),
+                             reader_fingerprint=served.fingerprint, answers=list(answers),
                              memory_ids=[e["memory_id"] for e in entries], chunks=[e["chunk"] for e in entries])
 
     @app.post("/v1/memories", response_model=WriteResponse, responses=errors(401, 409, 413, 415, 422, 500))
@@ -780,46 +836,47 @@ class GradMemService:
             return await asyncio.to_thread(self._write_now, body)
 
     def _write_now(self, body: WriteRequest) -> WriteResponse:
-        ids = tokenize(self.reader.tokenizer, [body.text])[0]
+        served = self.served  # one reader for the whole write, whatever an upgrade's switch does meanwhile
+        ids = tokenize(served.reader.tokenizer, [body.text])[0]
         if not ids:
             raise ApiError(422, "text has no tokens: there is nothing to write")
-        limit = min(self.chunking.tokens if self.chunking is not None else self.reader.max_context_tokens,
-                    self.reader.max_context_tokens)
+        limit = min(self.chunking.tokens if self.chunking is not None else served.reader.max_context_tokens,
+                    served.reader.max_context_tokens)
         if len(ids) > limit:  # the store's chunk size, at most the reader's maximum: a memory as the store's hold
             raise ApiError(413, f"text has {len(ids)} tokens, over this store's chunk size of {limit} (the batch job, "
                            "jobs/compress.py --chunk, splits longer documents)")
-        cfg = self.reader.config  # the reader's own write setting, an adaptive target included
+        cfg = served.reader.config  # the reader's own write setting, an adaptive target included
         steps, lr, goal, floor = cfg.write_steps, cfg.write_lr, cfg.target_accuracy, cfg.min_write_steps
-        mid = records.memory_id(self.fingerprint, steps, lr, ids, goal, floor)
+        mid = records.memory_id(served.fingerprint, steps, lr, ids, goal, floor)
         with self.store_lock:
-            self._maybe_refresh()
-            known = self.index.by_doc.get((body.doc_id, 0))
-            chunks = self.index.entries[(body.doc_id, 0)]["n_chunks"] if known is not None else 1
+            self._maybe_refresh(served)
+            known = served.index.by_doc.get((body.doc_id, 0))
+            chunks = served.index.entries[(body.doc_id, 0)]["n_chunks"] if known is not None else 1
         if chunks > 1:
             raise ApiError(409, f"document {body.doc_id!r} is already stored as {chunks} chunks; use a new doc_id")
         if known == mid:
             self.metrics.online_write(created=False)
-            return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=self.fingerprint)
+            return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=False, reader_fingerprint=served.fingerprint)
         if known is not None:
             raise ApiError(409, f"document {body.doc_id!r} is already stored with other content (memory {known}); "
                            "use a new doc_id")
         start = time.perf_counter()
         try:
-            memories = self.reader.write_tokens([ids], steps, lr, target=goal, min_steps=floor)
+            memories = served.reader.write_tokens([ids], steps, lr, target=goal, min_steps=floor)
         except NonFiniteWriteError as e:
             raise ApiError(422, f"the WRITE produced NaN/inf for this text: {e}") from e
-        greedy = self.reader.reconstruct(memories, [ids]).tolist()
+        greedy = served.reader.reconstruct(memories, [ids]).tolist()
         seconds = time.perf_counter() - start
         table = records.to_table(memories, [body.doc_id], [ids], write_time_s=seconds, recon_greedy=greedy,
                                  chunking=self.chunking)
         part = self.store.write_part("memories", table)
         with self.store_lock:
-            self.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
-                            "fingerprint": self.fingerprint})
-            self.index.parts.add(part)
+            served.index.add({"memory_id": mid, "doc_id": body.doc_id, "chunk": 0, "n_chunks": 1, "part": part,
+                              "fingerprint": served.fingerprint})
+            served.index.parts.add(part)
             self.cache.put(mid, memories.tensor[0].clone(), table.drop_columns(["memory"]).to_pylist()[0])
         self.metrics.online_write(created=True, seconds=seconds, steps_used=int(memories.steps_used[0]))
-        return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=True, reader_fingerprint=self.fingerprint)
+        return WriteResponse(memory_id=mid, doc_id=body.doc_id, created=True, reader_fingerprint=served.fingerprint)
 
     @app.get("/v1/memories/{memory_id}", responses=errors(401, 404, 409, 413, 422, 500))
     async def metadata(self, memory_id: Annotated[MemoryId, Path()]) -> dict:
