@@ -18,6 +18,9 @@ Per memory (one row of ``memories/*.parquet``):
     break_even_queries   write_s / prefill_s_saved: queries after which the WRITE has paid for itself; None
                          when nothing is saved per query (it never pays) or the prefill cost is unknown
 
+A memory a repair replaced (a lower revision of the same reader, doc_id and chunk: ``gradmem.store``) keeps its
+write seconds and bytes (paid, still stored) and has no savings figures (it is never read again).
+
 Per group (reader fingerprint, write steps, write lr) and for the whole store: the count, totals, means and
 medians of those figures, and the group's break-even: total write seconds / total prefill seconds saved when
 every memory is queried once (the queries per memory after which the group paid for itself).
@@ -197,6 +200,7 @@ def memory_costs(row: Mapping[str, Any], *, m: int, d: int, element_bytes: int, 
     write_s = float(row["write_time_s"])
     out: dict[str, Any] = {
         "memory_id": row["memory_id"], "doc_id": row["doc_id"], "chunk": int(row["chunk"]),
+        "revision": int(row.get("revision") or 0), "current": True,
         "reader_fingerprint": row["reader_fingerprint"], "write_steps": int(row["write_steps"]),
         "write_lr": float(row["write_lr"]), "n_context_tokens": n, "write_s": write_s,
         "tensor_bytes": m * d * element_bytes, "part_bytes_share": part_bytes_share,
@@ -228,7 +232,7 @@ def _values(items: Sequence[Mapping[str, Any]], key: str) -> list[float]:
 def summarize(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Count, totals, means and medians over memory figures. A figure no memory has (another reader's rows, no
     prefill cost) is None; an empty list of memories gives zeros (break-even None: nothing was written)."""
-    out: dict[str, Any] = {"memories": len(items)}
+    out: dict[str, Any] = {"memories": len(items), "superseded": sum(1 for x in items if not x.get("current", True))}
     for key in SUMMED:
         values = _values(items, key)
         out[f"total_{key}"] = sum(values) if values or not items else None
@@ -302,8 +306,11 @@ def render(report: Mapping[str, Any], per_memory: int) -> str:
     """The report as markdown: where the figures come from, the store (and each group when there are several),
     then the first ``per_memory`` memories."""
     reader, prefill = report["reader"], report["prefill"]
+    superseded = report["store"].get("superseded") or 0
     lines = [f"store: {report['store_uri']} ({report['store']['memories']} memories in {report['parts']} parts, "
-             f"{report['skipped_parts']} unreadable parts skipped)"]
+             f"{report['skipped_parts']} unreadable parts skipped"
+             + (f"; {superseded} replaced by a repair: counted in write seconds and bytes, saving nothing per query"
+                if superseded else "") + ")"]
     if reader.get("geometry"):
         g = reader["geometry"]
         lines.append(f"reader: {reader['dir']} ({reader['fingerprint']}, method {reader['method']}): KV cache = 2 x "
@@ -340,7 +347,8 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- reading a store
-ROW_COLUMNS = ("memory_id", "doc_id", "chunk", "n_context_tokens", "write_steps", "write_lr", "write_time_s")
+ROW_COLUMNS = ("memory_id", "doc_id", "chunk", "n_context_tokens", "write_steps", "write_lr", "write_time_s",
+               "revision")  # revision: absent from parts written before it (read as 0)
 
 
 @dataclass(frozen=True)
@@ -377,6 +385,22 @@ def read_parts(store) -> list[PartRows]:
     return out
 
 
+SAVINGS = ("kv_bytes", "prefix_rows", "tokens_saved", "prefill_s_saved", "break_even_queries")
+
+
+def mark_superseded(items: list[dict[str, Any]]) -> None:
+    """Mark (``current`` False) every memory a repair has replaced: a lower revision of the same (reader, doc_id,
+    chunk), as ``gradmem.store`` decides. It stays in the totals of write seconds and bytes (it was paid for and is
+    still stored) but saves nothing per query (it is never read again): its savings figures become None."""
+    top: dict[tuple, int] = {}
+    for x in items:
+        key = (x["reader_fingerprint"], x["doc_id"], x["chunk"])
+        top[key] = max(top.get(key, 0), x["revision"])
+    for x in items:
+        if x["revision"] < top[(x["reader_fingerprint"], x["doc_id"], x["chunk"])]:
+            x.update(current=False, **dict.fromkeys(SAVINGS))
+
+
 def build_report(store_uri: str, parts: Sequence[PartRows], skipped_parts: int, reader: Mapping[str, Any],
                  geometry: KVGeometry | None, prefill: PrefillCost) -> dict[str, Any]:
     """The whole report (what the job prints and writes as JSON). ``reader``: dir, fingerprint, method (or why
@@ -389,6 +413,7 @@ def build_report(store_uri: str, parts: Sequence[PartRows], skipped_parts: int, 
             items.append(memory_costs(row, m=part.m, d=part.d, element_bytes=part.element_bytes,
                                       part_bytes_share=share, geometry=geometry if same else None,
                                       method=reader.get("method") if same else None, prefill=prefill))
+    mark_superseded(items)
     other = sorted({p.fingerprint for p in parts} - {reader.get("fingerprint")})
     if geometry is not None and other:
         logger.warning("rows of readers %s are not priced: the reader given is %s", other, reader.get("fingerprint"))

@@ -25,17 +25,19 @@ M = 10  # memory rows: longer than a 1-pair context (8 tokens), so some memories
 S_PER_TOKEN = 1e-3
 
 
-def _write(reader, store: MemoryStore, pairs: int, n: int, prefix: str, times: list[float], steps: int | None = None):
+def _write(reader, store: MemoryStore, pairs: int, n: int, prefix: str, times: list[float], steps: int | None = None,
+           revision: int = 0):
     texts = [e.context for e in KVTask(pairs).examples(n, seed=pairs)]
     ids = tokenize(reader.tokenizer, texts)
     table = records.to_table(reader.write(texts, steps=steps), [f"{prefix}-{i}" for i in range(n)], ids,
-                             write_time_s=times)
+                             write_time_s=times, revisions=[revision] * n)
     store.write_part("memories", table)
 
 
 @pytest.fixture
 def built(arch, tmp_path):
-    """A store with three parts of one reader (two write settings) and one part of another reader."""
+    """A store with four parts of one reader (three write settings; the last part a repair of two memories of the
+    first) and one part of another reader."""
     reader = make_reader(arch, num_memory=M)
     reader.save_pretrained(tmp_path / "reader")
     store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
@@ -43,6 +45,7 @@ def built(arch, tmp_path):
     _write(reader, store, 4, 3, "long", [0.3, 0.4, 0.9])
     _write(reader, store, 3, 2, "k3", [0.7, 1.1], steps=3)
     _write(make_reader(arch, seed=5, num_memory=M), store, 2, 2, "other", [0.5, 0.6])
+    _write(reader, store, 1, 2, "short", [0.3, 0.35], steps=6, revision=1)  # short-0, short-1 repaired
     store.write_manifest({"reader": str(tmp_path / "reader"), "memories": 10})
     return tmp_path, reader
 
@@ -58,6 +61,13 @@ def _expected(store_dir: Path, reader_dir: Path, s_per_token: float) -> dict[tup
     per_token = 2 * layers * kv_heads * head_dim * 4
     mine = config["gradmem"]["fingerprint"]
     out = {}
+    newest = {}  # (reader, doc_id, chunk) -> the highest revision: the current memory
+    for path in sorted((store_dir / "memories").glob("part-*.parquet")):
+        table = pq.read_table(path, columns=["doc_id", "chunk", "revision"])
+        fingerprint = pq.read_schema(path).metadata[b"gradmem.reader_fingerprint"].decode()
+        for row in table.to_pylist():
+            key = (fingerprint, row["doc_id"], row["chunk"])
+            newest[key] = max(newest.get(key, 0), row["revision"])
     for path in sorted((store_dir / "memories").glob("part-*.parquet")):
         table = pq.read_table(path)
         fingerprint = table.schema.metadata[b"gradmem.reader_fingerprint"].decode()
@@ -69,16 +79,17 @@ def _expected(store_dir: Path, reader_dir: Path, s_per_token: float) -> dict[tup
                  "n_context_tokens": n, "fingerprint": fingerprint, "steps": row["write_steps"], "lr": row["write_lr"],
                  "kv_bytes": None, "prefix_rows": None, "tokens_saved": None, "prefill_s_saved": None,
                  "break_even_queries": None}
-            if fingerprint == mine:
+            e["current"] = row["revision"] == newest[(fingerprint, row["doc_id"], row["chunk"])]
+            if fingerprint == mine and e["current"]:  # a replaced memory is never read: it saves nothing
                 saved = n - m
                 e.update(kv_bytes=per_token * n, prefix_rows=m, tokens_saved=saved, prefill_s_saved=saved * s_per_token,
                          break_even_queries=row["write_time_s"] / (saved * s_per_token) if saved > 0 else None)
-            out[(row["doc_id"], row["chunk"])] = e
+            out[(row["doc_id"], row["chunk"], row["revision"])] = e
     return out
 
 
 def _summary(rows: list[dict]) -> dict:
-    out = {"memories": len(rows)}
+    out = {"memories": len(rows), "superseded": sum(1 for r in rows if not r["current"])}
     for key in ("write_s", "tensor_bytes", "part_bytes_share", "kv_bytes", "n_context_tokens", "tokens_saved",
                 "prefill_s_saved", "break_even_queries"):
         values = [r[key] for r in rows if r[key] is not None]
@@ -117,13 +128,16 @@ def test_every_figure_is_recomputed_from_the_store(built, capsys):
     assert data["reader"]["fingerprint"] == reader.fingerprint
     assert data["part_bytes"] == sum(os.path.getsize(p) for p in (tmp / "store" / "memories").glob("part-*.parquet"))
 
-    got = {(x["doc_id"], x["chunk"]): x for x in data["memories"]}
-    assert set(got) == set(expected) and len(data["memories"]) == 10
+    got = {(x["doc_id"], x["chunk"], x["revision"]): x for x in data["memories"]}
+    assert set(got) == set(expected) and len(data["memories"]) == 12
     for key, want in expected.items():
         for figure in ("write_s", "tensor_bytes", "part_bytes_share", "kv_bytes", "n_context_tokens", "prefix_rows",
                        "tokens_saved", "prefill_s_saved", "break_even_queries"):
             _close(got[key][figure], want[figure], (key, figure))
-    assert all(got[(f"short-{i}", 0)]["break_even_queries"] is None for i in range(3))  # 8 tokens < 10 rows
+        assert got[key]["current"] == want["current"], key
+    assert all(got[(f"short-{i}", 0, 0)]["break_even_queries"] is None for i in range(3))  # 8 tokens < 10 rows
+    assert [k for k, x in got.items() if not x["current"]] == [("short-0", 0, 0), ("short-1", 0, 0)]  # repaired
+    assert all(got[(f"short-{i}", 0, 0)]["kv_bytes"] is None for i in range(2)) and got[("short-0", 0, 1)]["kv_bytes"]
     assert data["reader"]["unpriced_fingerprints"] == sorted({e["fingerprint"] for e in expected.values()}
                                                              - {reader.fingerprint})
 
@@ -135,16 +149,16 @@ def test_every_figure_is_recomputed_from_the_store(built, capsys):
         for figure, want in _summary(subset).items():
             _close(summary[figure], want, figure)
     assert sorted((g["reader_fingerprint"] == reader.fingerprint, g["write_steps"], g["memories"])
-                  for g in data["groups"]) == [(False, 2, 2), (True, 2, 6), (True, 3, 2)]
-    assert data["store"]["memories_that_never_pay"] == 3
+                  for g in data["groups"]) == [(False, 2, 2), (True, 2, 6), (True, 3, 2), (True, 6, 2)]
+    assert data["store"]["memories_that_never_pay"] == 3 and data["store"]["superseded"] == 2  # short-2, and the repairs
 
     # the printed table says what the JSON says: the store column and the first --per-memory memories
     table = markdown_rows(text, "| figure |")
-    assert table["memories"]["store"] == "10"
+    assert table["memories"]["store"] == "12" and "2 replaced by a repair" in text
     assert float(table["write s (total)"]["store"]) == pytest.approx(data["store"]["total_write_s"], rel=1e-3)
     assert float(table["break-even queries (all memories)"]["store"]) == pytest.approx(
         data["store"]["break_even_queries"], rel=1e-3)
-    assert len([c for c in table["memories"] if c != "figure"]) == 4  # the store and its three groups
+    assert len([c for c in table["memories"] if c != "figure"]) == 5  # the store and its four groups
     printed = markdown_rows(text, "| doc_id |")
     assert list(printed) == [x["doc_id"] for x in data["memories"][:3]]
     for doc_id, row in printed.items():
@@ -211,7 +225,7 @@ def test_an_unreadable_reader_exits_2_and_a_missing_manifest_reader_is_only_note
     text, _ = _run([tmp / "store", "--json", tmp / "c.json"], capsys)
     data = json.loads((tmp / "c.json").read_text())
     assert data["reader"]["geometry"] is None and all(x["kv_bytes"] is None for x in data["memories"])
-    assert data["store"]["memories"] == 10 and data["store"]["total_kv_bytes"] is None
+    assert data["store"]["memories"] == 12 and data["store"]["total_kv_bytes"] is None
     assert "not reachable" in text and data["prefill"]["source"] == "unavailable"
 
 
