@@ -8,11 +8,15 @@ renames (microseconds) the path is absent, never partial.
 
 Temporary names start with ``TMP_PREFIX`` (hidden; gradmem.store's clean-up of killed writers removes stale ones).
 Not for never-overwrite publication (the store's parts use hard links and S3 copies for that).
+
+``exclusive`` is the other half: one writer at a time per local directory (a training run's), so that two
+processes resuming the same run cannot interleave their checkpoints and logs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -74,3 +78,22 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``directory/.lock`` exclusively while the block runs, or raise RuntimeError at once when another
+    process holds it. An OS lock (``flock``): the kernel releases it when its holder exits, killed or not, so a
+    crashed run never leaves a stale lock behind. ``what`` names the work in the message."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{directory} is in use by another process ({what}): wait for it to finish, or "
+                               "use another directory") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

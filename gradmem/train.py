@@ -30,7 +30,7 @@ from transformers import GPT2Config, LlamaConfig
 from pydantic import Field, model_validator
 
 from gradmem import checkpoint, config, methods
-from gradmem.atomic import write_atomic
+from gradmem.atomic import exclusive, write_atomic
 from gradmem.attention import attention_path, check_attention
 from gradmem.config import MemoryConfig, declared
 from gradmem.data import Batch, check_chunks
@@ -480,9 +480,12 @@ class Trainer:
 
         ``resume`` continues from this run's latest checkpoint; ``resume_from`` from a given checkpoint
         directory (one of the Ray Train loop's with one plain data-parallel worker included)."""
+        with exclusive(self.output, "a training run"):  # two processes resuming one run would interleave it
+            return self._fit(max_steps, resume, resume_from)
+
+    def _fit(self, max_steps: int | None, resume: bool, resume_from: str | os.PathLike | None) -> Path:
         from gradmem.train_checkpoint import export_reader
 
-        self.output.mkdir(parents=True, exist_ok=True)
         write_atomic(self.output / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         source = Path(resume_from) if resume_from is not None else self.latest_checkpoint() if resume else None
         if source is not None:

@@ -145,3 +145,26 @@ def test_checkpoint_layout_is_the_shared_one_and_refuses_another_layout(tmp_path
     two_ranks = LocalEngine(trainer.reader, cfg.optim, rank=0, world=2)
     with pytest.raises(ValueError, match="written by 1 worker"):
         load(final, two_ranks)
+
+
+def test_a_run_directory_trains_in_one_process_at_a_time(tmp_path):
+    """Two processes resuming one run would interleave checkpoints and logs: while another process holds the run,
+    ``fit`` refuses at once, saying so; once it is gone (the OS lock dies with its holder), the run trains."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from gradmem.atomic import exclusive\n"
+        f"with exclusive({str(run)!r}, 'a test'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            Trainer(tiny_config("llama", write_steps=1, max_steps=2), run).fit()
+        assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    Trainer(tiny_config("llama", write_steps=1, max_steps=2), run).fit()  # the holder died: its lock with it
+    assert (run / "reader").is_dir()
