@@ -193,13 +193,17 @@ def sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown lines: what each method tried and what it picked."""
     if not records:
         return []
-    lines = ["", "Tuning (validation only; each candidate trained the same steps from scratch, stopping at EM 1.0):", "",
+    lines = ["", "Tuning (validation only; each candidate trained the same steps, stopping at EM 1.0, from scratch or, "
+             "where marked, from the cell's own curriculum warm start):", "",
              "| method | tried: best validation EM % @ the step it was first reached | picked |", "|---|---|---|"]
     for name, rec in records.items():
         tried = ", ".join(f"{fmt(t['candidate'])}: {100 * t['validation']['em']:.1f} @{t['validation']['step']}"
                           if t["validation"] else
                           f"{fmt(t['candidate'])}: -" for t in rec["trials"])
-        lines.append(f"| {name} | {tried} | {fmt(rec['picked'])} |")
+        identity = rec.get("identity") or {}
+        warm = identity.get("warm_start") and (identity.get("config") or {}).get("model", {}).get("warm_start")
+        start = " (warm start)" if warm else ""
+        lines.append(f"| {name}{start} | {tried} | {fmt(rec['picked'])} |")
     return lines
 
 
