@@ -29,3 +29,12 @@ def send_stderr_to(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+def connect_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (``ray job submit`` sets it), else start a local Ray for this job
+    whose workers import this checkout (PYTHONPATH). Nothing when Ray is already up in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)

@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import _common  # noqa: F401
-from _common import ROOT, setup_logging
+from _common import connect_ray, setup_logging
 
 from gradmem.config import add_flags, from_flags
 from pipelines.compress import CompressConfig, compress
@@ -54,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(argv)
     setup_logging()
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
+    connect_ray()
     manifest = compress(cfg)
     print(json.dumps({k: manifest[k] for k in ("inputs", "memories", "errors", "error_reasons", "complete")}))
     if not manifest["complete"]:

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import _common  # noqa: F401
-from _common import ROOT, setup_logging
+from _common import connect_ray, setup_logging
 
 from gradmem.config import add_flags, from_flags
 from pipelines.compress import CompressConfig
@@ -74,10 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     command, cfg, rcfg = parse(argv)
     setup_logging()
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
+    connect_ray()
     try:
         summary = run_repair(cfg, rcfg) if command == "repair" else run_upgrade(cfg)
     except ValueError as exc:  # a store, reader or setting the job refuses (checked before it writes anything)

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import time
 
 import _common  # noqa: F401
-from _common import ROOT, setup_logging
+from _common import connect_ray, setup_logging
 
 from gradmem.config import add_flags, from_flags, to_dict
 from pipelines.serve import ServeConfig, build_app
@@ -58,11 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse(argv)
     setup_logging()
 
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
+    connect_ray()
     # No gRPC servicers: Serve starts no gRPC proxy (it would listen on every interface); HTTP only, on --host.
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options={"grpc_servicer_functions": []})
     serve.run(build_app(to_dict(cfg)), name=args.name, route_prefix="/")

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import ROOT, setup_logging
+from _common import ROOT, connect_ray, setup_logging
 
 from gradmem.config import add_flags, from_flags, override, parse_assignment
 from gradmem.train import TrainConfig
@@ -80,11 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS set (ray job submit, or the user): connect; else start a local Ray on 127.0.0.1
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
+    connect_ray()  # RAY_ADDRESS set (ray job submit, or the user): connect; else a local Ray on 127.0.0.1
     result = fit(cfg, dcfg, output=args.output, resume=args.resume, resume_from=args.resume_from)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
