@@ -212,6 +212,24 @@ class RayReporter:
                              checkpoint_dir_name=f"step_{step:08d}")
 
 
+def without_shm_comm() -> None:
+    """Declare DeepSpeed's shared-memory all-reduce op (``deepspeed_shm_comm``) unavailable, before its backend starts.
+
+    On CPU, DeepSpeed's torch backend JIT-compiles that op with the system C++ compiler the first time it starts on a
+    machine (or from another virtual environment path), under a file lock in ``~/.cache/torch_extensions``: a minute
+    or more of compiling in every fresh worker image, and a worker killed while it compiles leaves the lock behind,
+    after which every DeepSpeed start on that machine waits on it forever. gloo reduces our gradients either way, so
+    the op buys nothing here. DeepSpeed asks ``deepspeed.ops.__compatible_ops__`` whether the op may be built; only
+    its comm backend reads that table (DeepSpeed 0.19), and setting it also skips the table's probe, which runs a
+    compiler per op."""
+    import deepspeed.ops
+
+    table = vars(deepspeed.ops).get("__compatible_ops__")
+    if table is None:
+        deepspeed.ops.__compatible_ops__ = table = {}
+    table["deepspeed_shm_comm"] = False
+
+
 def setup(config: dict[str, Any], rank: int, world: int, device: torch.device):
     """Config, task, engine and per-worker micro-batch size: the same on every worker."""
     configure_cpu(config["threads"])
@@ -221,6 +239,7 @@ def setup(config: dict[str, Any], rank: int, world: int, device: torch.device):
     if config["deepspeed"] is not None:
         import deepspeed
 
+        without_shm_comm()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         engine = DeepSpeedEngine(reader, cfg.optim, config["deepspeed"], rank, world)
     else:

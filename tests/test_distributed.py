@@ -159,12 +159,15 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     """2 workers, DeepSpeed ZeRO-2, gloo; checkpoints on SeaweedFS. Two failures, each recovered from the latest
     checkpoint with the step count continuing: the driver is killed after a checkpoint (an operator reruns the job
     with --resume), then one Ray Train worker is SIGKILLed mid-run (--max-failures: Ray restarts the group, which
-    resumes by itself). The run finishes and exports a reader that answers from memory."""
+    resumes by itself). The run finishes and exports its best reader by validation, which answers from memory
+    better than the untrained reader. (Short on purpose: what costs here is starting three worker groups; a
+    reader trained to answer well is tests/test_jobs.py's.)"""
     from ray.util.state import list_actors
 
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
     storage, name = "s3://gradmem-test/train", f"kv-{int(time.time())}"
-    common = [*KV_TINY_EVERY_STEP, "--set", "run.save_every=50", "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json",
+    common = [*KV_TINY_EVERY_STEP, "--set", "run.save_every=20", "--set", "run.eval_every=20",
+              "--set", "run.eval_samples=64", "--num-workers", "2", "--deepspeed", "jobs/configs/ds_zero2.json",
               "--storage", storage, "--s3-endpoint", s3.endpoint, "--name", name]
     fs, run_path = s3.filesystem(), f"gradmem-test/train/{name}"
 
@@ -177,7 +180,7 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
 
     output, log = tmp_path / "reader", tmp_path / "second.log"
     # --max-failures as in production: a worker lost to the machine (not to our code) restarts from a checkpoint
-    second = _logged_job([*common, "--max-steps", "200", "--resume", "--max-failures", "2", "--output", str(output)],
+    second = _logged_job([*common, "--max-steps", "120", "--resume", "--max-failures", "2", "--output", str(output)],
                          env, log)
     later = _wait_for_checkpoint(fs, run_path, second, after=found[-1])  # the resumed run's first checkpoint
     assert later and later[-1] > found[-1], log.read_text()[-4000:]
@@ -189,17 +192,25 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     text = log.read_text()
     assert second.returncode == 0, text[-4000:]
     resumed = _resumed_steps(text)
-    assert len(resumed) >= 2 and resumed[0] >= 50 and max(resumed) >= int(later[-1].rsplit("_", 1)[1]), text[-3000:]
+    assert len(resumed) >= 2 and resumed[0] >= 20 and max(resumed) >= int(later[-1].rsplit("_", 1)[1]), text[-3000:]
     assert "replicas identical on 2 ranks" in text
     states = [json.loads(fs.open_input_stream(f"{run_path}/{c}/trainer_state.json").read()) for c in _checkpoints(fs, run_path)]
-    assert max(s["step"] for s in states) == 200 and all(s["zero_stage"] == 2 for s in states)
-    assert all(s["optimizer_format"] == "deepspeed_zero2" and s["best"]["step"] % 50 == 0 for s in states)
+    assert max(s["step"] for s in states) == 120 and all(s["zero_stage"] == 2 for s in states)
+    assert all(s["optimizer_format"] == "deepspeed_zero2" and s["best"]["step"] % 20 == 0 for s in states)
     assert (output / pt.EXPORT_MARKER).is_file()  # the best reader by validation, exported
+    last = max(states, key=lambda s: s["step"])
+    with fs.open_input_stream(f"{run_path}/step_{last['step']:08d}/best/best.json") as f:
+        assert json.loads(f.read()) == last["best"]
 
-    reader = Reader.from_pretrained(output)
-    exs = KVTask(1).examples(32, seed=[3, 1])
-    answers = reader.answer(reader.write([e.context for e in exs]), [e.query for e in exs], max_new_tokens=4)
-    assert sum(exact_match(a, e.target) for a, e in zip(answers, exs)) / len(exs) > 0.5, answers[:8]
+    def em(reader: Reader) -> float:
+        exs = KVTask(1).examples(64, seed=[3, 1])
+        answers = reader.answer(reader.write([e.context for e in exs]), [e.query for e in exs], max_new_tokens=4)
+        return sum(exact_match(a, e.target) for a, e in zip(answers, exs)) / len(exs)
+
+    cfg = TrainConfig.from_dict(last["config"])
+    untrained = pt.build_reader(cfg, pt.build_task(cfg.task)).eval()  # the run's step 0: model.seed's weights
+    trained = em(Reader.from_pretrained(output))
+    assert trained > em(untrained) + 0.05, trained
 
 
 def test_existing_run_needs_resume(ray_cluster, tmp_path):
@@ -307,8 +318,8 @@ def test_a_checkpoint_resumes_across_the_in_process_and_ray_loops(ray_cluster, t
 
 
 def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_cluster, tmp_path):
-    """Best-by-validation, patience and stop_at_em, through the shared loop on 2 workers (plain DP and ZeRO-2).
-    The plain-DP run also trains for composition: key-value documents of 1 to 3 chunks (each chunk written by the
+    """Best-by-validation and patience through the shared loop on 2 workers (plain data parallel).
+    It also trains for composition: key-value documents of 1 to 3 chunks (each chunk written by the
     same WRITE, the READ over all of them), evaluated on documents of 1 to 3 chunks; its exported reader answers
     over composed memories."""
     # lr 0: the weights never move, so the second evaluation is no improvement and patience 1 stops there
@@ -327,9 +338,5 @@ def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_clust
     doc = KVTask(2, chunks=(3, 3)).examples(1, seed=0)[0]
     answers = reader.answer(reader.write(list(doc.chunks)), [doc.query], max_new_tokens=4, chunks=[3])
     assert len(answers) == 1 and isinstance(answers[0], str)
-
-    cfg = loop_config(optim={"max_steps": 100}, stop_at_em=0.0)
-    result = pt.fit(cfg, pt.DistributedConfig(num_workers=WORLD, deepspeed=ds_config(2), storage=str(tmp_path / "runs"),
-                                              name="stop-at-em"))
-    assert result.error is None, result.error
-    assert result.metrics["step"] == 2 and "reached stop_at_em" in result.metrics["stop_reason"]
+    # stop_at_em and the wall-time cap share this loop (tests/test_recipe.py, in-process); ZeRO-2's best reader is
+    # exported by the killed-and-resumed run above.
