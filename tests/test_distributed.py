@@ -340,3 +340,12 @@ def test_ray_loop_keeps_the_best_reader_and_stops_early_on_two_workers(ray_clust
     assert len(answers) == 1 and isinstance(answers[0], str)
     # stop_at_em and the wall-time cap share this loop (tests/test_recipe.py, in-process); ZeRO-2's best reader is
     # exported by the killed-and-resumed run above.
+
+
+def test_deepspeed_starts_without_compiling_its_shared_memory_op():
+    """DeepSpeed's CPU backend would JIT-compile ``deepspeed_shm_comm`` at start (a minute per fresh machine, and a
+    lock that a killed worker leaves behind hangs every later start); ``without_shm_comm`` turns that off."""
+    from deepspeed.comm.torch import build_shm_op
+
+    pt.without_shm_comm()
+    assert build_shm_op() is None  # the op, had it been built, would be returned here
