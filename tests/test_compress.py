@@ -333,10 +333,11 @@ def _wait_for_no_writers(address: str, timeout: float = 60) -> None:
 def test_killed_job_restarts_and_ends_with_every_document_exactly_once(ray_cluster, s3, kv_reader_dir, tmp_path):
     fs = s3.filesystem()
     prefix, out = f"gradmem-test/corpus-{time.time_ns()}", f"gradmem-test/memories-{time.time_ns()}"
-    docs, expected = _corpus(fs, prefix, n=400)
+    docs, expected = _corpus(fs, prefix, n=200)  # several writer calls: the kill lands after the first
     env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "jobs/compress.py", "--reader", str(kv_reader_dir), "--input", f"s3://{prefix}",
-           "--output", f"s3://{out}", "--s3-endpoint", s3.endpoint, "--batch-size", "4", "--steps", "12"]
+           "--output", f"s3://{out}", "--s3-endpoint", s3.endpoint, "--batch-size", "4", "--steps", "12",
+           "--no-greedy-check"]
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     store = MemoryStore(fs, out)
