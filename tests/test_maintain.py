@@ -225,7 +225,7 @@ def test_an_upgrade_killed_and_rerun_writes_every_document_once_while_the_servic
 
     fs = s3.filesystem()
     prefix, out = f"gradmem-test/upgrade-corpus-{time.time_ns()}", f"gradmem-test/upgrade-memories-{time.time_ns()}"
-    docs = _kv_corpus(tmp_path / "in", 64, seed=43)  # two writer calls of 32: the kill lands between
+    docs = _kv_corpus(tmp_path / "in", 64, seed=43)  # 16 writer calls of 4 (below): the kill lands after the first
     pafs.copy_files(str(tmp_path / "in"), prefix, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     old = Reader.from_pretrained(kv_reader_dir)
     new = _new_reader(kv_reader_dir, tmp_path / "reader_v2")
@@ -251,7 +251,7 @@ def test_an_upgrade_killed_and_rerun_writes_every_document_once_while_the_servic
         env = {**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"], "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "jobs/maintain.py", "upgrade", "--reader", str(tmp_path / "reader_v2"), "--input",
                f"s3://{prefix}", "--output", f"s3://{out}", "--s3-endpoint", s3.endpoint, "--batch-size", "4",
-               "--steps", "6", "--no-greedy-check"]
+               "--batches-per-call", "1", "--steps", "6", "--no-greedy-check"]
         job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
 
