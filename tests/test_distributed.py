@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from gradmem import Reader
 from gradmem.config import override
 from gradmem.tasks.kv import KVTask, exact_match
-from gradmem.train import TrainConfig, Trainer
+from gradmem.train import TrainConfig, Trainer, build_reader, build_task
 from pipelines import train as pt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
         return sum(exact_match(a, e.target) for a, e in zip(answers, exs)) / len(exs)
 
     cfg = TrainConfig.from_dict(last["config"])
-    untrained = pt.build_reader(cfg, pt.build_task(cfg.task)).eval()  # the run's step 0: model.seed's weights
+    untrained = build_reader(cfg, build_task(cfg.task)).eval()  # the run's step 0: model.seed's weights
     trained = em(Reader.from_pretrained(output))
     assert trained > em(untrained) + 0.05, trained
 
