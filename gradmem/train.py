@@ -153,6 +153,9 @@ class OptimConfig:
     # bfloat16: mixed precision for the meta-step (fp32 weights); None: model.dtype throughout (float16 would need
     # loss scaling, so it is not offered)
     autocast: Literal["bfloat16"] | None = None
+    # torch.compile the WRITE's gradient step (MemoryCell.compile_write_step): a one-off compile of minutes per
+    # context length, then faster meta-steps (docs/results/benchmark_core.txt); for long runs, not smoke tests
+    compile_write: bool = False
     seed: int = 0  # data stream
 
 
@@ -251,16 +254,19 @@ def build_reader(cfg: TrainConfig, train_task: Task | None = None) -> Reader:
     kv_stop = ["|"] if cfg.task.name in ("kv", "file") else []  # other tasks end their answers with EOS
     memory = MemoryConfig.from_dict({**cfg.memory.to_dict(), "answer_stop": cfg.memory.answer_stop or kv_stop})
     torch.manual_seed(cfg.model.seed)
-    if cfg.model.pretrained:
-        if checkpoint.is_reader_dir(cfg.model.pretrained):
-            return Reader.from_pretrained(cfg.model.pretrained, trainable=True).train()
+    if cfg.model.pretrained and checkpoint.is_reader_dir(cfg.model.pretrained):
+        reader = Reader.from_pretrained(cfg.model.pretrained, trainable=True).train()
+    elif cfg.model.pretrained:
         logger.info("wrapping the language model %s into a new reader", cfg.model.pretrained)
-        return Reader.from_language_model(cfg.model.pretrained, memory, dtype=dtype).train()
-    tokenizer = build_tokenizer(cfg.task, train_task)
-    backbone = build_backbone_config(cfg.model, len(tokenizer), tokenizer)
-    reader = Reader.from_config(backbone, tokenizer, memory).to(dtype).train()
-    if cfg.model.warm_start:
-        warm_start(reader, cfg.model.warm_start)
+        reader = Reader.from_language_model(cfg.model.pretrained, memory, dtype=dtype).train()
+    else:
+        tokenizer = build_tokenizer(cfg.task, train_task)
+        backbone = build_backbone_config(cfg.model, len(tokenizer), tokenizer)
+        reader = Reader.from_config(backbone, tokenizer, memory).to(dtype).train()
+        if cfg.model.warm_start:
+            warm_start(reader, cfg.model.warm_start)
+    if cfg.optim.compile_write:
+        reader.compile_write_step()
     return reader
 
 

@@ -108,7 +108,8 @@ def gradient_steps(
         return inference_steps(cell, ctx_ids, ctx_mask, steps, lr, final_stats, target, min_steps)
     n_second = steps if second_order_steps is None else max(0, min(steps, second_order_steps))
     batch = ctx_ids.shape[0]
-    memory = cell.memory.unsqueeze(0).expand(batch, -1, -1)  # (B, m, d), one copy per sample
+    # (B, m, d), one copy per sample; contiguous, as every later M_k is (a compiled step would compile twice)
+    memory = cell.memory.unsqueeze(0).expand(batch, -1, -1).contiguous()
     if not torch.is_grad_enabled():  # no outer graph possible (evaluation under no_grad)
         memory = memory.detach()
 
@@ -117,15 +118,13 @@ def gradient_steps(
     for k in range(steps):
         create_graph = mode == "second_order" and k >= steps - n_second
         keep = keep_last_loss and k == steps - 1
-        if not memory.requires_grad:  # under no_grad, or training with a frozen M0
-            memory = memory.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss, _ = cell.write_loss(cell.project(memory), ctx_ids, ctx_mask)  # (B,)
-            (grad,) = torch.autograd.grad(loss.sum(), memory, create_graph=create_graph, retain_graph=create_graph or keep)
+        # the outer graph is recorded only where it is used: through the gradient (second order) or the loss (kept)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (create_graph or keep)):
+            grad, loss = cell.write_gradient(memory, ctx_ids, ctx_mask)  # (B, m, d), (B,)
         step_losses.append(loss.detach())
         if keep:
             last_step_loss = loss.mean()
-        memory = memory - lr * grad  # grad is detached unless create_graph
+        memory = memory - lr * (grad if create_graph else grad.detach())
 
     accuracy = None
     if final_stats:

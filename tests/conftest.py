@@ -52,11 +52,11 @@ needs_data = pytest.mark.skipif(not DATA, reason="GRADMEM_DATA is not set: point
                                                  "(the one holding babi/ and squad/) to run the bAbI and SQuAD tests")
 
 
-def make_reader(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **memory) -> Reader:
+def make_reader(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2, **memory) -> Reader:
     tokenizer = kv_tokenizer()
     torch.manual_seed(seed)
     backbone = build_backbone_config(
-        ModelConfig(arch=arch, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_positions=128),
+        ModelConfig(arch=arch, hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=64, max_positions=128),
         len(tokenizer), tokenizer,
     )
     defaults = dict(num_memory=4, write_steps=2, write_lr=0.5, max_context_tokens=100, answer_stop=["|"])
