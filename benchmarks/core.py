@@ -1,7 +1,7 @@
 """Speed of the GradMem core, each figure next to a naive implementation measured in the same run.
 
-    python -m benchmarks.core                      # all cells, about 12 minutes on 2 CPU cores (5 compiles)
-    python -m benchmarks.core --repeats 5 --json bench.json --plot bench.png
+    python -m benchmarks.core                      # all cells, about 15 minutes on 2 CPU cores (4 compiles)
+    python -m benchmarks.core --rounds 5 --json bench.json --plot bench.png
 
 Cells (the paper's key-value reader: 4 layers, d = 128, 8 memory vectors, batch 64, K = 2):
 - meta-training step time (second order, write + read + backward) at N = 8 and N = 16; at N = 16 also with bf16
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bar_plot, paper_reader, setup_logging, timed
+from benchmarks.common import bar_plot, paper_reader, setup_logging
 from gradmem import Reader
 from gradmem.attention import attention_path
 from gradmem.tasks.kv import KVTask
@@ -93,85 +95,115 @@ def inference_write(reader, batch, path, autocast=None):
         write_memory(reader, batch.ctx_ids, batch.ctx_mask, 2, 0.04, mode="inference")
 
 
-def compiled_timing(fn, repeats: int) -> tuple[float, float]:
-    """(seconds of the first call, which compiles; median seconds after it)."""
-    start = time.perf_counter()
-    fn()
-    compile_s = time.perf_counter() - start
-    return compile_s, timed(fn, repeats)
+def interleaved(cells: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of each cell, the cells taking turns in each of ``rounds`` rounds (a machine whose
+    speed drifts, as shared machines do, then slows every cell alike), and the seconds of each cell's first call
+    (its warm-up; for a compiled cell, the compile)."""
+    first = {}
+    for name, fn in cells.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in cells}
+    for _ in range(rounds):
+        for name, fn in cells.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, first
+
+
+def use(reader, *, trainable: bool, forward=None, write_gradient=None) -> None:
+    """Put the reader in a cell's state: weights trainable or frozen, and which compiled functions it calls
+    (None: eager). The benchmark swaps them per call so that cells can take turns on one reader."""
+    reader.requires_grad_(trainable)
+    reader._compiled_forward, reader._compiled_write_gradient = forward, write_gradient
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per cell, the cells taking turns")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="write a PNG of the figures here")
     args = parser.parse_args(argv)
     setup_logging("WARNING")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, K = 2, m = 8, d = 128")
-    results: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "train": {}, "inference": {}}
-
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, K = 2, m = 8, d = 128; "
+          f"medians of {args.rounds} rounds, the cells of a table taking turns")
+    results: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
+                     "train": {}, "inference": {}, "compile_s": {}}
     reader = paper_reader().train()
-    print("\nmeta-training step (second order), seconds per step; 'reference' is the authors' implementation, "
-          "estimated from this run's naive step (module docstring)")
-    print(f"{'N':>4} {'naive':>8} {'ours':>8} {'speed-up':>9} {'reference':>10} {'vs ref':>7}")
+    compiled_step = reader.compile_write_step()._compiled_write_gradient
+    reader.freeze().compile()
+    compiled_forward = reader._compiled_forward
+    use(reader, trainable=True)
+
+    print("\nmeta-training step (second order), seconds per step; 'reference': the authors' implementation, estimated "
+          "from this run's naive step (REFERENCE_VS_NAIVE); the goal is <= 0.5 of it")
     for pairs in (8, 16):
         batch = KVTask(pairs).batch(args.batch_size, [0, pairs], reader.tokenizer)
-        naive = timed(lambda: naive_train_step(reader, batch), args.repeats)
-        ours = timed(lambda: train_step(reader, batch), args.repeats)
-        ref = naive * REFERENCE_VS_NAIVE["train_step"][pairs]
-        results["train"][pairs] = {"naive_s": naive, "ours_s": ours, "speedup": naive / ours, "reference_s": ref}
-        print(f"{pairs:>4} {naive:>8.3f} {ours:>8.3f} {naive / ours:>8.2f}x {ref:>10.2f} {ref / ours:>6.2f}x")
 
-    print(f"\nmeta-training step at N = 16, faster paths (seconds; time as a fraction of the reference's: the goal is <= 0.5)")
-    naive, ref = results["train"][16]["naive_s"], results["train"][16]["reference_s"]
-    fast: dict[str, dict] = {}
-    fast["bf16 autocast"] = {"s": timed(lambda: train_step(reader, batch, autocast="bfloat16"), args.repeats)}
-    reader.compile_write_step()
-    for name, autocast in (("compiled write step", None), ("compiled write step, bf16 autocast", "bfloat16")):
-        compile_s, seconds = compiled_timing(lambda: train_step(reader, batch, autocast=autocast), args.repeats)
-        fast[name] = {"s": seconds, "compile_s": compile_s}
-    reader._compiled_write_gradient = None  # the plain step again (benchmark only)
-    for name, cell in fast.items():
-        cell.update(speedup=naive / cell["s"], vs_reference=cell["s"] / ref)
-        note = f"  (compiled once in {cell['compile_s']:.0f}s)" if "compile_s" in cell else ""
-        print(f"{'ours, ' + name:<52} {cell['s']:>8.3f}  {naive / cell['s']:5.2f}x naive  "
-              f"{cell['s'] / ref:5.2f} of reference{note}")
-    results["train_fast_n16"] = fast
+        def step(autocast=None, compiled=False, batch=batch):
+            use(reader, trainable=True, write_gradient=compiled_step if compiled else None)
+            train_step(reader, batch, autocast=autocast)
 
-    print("\ninference write at N = 16 (K = 2, with final statistics), contexts per second")
+        def naive(batch=batch):
+            use(reader, trainable=True)
+            naive_train_step(reader, batch)
+
+        cells = {"naive": naive, "ours": step}
+        if pairs == 16:
+            cells.update({"ours, bf16 autocast": lambda: step("bfloat16"),
+                          "ours, compiled write step": lambda: step(compiled=True),
+                          "ours, compiled write step, bf16 autocast": lambda: step("bfloat16", compiled=True)})
+        seconds, first = interleaved(cells, args.rounds)
+        ref = seconds["naive"] * REFERENCE_VS_NAIVE["train_step"][pairs]
+        print(f"N = {pairs}: reference {ref:.3f} s")
+        for name, value in seconds.items():
+            compiled = "compiled" in name
+            note = f"  (compiled in {first[name]:.0f}s)" if compiled else ""
+            if compiled:
+                results["compile_s"][f"train {pairs} {name}"] = first[name]
+            print(f"  {name:<50} {value:>7.3f}  {seconds['naive'] / value:5.2f}x naive  {value / ref:5.2f} of reference{note}")
+        results["train"][pairs] = {"seconds": seconds, "reference_s": ref}
+
+    print("\ninference write at N = 16 (K = 2, with final statistics), contexts per second; 'reference': the authors' "
+          "write + read pass, estimated from this run's naive write; the goal is >= 3x it")
     batch = KVTask(16).batch(args.batch_size, [0, 16], reader.tokenizer)
-    naive = args.batch_size / timed(lambda: naive_inference_write(reader, batch), args.repeats)
-    results["inference"]["naive"] = naive
-    print(f"{'naive (weights require grad, eager, full logits)':<52} {naive:>8.1f}")
-    reader.freeze()
-    ref = naive * REFERENCE_VS_NAIVE["eval_rate"]
-    results["inference_reference"] = ref
 
-    def show(key: str, label: str, rate: float, compile_s: float | None = None) -> None:
-        results["inference"][key] = rate
-        note = f"  (compiled once in {compile_s:.0f}s)" if compile_s is not None else ""
-        print(f"{label:<52} {rate:>8.1f}  {rate / naive:5.2f}x naive  {rate / ref:5.2f}x reference{note}")
+    def write(path, autocast=None, compiled=False):
+        use(reader, trainable=False, forward=compiled_forward if compiled else None)
+        inference_write(reader, batch, path, autocast)
 
+    def naive_write():
+        use(reader, trainable=True)
+        naive_inference_write(reader, batch)
+
+    cells = {"naive (weights require grad, eager, full logits)": naive_write}
     for path in ("eager", "sdpa_math", "sdpa"):
-        show(path, "ours, attention " + path, args.batch_size / timed(lambda: inference_write(reader, batch, path), args.repeats))
-    reader.compile()
-    compile_times = {}
-    for key, path, autocast in (("sdpa_compiled", "sdpa", None), ("eager_compiled", "eager", None),
-                                ("eager_compiled_bf16", "eager", "bfloat16")):
-        compile_s, seconds = compiled_timing(lambda: inference_write(reader, batch, path, autocast), args.repeats)
-        compile_times[key] = compile_s
-        label = f"ours, attention {path}, reader.compile()" + (", bf16 autocast" if autocast else "")
-        show(key, label, args.batch_size / seconds, compile_s)
-    results["compile_s"] = compile_times
+        cells[f"ours, attention {path}"] = lambda path=path: write(path)
+    for path in ("sdpa", "eager"):
+        cells[f"ours, attention {path}, reader.compile()"] = lambda path=path: write(path, compiled=True)
+    cells["ours, attention eager, bf16 autocast"] = lambda: write("eager", "bfloat16")
+    cells["ours, attention eager, reader.compile(), bf16 autocast"] = lambda: write("eager", "bfloat16", True)
+    seconds, first = interleaved(cells, args.rounds)
+    naive_rate = args.batch_size / seconds["naive (weights require grad, eager, full logits)"]
+    ref = naive_rate * REFERENCE_VS_NAIVE["eval_rate"]
+    print(f"reference {ref:.1f} contexts/s")
+    for name, value in seconds.items():
+        rate = args.batch_size / value
+        compiled = "compile" in name
+        note = f"  (compiled in {first[name]:.0f}s)" if compiled else ""
+        if compiled:
+            results["compile_s"][f"inference {name}"] = first[name]
+        results["inference"][name] = rate
+        print(f"  {name:<56} {rate:>7.1f}  {rate / naive_rate:5.2f}x naive  {rate / ref:5.2f}x reference{note}")
+    results["inference_reference"] = ref
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if args.plot:
-        cells = ("naive", "eager", "sdpa_math", "sdpa", "sdpa_compiled", "eager_compiled", "eager_compiled_bf16")
-        labels = ["naive"] + [f"ours ({p})" for p in cells[1:]]
-        bar_plot(args.plot, labels, [results["inference"][k] for k in cells],
+        bar_plot(args.plot, [name.removeprefix("ours, ") for name in results["inference"]], list(results["inference"].values()),
                  "contexts / s", f"inference write, N = 16, batch {args.batch_size}, K = 2 ({results['threads']} threads)")
     return results
 

@@ -14,6 +14,11 @@ For each: seconds per meta-step and per inference write (first order, K = 2) ove
 a warm-up, FLOPs counted with ``torch.utils.flop_counter``'s formulas on one call (matrix products, attention
 and their backward / double backward, as executed), and MFU = FLOPs / time / peak, where the peak is the card's
 dense bf16 figure (``--peak-tflops``, default 989 for an H100/H200 SXM). Writes bench.json and bench.md.
+
+``--compiled``: also the compiled paths, each timed after its first call (the compile, reported apart): the
+meta-step with the WRITE's gradient step compiled (``MemoryCell.compile_write_step``) and the inference write of
+``Reader.compile()``; MFU from the eager call's FLOP count (the same arithmetic). Compiling SmolLM2's 30 layers'
+double backward takes minutes: pass ``--readers kv --compiled`` when time is short.
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def counted_flops(fn) -> float:
     return float(counter.total)
 
 
-def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, peak: float) -> dict:
+def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, peak: float, compiled: bool = False) -> dict:
     reader, batch, autocast = READERS[name](smoke)
     reader = reader.to(device).train()
     batch = batch.to(device)
@@ -143,18 +148,38 @@ def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, pea
 
     step_s = timed(step, device, repeats)
     step_flops = counted_flops(step)
+    extra: dict = {}
+    if compiled:
+        reader.compile_write_step()
+        extra["meta_step_compile_s"] = first_call_seconds(step, device)
+        extra["meta_step_compiled_s"] = timed(step, device, repeats)
+        extra["meta_step_compiled_mfu"] = step_flops / extra["meta_step_compiled_s"] / peak
     reader.freeze()
     write_s = timed(write, device, repeats)
     write_flops = counted_flops(write)
+    if compiled:
+        reader.compile()
+        extra["write_compile_s"] = first_call_seconds(write, device)
+        extra["write_compiled_s"] = timed(write, device, repeats)
+        extra["write_compiled_mfu"] = write_flops / extra["write_compiled_s"] / peak
     n_params = sum(p.numel() for p in reader.parameters())
     contexts = batch.ctx_ids.shape[0]
-    return {
+    return {**extra,
         "reader": name, "params": n_params, "batch": contexts, "context_tokens": int(batch.ctx_mask.sum(1).max()),
         "precision": "bf16 autocast, fp32 weights" if autocast else "fp32",
         "meta_step_s": step_s, "meta_step_tflop": step_flops / 1e12, "meta_step_mfu": step_flops / step_s / peak,
         "write_s": write_s, "write_contexts_per_s": contexts / write_s, "write_tflop": write_flops / 1e12,
         "write_mfu": write_flops / write_s / peak,
     }
+
+
+def first_call_seconds(fn, device: torch.device) -> float:
+    """Seconds of one call (the compile, when it is the first call of a compiled path)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def render(results: list[dict], meta: dict) -> str:
@@ -166,6 +191,16 @@ def render(results: list[dict], meta: dict) -> str:
         lines.append(f"| {r['reader']} | {r['params'] / 1e6:.1f}M | {r['precision']} | {r['batch']} x {r['context_tokens']} | "
                      f"{r['meta_step_s']:.4f} | {r['meta_step_tflop']:.3f} | {100 * r['meta_step_mfu']:.2f}% | "
                      f"{r['write_s']:.4f} | {r['write_contexts_per_s']:.0f} | {100 * r['write_mfu']:.2f}% |")
+    compiled = [r for r in results if "meta_step_compiled_s" in r]
+    if compiled:
+        lines += ["", "Compiled paths (MFU from the eager call's FLOPs; compile = the first call):", "",
+                  "| reader | meta-step s | vs eager | MFU | compile s | write s | vs eager | MFU | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in compiled:
+            lines.append(f"| {r['reader']} | {r['meta_step_compiled_s']:.4f} | {r['meta_step_s'] / r['meta_step_compiled_s']:.2f}x | "
+                         f"{100 * r['meta_step_compiled_mfu']:.2f}% | {r['meta_step_compile_s']:.0f} | "
+                         f"{r['write_compiled_s']:.4f} | {r['write_s'] / r['write_compiled_s']:.2f}x | "
+                         f"{100 * r['write_compiled_mfu']:.2f}% | {r['write_compile_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of the code path)")
+    parser.add_argument("--compiled", action="store_true", help="also time the compiled meta-step and write")
     args = parser.parse_args(argv)
     setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -187,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.readers.split(","):
         started = time.perf_counter()
-        results.append(bench_reader(name, device, args.repeats, args.smoke, args.peak_tflops * 1e12))
+        results.append(bench_reader(name, device, args.repeats, args.smoke, args.peak_tflops * 1e12, args.compiled))
         print(f"gpu_bench: {name} done in {time.perf_counter() - started:.0f} s: {json.dumps(results[-1])}", flush=True)
         (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
         (out / "bench.md").write_text(render(results, meta))

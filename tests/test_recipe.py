@@ -344,3 +344,12 @@ def test_every_shipped_training_config_has_its_claims_checked():
     assert not unchecked, f"configs whose header claims nobody checks: {unchecked}"
     for name in ("kv_demo.yaml", "kv_tiny.yaml", "babi_qa1_smollm2_cpu.yaml"):  # the small ones name no recipe
         assert "DEVIATIONS" in CONFIGS[name].read_text() or "recipe" not in CONFIGS[name].read_text()
+
+
+def test_compile_write_compiles_the_write_step_of_the_reader_both_loops_build():
+    """optim.compile_write reaches build_reader (the in-process and the Ray Train loop's reader); the compiled
+    step itself is checked against the plain one in test_write."""
+    assert build_reader(tiny())._compiled_write_gradient is None
+    reader = build_reader(tiny(optim={"compile_write": True}))
+    assert reader._compiled_write_gradient is not None
+    assert all(not k.startswith("_compiled") for k in reader.state_dict())
