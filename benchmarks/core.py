@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
                      "train": {}, "inference": {}, "compile_s": {}}
     reader = paper_reader().train()
-    compiled_step = reader.compile_write_step()._compiled_write_gradient
+    compiled_step = reader.compile_write_step().compiled_write_gradient
     reader.freeze().compile()
     compiled_forward = reader._compiled_forward
     use(reader, trainable=True)

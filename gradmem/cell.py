@@ -244,20 +244,21 @@ class MemoryCell(nn.Module):
         correct = (logits.detach().argmax(-1) == ids).to(ce.dtype)  # (B, L)
         return (ce * weights).sum(dim=1) / count, (correct * weights).sum(dim=1) / count
 
-    # ------------------------------------------------------------------ the WRITE's gradient step
-    def write_gradient(
+    # ------------------------------------------------------------------ the WRITE's gradient step, compiled
+    @property
+    def compiled_write_gradient(self):
+        """``compile_write_step``'s function, or None (the WRITE then differentiates with ``torch.autograd``)."""
+        return self._compiled_write_gradient
+
+    def functional_write_gradient(
         self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gradient of the write loss w.r.t. the memory, and the loss: (B, m, d), (B,).
+        """The gradient of the write loss w.r.t. the memory, and the loss: (B, m, d), (B,), as one function.
 
-        (B, m, d) memory as stored (projected here, as the READ projects it). Computed with ``torch.func.grad``,
-        so the gradient is itself differentiable (the outer loss of meta-training differentiates through it) and
-        the whole step is one function ``torch.compile`` can take (``compile_write_step``). Each sample's loss is
-        its own mean, summed over the batch: a sample's gradient does not depend on the batch it sits in."""
-        step = self._compiled_write_gradient or self._write_gradient
-        return step(memory, ids, mask)
-
-    def _write_gradient(self, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+        (B, m, d) memory as stored (projected here, as the READ projects it). ``torch.func.grad`` makes the
+        gradient an output of the function, differentiable by the outer loss, so ``torch.compile`` can take the
+        whole step (``compile_write_step``). Each sample's loss is its own mean, summed over the batch: a sample's
+        gradient does not depend on the batch it sits in (as in ``gradmem.write``'s autograd step)."""
         def total(mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             loss, _ = self.write_loss(self.project(mem), ids, mask)  # (B,)
             return loss.sum(), loss  # the loss keeps its outer graph (the auxiliary write loss uses it)
@@ -275,7 +276,7 @@ class MemoryCell(nn.Module):
         of one to three minutes per input shape (contexts padded to fixed lengths recompile less), so it is for
         training runs, not for a few steps. Training's attention paths (``sdpa_math``, ``eager``) both compile;
         ``sdpa_math`` measured faster (benchmarks.core)."""
-        self._compiled_write_gradient = torch.compile(self._write_gradient, **options)
+        self._compiled_write_gradient = torch.compile(self.functional_write_gradient, **options)
         return self
 
 

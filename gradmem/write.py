@@ -118,9 +118,7 @@ def gradient_steps(
     for k in range(steps):
         create_graph = mode == "second_order" and k >= steps - n_second
         keep = keep_last_loss and k == steps - 1
-        # the outer graph is recorded only where it is used: through the gradient (second order) or the loss (kept)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (create_graph or keep)):
-            grad, loss = cell.write_gradient(memory, ctx_ids, ctx_mask)  # (B, m, d), (B,)
+        grad, loss, memory = inner_gradient(cell, memory, ctx_ids, ctx_mask, create_graph, keep)
         step_losses.append(loss.detach())
         if keep:
             last_step_loss = loss.mean()
@@ -133,6 +131,26 @@ def gradient_steps(
         step_losses.append(loss)
     losses = torch.stack(step_losses, dim=1) if step_losses else ctx_ids.new_zeros((batch, 0), dtype=torch.float32)
     return WriteOutput(memory=memory, losses=losses, accuracy=accuracy, last_step_loss=last_step_loss)
+
+
+def inner_gradient(
+    cell: "MemoryCell", memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, create_graph: bool, keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's gradient of the write loss at M_k (B, m, d), its loss (B,), and M_k as differentiated (B, m, d).
+
+    With ``torch.autograd`` (``create_graph`` for a second-order step; the loss's graph kept for the auxiliary
+    loss when ``keep``), or, after ``compile_write_step``, with the cell's compiled ``torch.func.grad`` step, which
+    records the outer graph only where it is used. Both are tested equal (tests/test_write.py)."""
+    if cell.compiled_write_gradient is not None:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (create_graph or keep)):
+            grad, loss = cell.compiled_write_gradient(memory, ids, mask)
+        return grad, loss, memory
+    if not memory.requires_grad:  # under no_grad, or training with a frozen M0
+        memory = memory.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss, _ = cell.write_loss(cell.project(memory), ids, mask)  # (B,)
+        (grad,) = torch.autograd.grad(loss.sum(), memory, create_graph=create_graph, retain_graph=create_graph or keep)
+    return grad, loss, memory
 
 
 def inference_steps(

@@ -349,7 +349,7 @@ def test_every_shipped_training_config_has_its_claims_checked():
 def test_compile_write_compiles_the_write_step_of_the_reader_both_loops_build():
     """optim.compile_write reaches build_reader (the in-process and the Ray Train loop's reader); the compiled
     step itself is checked against the plain one in test_write."""
-    assert build_reader(tiny())._compiled_write_gradient is None
+    assert build_reader(tiny()).compiled_write_gradient is None
     reader = build_reader(tiny(optim={"compile_write": True}))
-    assert reader._compiled_write_gradient is not None
+    assert reader.compiled_write_gradient is not None
     assert all(not k.startswith("_compiled") for k in reader.state_dict())
