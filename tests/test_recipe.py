@@ -234,6 +234,11 @@ AUTHORS_KV = {"model.tie_embeddings": True, "model.rope_theta": 5e5, "model.rope
               "model.norm_eps": 1e-5, "model.dtype": "float32", "memory.num_memory": 8, "memory.write_head": True,
               "optim.grad_clip": 1.0, "optim.write_mode": "second_order", "task.name": "kv"}
 CLAIMS: dict[str, dict[str, object]] = {
+    "numerics_kv_cpu.yaml": {**AUTHORS_KV, "model.num_layers": 4, "model.hidden_size": 128, "memory.num_memory": 8,
+                             "memory.write_steps": 2, "memory.write_lr": 0.5, "optim.batch_size": 64, "optim.lr": 1e-3,
+                             "optim.warmup_steps": 50, "optim.max_steps": 400, "optim.aux_write_loss": 0.5,
+                             "optim.write_mode": "second_order", "optim.autocast": None, "optim.compile_write": False,
+                             "run.stop_at_em": None, "task.pairs": 2},
     "kv_n8.yaml": {**AUTHORS_KV, "model.num_layers": 4, "model.hidden_size": 128, "model.intermediate_size": 512,
                    "memory.write_steps": 2, "memory.write_lr": 0.04, "memory.mem_proj": False, "optim.batch_size": 64,
                    "optim.lr": 1e-4, "optim.warmup_steps": 10000, "optim.aux_write_loss": 0.5, "task.pairs": 8},
