@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --output runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests  # two workers, each with one Ray group (tests/conftest.py) and the rest shared; the slowest 15 named at the end
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder --durations=15 tests  # two workers; each module one unit of work, the Ray modules two (tests/conftest.py); the slowest 15 named at the end
 
 test-fast: $(STAMP)  # the algorithm and everything in-process: no services, no long training
 	$(PY) -m pytest -q -m "not slow" tests

@@ -24,20 +24,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(ray_group(item.module.__name__)))
+    # The two Ray groups are the longest work units: handed out first (`make test` passes --no-loadscope-reorder,
+    # so xdist keeps the collection's order), each worker starts on one and the short modules fill in around them.
+    items.sort(key=lambda item: list(RAY_GROUPS).index(unit) if (unit := work_unit(item.nodeid)) in RAY_GROUPS
+               else len(RAY_GROUPS))
 
 
-# `make test` runs two pytest workers (-n 2 --dist loadgroup). The Ray tests make two groups, each kept in order in
-# one worker on that worker's own cluster (the cluster fixture is per session, and each worker is one session).
-# Each group spends much of its time waiting on processes (cluster and worker start-up, checkpoints, HTTP), so the
-# two overlap on two cores. The split balances their time:
-# training (Ray Train, DeepSpeed, `ray job submit`) with the store's maintenance jobs; compression with serving.
-RAY_GROUP_ONE = {"test_distributed", "test_jobs", "test_maintain"}
+# `make test` runs two pytest workers (-n 2 --dist loadscope, with the scheduler below). Every test module is one
+# unit of work, so a module's fixtures are set up once, in one worker. The Ray modules make two larger units, each
+# kept in order in one worker on that worker's own cluster (the cluster fixture is per session, and each worker is
+# one session). Measured: the suite keeps both cores busy, so what it costs is CPU (processes starting, imports,
+# training), and the split only has to balance it: training (Ray Train, DeepSpeed, `ray job submit`) with the
+# store's maintenance jobs; compression with serving.
+# (xdist's own `--dist loadgroup` marks a group by rewriting `item._nodeid`, which pytest 9.2 no longer reads:
+# there every test was its own unit, and the served store and the engines' worker group were set up twice.)
+RAY_GROUPS = {"ray-1": ("test_distributed", "test_jobs", "test_maintain"), "ray-2": ("test_compress", "test_serve")}
 
 
-def ray_group(module: str) -> str:
-    return "ray-1" if module.rsplit(".", 1)[-1] in RAY_GROUP_ONE else "ray-2"
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its Ray group, or its module."""
+    module = nodeid.split("::", 1)[0]
+    name = module.rsplit("/", 1)[-1].removesuffix(".py")
+    return next((group for group, modules in RAY_GROUPS.items() if name in modules), module)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent without the plugin
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
 
 # Tiny models gain nothing from a second OpenMP thread, and two spinning threads on a shared 2-core machine
 # (Ray workers, a second process) slow every small op down by an order of magnitude.
@@ -166,18 +188,31 @@ def _stop_cluster(temp_dir: str, address: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def shared_dir(tmp_path_factory, name: str) -> Path:
+    """A directory both pytest workers of one run see (the run's base temp), for what a session builds once."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
 @pytest.fixture(scope="session")
 def kv_reader_dir(tmp_path_factory) -> Path:
     """A tiny Llama reader trained in-process on 1-pair key-value retrieval (jobs/configs/kv_tiny.yaml, 200 steps,
-    ~15 s): it answers from memory, so pipeline tests can check answers, not just shapes."""
+    ~15 s): it answers from memory, so pipeline tests can check answers, not just shapes. Trained once per run:
+    the first worker to ask trains it under a file lock, the other waits and reads it (tests never write into it)."""
+    from filelock import FileLock
+
     from gradmem.config import override
     from gradmem.train import TrainConfig, Trainer
 
-    cfg = TrainConfig.from_yaml(str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "kv_tiny.yaml"))
-    cfg = override(cfg, {"optim.max_steps": 200, "run.eval_every": 0, "run.save_every": 0,
-                         "memory.max_context_tokens": 100})  # so that chunking and over-long inputs are cheap to test
-    out = tmp_path_factory.mktemp("kv_reader")
-    Trainer(cfg, out).fit()
+    out = shared_dir(tmp_path_factory, "kv_reader")
+    with FileLock(f"{out}.lock"):
+        if not (out / "done").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died half-way
+            cfg = TrainConfig.from_yaml(str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "kv_tiny.yaml"))
+            cfg = override(cfg, {"optim.max_steps": 200, "run.eval_every": 0, "run.save_every": 0,
+                                 "memory.max_context_tokens": 100})  # so that chunking and over-long inputs are cheap
+            Trainer(cfg, out).fit()
+            (out / "done").touch()
     return out / "reader"
 
 

@@ -4,6 +4,7 @@ other, every benchmark names its command, and nothing points outside the reposit
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,21 @@ def test_task_data_come_from_task_path_or_gradmem_data(task, monkeypatch):
     cfg = TrainConfig.from_dict({"task": task})
     with pytest.raises(FileNotFoundError, match=r"task\.path.*GRADMEM_DATA"):
         build_task(cfg.task, "train")
+
+
+def test_the_suite_runs_each_module_and_each_ray_group_as_one_unit_of_work():
+    """`make test` splits the suite between two workers by unit of work (tests/conftest.py): a module's fixtures
+    are then set up once, and the Ray modules share two units, one cluster each. Every module that starts a Ray
+    cluster is in a group, and the Makefile asks for this scheduler with xdist's order kept."""
+    from conftest import RAY_GROUPS, work_unit
+
+    assert work_unit("tests/test_write.py::test_x[llama]") == work_unit("tests/test_write.py::test_y") == "tests/test_write.py"
+    grouped = {name: group for group, names in RAY_GROUPS.items() for name in names}
+    for name, group in grouped.items():
+        assert (ROOT / "tests" / f"{name}.py").is_file(), name
+        assert work_unit(f"tests/{name}.py::test_x[a]") == group
+    using_ray = {p.stem for p in (ROOT / "tests").glob("test_*.py")
+                 if re.search(r"def \w+\([^)]*\bray_cluster\b", p.read_text())}
+    assert using_ray <= set(grouped), using_ray - set(grouped)
+    command = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "-m pytest" in line and "-n 2" in line)
+    assert "--dist loadscope" in command and "--no-loadscope-reorder" in command, command
