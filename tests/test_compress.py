@@ -343,7 +343,7 @@ def test_killed_job_restarts_and_ends_with_every_document_exactly_once(ray_clust
     store = MemoryStore(fs, out)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None and not store.parts("memories"):
-        time.sleep(0.05)
+        time.sleep(0.2)
     assert first.poll() is None, f"the job ended before it could be killed:\n{first.stdout.read()[-3000:]}"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
