@@ -73,6 +73,10 @@ _REQUIRED = {  # what a part of each kind must hold to be read at all
     "errors": {"error_id", "doc_id", "chunk", "n_chunks", "source", "reason"},
 }
 _ALTERNATIVES = 8  # names tried for one part when its own name is taken by a foreign file
+# How long a publish whose server-side copy got no answer waits for the object to show up whole. The AWS SDK gives
+# up on a request after 3 s without a byte on Linux (pyarrow's request_timeout is ignored there), and an
+# S3-compatible server under load may say nothing while it copies a part of tens of MB, then finish the copy.
+COPY_SETTLE_S = 30.0
 MANIFEST, SERVED = "manifest.json", "served.json"
 TMP_GRACE_S = 15 * 60  # a temporary file older than this belongs to a writer that died (parts take seconds)
 
@@ -184,11 +188,28 @@ class MemoryStore:
             size = self.fs.get_file_info(tmp).size
             if size != len(body):
                 raise OSError(f"upload of {path} incomplete: {size} of {len(body)} bytes arrived")
-            self.fs.move(tmp, path)
+            try:
+                self.fs.move(tmp, path)
+            except OSError as e:
+                if not self._arrived(path, len(body)):
+                    raise
+                logger.warning("the copy to %s outlasted its request (%s) but arrived whole", path, e)
+                self.fs.delete_file(tmp)  # the move's own delete never ran
         except BaseException:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
                 self.fs.delete_file(tmp)  # what a failed upload left; clean_temporaries catches a killed one's
             raise
+
+    def _arrived(self, path: str, size: int) -> bool:
+        """Whether ``path`` holds ``size`` bytes within COPY_SETTLE_S (the copy it names may still be running)."""
+        deadline = time.monotonic() + COPY_SETTLE_S
+        while True:
+            info = self.fs.get_file_info(path)
+            if info.type == pafs.FileType.File and info.size == size:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """The manifest is replaced as a whole (rename locally, one put on S3)."""

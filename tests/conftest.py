@@ -37,7 +37,8 @@ def pytest_collection_modifyitems(config, items):
 # training), and the split only has to balance it: training (Ray Train, DeepSpeed, `ray job submit`) with the
 # store's maintenance jobs; compression with serving.
 # (xdist's own `--dist loadgroup` marks a group by rewriting `item._nodeid`, which pytest 9.2 no longer reads:
-# there every test was its own unit, and the served store and the engines' worker group were set up twice.)
+# there every test was its own unit, and the served store and the engines' worker group were set up twice.
+# Upstream: pytest-dev/pytest-xdist#1386.)
 RAY_GROUPS = {"ray-1": ("test_distributed", "test_jobs", "test_maintain"), "ray-2": ("test_compress", "test_serve")}
 
 

@@ -345,3 +345,36 @@ def test_property_every_accepted_document_stays_answerable_with_its_own_doc_id(o
         model.store.clean_temporaries(grace_s=0)
         assert not list((Path(model.store.root) / "memories").glob(f"{TMP_PREFIX}*"))
         model.check()
+
+
+class _CopyWithoutAnswer(pafs.FSSpecHandler):
+    """The local disk behind an S3-like move whose answer never comes: the copy lands (or not), then the request
+    times out, as the AWS SDK's does after 3 s of a busy server's silence."""
+
+    def __init__(self, lands: bool):
+        import fsspec
+
+        super().__init__(fsspec.filesystem("file"))
+        self.lands = lands
+
+    def move(self, src, dest):
+        if self.lands:
+            self.copy_file(src, dest)
+        raise OSError("AWS Error NETWORK_CONNECTION during CopyObject operation: curlCode: 28, Timeout was reached")
+
+
+@pytest.mark.parametrize("lands", [True, False])
+def test_a_publish_whose_copy_outlasts_its_request_succeeds_only_if_the_part_arrived_whole(lands, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setattr("gradmem.store.COPY_SETTLE_S", 0.2)
+    store = MemoryStore(pafs.PyFileSystem(_CopyWithoutAnswer(lands)), str(tmp_path / "store"))
+    table = _table([("a", [1, 2]), ("b", [3])])
+    if lands:
+        path = store.write_part("memories", table)
+        assert path and pq.read_table(path, filesystem=store.fs).num_rows == 2
+    else:
+        with pytest.raises(OSError, match="CopyObject"):
+            store.write_part("memories", table)
+    left = sorted(p.name for p in (tmp_path / "store" / "memories").iterdir())
+    assert not [n for n in left if n.startswith(TMP_PREFIX)], left  # no temporary object stays behind
+    assert len(left) == (1 if lands else 0), left
