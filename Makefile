@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Our sources byte-compiled once, before a run that starts many Python processes (Ray workers, actors, jobs): where
 # PYTHONDONTWRITEBYTECODE is set (this machine sets it), each of them would otherwise compile them again, about
-# half a second of CPU apiece. Up to date files are skipped; a stale .pyc is never used (Python checks the source).
+# 0.34 s of CPU apiece (measured: 6.21 s against 5.87 s to import pipelines.compress and pipelines.train).
+# Up to date files are skipped; a stale .pyc is never used (Python checks the source).
 COMPILE := $(PY) -m compileall -q gradmem pipelines jobs benchmarks tests > /dev/null
 
 demo: $(STAMP)

@@ -26,8 +26,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     # The two Ray groups are the longest work units: handed out first (`make test` passes --no-loadscope-reorder,
     # so xdist keeps the collection's order), each worker starts on one and the short modules fill in around them.
-    items.sort(key=lambda item: list(RAY_GROUPS).index(unit) if (unit := work_unit(item.nodeid)) in RAY_GROUPS
-               else len(RAY_GROUPS))
+    order = [*RAY_GROUPS]  # then every other unit, after them (ties keep the collection's order)
+    items.sort(key=lambda item: order.index(unit) if (unit := work_unit(item.nodeid)) in order else len(order))
 
 
 # `make test` runs two pytest workers (-n 2 --dist loadscope, with the scheduler below). Every test module is one
