@@ -144,13 +144,14 @@ def ray_cluster(s3):
     metrics among Ray's) is at ``metrics``."""
     import ray
 
-    dashboard = _port()
+    dashboard, gcs, metrics = _port(), _port(), _port()
+    # RAY_ADDRESS: the cluster's own processes (Ray Train's PlacementGroupCleaner among them) look their cluster
+    # up by address; with the other pytest worker's cluster on this machine, "auto" finds two and they fail
     env = {**os.environ, **s3.env, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": f"127.0.0.1:{gcs}",
            "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the endpoint in ~1 s, not Ray's 10 s
     os.environ.update(s3.env)
-    gcs, metrics = _port(), _port()
     temp_dir = tempfile.mkdtemp(prefix="gm-ray-")  # this cluster's own: teardown stops it and nothing else
     # the job agent and the client server on free ports, not Ray's fixed 52365 and 10001: the other pytest worker's
     # cluster (or another checkout's tests) may hold them
