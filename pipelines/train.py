@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
+import contextlib
 import shutil
 import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 import torch
@@ -273,12 +274,32 @@ def worker_loop(config: dict[str, Any]) -> None:
     try:
         loop = TrainLoop(cfg, engine, RayReporter(), batches, eval_task, work_dir)
         if resume_from is not None:
-            with resume_from.as_directory() as directory:
-                loop.resume(Path(directory))
+            with local_copy(resume_from) as directory:
+                loop.resume(directory)
         loop.run(cfg.optim.max_steps)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     check_replicas(engine.reader, rank)
+
+
+@contextlib.contextmanager
+def local_copy(checkpoint) -> Iterator[Path]:
+    """A Ray checkpoint as a local directory that belongs to this process: a local checkpoint is read in place; a
+    remote one (S3) is downloaded into a temporary directory of its own, removed on exit.
+
+    Not Ray's ``Checkpoint.as_directory``: it downloads into one directory per checkpoint shared by the processes
+    of a node, and deletes it when the last reader it knows of leaves. A rank that arrives while another one
+    removes it finds no directory and fails ("Checkpoint directory ... does not exist, even though it should have
+    been created by another process"): seen here as a resumed two-worker run losing its first worker group."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    target = Path(tempfile.mkdtemp(prefix="gradmem-checkpoint-"))
+    try:
+        checkpoint.to_directory(str(target))
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def shard_batches(micro: int, tokenizer):
@@ -479,6 +500,6 @@ def export_reader(checkpoint, output: Path, select_best: bool = True) -> Path:
     local directory, atomically and verified, with ``EXPORT_MARKER``. Refuses to replace a directory that is
     not a previous export (``check_output_dir``)."""
     output = check_output_dir(output)
-    with checkpoint.as_directory() as directory:
-        source = train_checkpoint.export_source(Path(directory), select_best)
+    with local_copy(checkpoint) as directory:
+        source = train_checkpoint.export_source(directory, select_best)
         return train_checkpoint.export_reader(source, output, marker=EXPORT_MARKER)

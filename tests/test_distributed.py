@@ -213,6 +213,28 @@ def test_zero2_on_s3_killed_then_resumed_then_exported(ray_cluster, s3, tmp_path
     assert trained > em(untrained) + 0.05, trained
 
 
+def test_each_process_reads_a_remote_checkpoint_from_its_own_copy(tmp_path):
+    """pt.local_copy, how a worker resumes and the driver exports: a remote checkpoint is downloaded into a
+    directory of the caller's own, which another reader leaving never removes (Ray's as_directory shares one per
+    node: the inner exit below would delete the outer reader's files); a local one is read in place."""
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.train import Checkpoint
+
+    src = tmp_path / "step_00000020"
+    (src / "reader").mkdir(parents=True)
+    (src / "reader" / "model.safetensors").write_bytes(b"w" * 100)
+    remote = Checkpoint(str(src), filesystem=PyFileSystem(FSSpecHandler(fsspec.filesystem("file"))))
+    with pt.local_copy(remote) as first:
+        with pt.local_copy(remote) as second:
+            assert first != second and (second / "reader" / "model.safetensors").read_bytes() == b"w" * 100
+        assert (first / "reader" / "model.safetensors").read_bytes() == b"w" * 100  # still there
+    assert not first.exists() and not second.exists() and src.is_dir()
+    with pt.local_copy(Checkpoint(str(src))) as here:
+        assert here == src
+    assert (src / "reader" / "model.safetensors").is_file()
+
+
 def test_existing_run_needs_resume(ray_cluster, tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="--resume"):
