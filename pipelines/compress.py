@@ -924,7 +924,13 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
                 "and %d errors", inputs, len(duplicates), len(memory_keys), len(error_ids))
     to_write = prepared.map_batches(resolve_duplicates, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,
                                     fn_kwargs={"duplicates": duplicates, "existing_ref": existing_ref,
-                                               "errors": plan is None})
+                                               "errors": plan is None}).materialize()
+    del prepared  # to_write holds all the writers need: the object store may free the prepared blocks
+    done = {"memories": 0, "errors": 0, "documents": 0, "tokens": 0, "padded_tokens": 0, "write_s": 0.0}
+    run_start = time.time()
+    if to_write.count() == 0:  # a rerun of a finished job: no writer actor (no reader load, no GPU) is started
+        logger.info("nothing to write: the store holds every memory and error of this input")
+        return Pass(input_keys, done, 0.0, stale)
     written = to_write.map_batches(
         MemoryWriter, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.batches_per_call,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
@@ -935,8 +941,7 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
                                "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
     )
     todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
-    done = {"memories": 0, "errors": 0, "documents": 0, "tokens": 0, "padded_tokens": 0, "write_s": 0.0}
-    run_start, last_log = time.time(), time.time()
+    last_log = time.time()
     for summary in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in summary.to_pylist():
             for k in done:

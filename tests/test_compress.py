@@ -225,11 +225,20 @@ def test_s3_to_s3_every_record_accounted_for_memories_match_and_answer(ray_clust
     em = sum(exact_match(a, questions[i][1]) for a, i in zip(answers, ids)) / len(ids)
     assert em > 0.8, em
 
-    # the same command again: nothing new, nothing lost
+    # the same command again: nothing new, nothing lost, and no writer actor started (no reader loaded)
     parts = store.parts("memories") + store.parts("errors")
+    writers = _writer_actors(ray_cluster["address"])
     again = compress(cfg)
     assert again["this_run"]["memories"] == 0 and again["this_run"]["errors"] == 0 and again["complete"]
     assert store.parts("memories") + store.parts("errors") == parts
+    assert _writer_actors(ray_cluster["address"]) == writers
+
+
+def _writer_actors(address: str) -> set[str]:
+    """Ids of every MemoryWriter actor the cluster has seen, dead or alive."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(address=address, limit=10_000) if "MemoryWriter" in a.class_name}
 
 
 def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reader_dir, tmp_path):
