@@ -25,8 +25,9 @@ def pytest_collection_modifyitems(config, items):
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     # The two Ray groups are the longest work units: handed out first (`make test` passes --no-loadscope-reorder,
-    # so xdist keeps the collection's order), each worker starts on one and the short modules fill in around them.
-    order = [*RAY_GROUPS]  # then every other unit, after them (ties keep the collection's order)
+    # so xdist keeps the collection's order), each worker starts on one; then the long modules, longest first;
+    # the short ones fill in at the end (ties keep the collection's order).
+    order = [*RAY_GROUPS, *(f"tests/{name}.py" for name in LONG_MODULES)]
     items.sort(key=lambda item: order.index(unit) if (unit := work_unit(item.nodeid)) in order else len(order))
 
 
@@ -40,6 +41,10 @@ def pytest_collection_modifyitems(config, items):
 # there every test was its own unit, and the served store and the engines' worker group were set up twice.
 # Upstream: pytest-dev/pytest-xdist#1386.)
 RAY_GROUPS = {"ray-1": ("test_distributed", "test_jobs", "test_maintain"), "ray-2": ("test_compress", "test_serve")}
+# The other modules of 20 s or more, longest first (seconds per module in two `make test` runs: test_write 71-81,
+# test_prepare_model 66-73, test_train 52, test_squad 34, test_baselines 33, test_capacity 21). In collection order
+# test_train and test_write came last, and one worker idled for most of a minute at the end while the other ran them.
+LONG_MODULES = ("test_write", "test_prepare_model", "test_train", "test_squad", "test_baselines", "test_capacity")
 
 
 def work_unit(nodeid: str) -> str:

@@ -77,7 +77,7 @@ def test_the_suite_runs_each_module_and_each_ray_group_as_one_unit_of_work():
     """`make test` splits the suite between two workers by unit of work (tests/conftest.py): a module's fixtures
     are then set up once, and the Ray modules share two units, one cluster each. Every module that starts a Ray
     cluster is in a group, and the Makefile asks for this scheduler with xdist's order kept."""
-    from conftest import RAY_GROUPS, work_unit
+    from conftest import LONG_MODULES, RAY_GROUPS, work_unit
 
     assert work_unit("tests/test_write.py::test_x[llama]") == work_unit("tests/test_write.py::test_y") == "tests/test_write.py"
     grouped = {name: group for group, names in RAY_GROUPS.items() for name in names}
@@ -87,5 +87,6 @@ def test_the_suite_runs_each_module_and_each_ray_group_as_one_unit_of_work():
     using_ray = {p.stem for p in (ROOT / "tests").glob("test_*.py")
                  if re.search(r"def \w+\([^)]*\bray_cluster\b", p.read_text())}
     assert using_ray <= set(grouped), using_ray - set(grouped)
+    assert all((ROOT / "tests" / f"{name}.py").is_file() and name not in grouped for name in LONG_MODULES)
     command = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "-m pytest" in line and "-n 2" in line)
     assert "--dist loadscope" in command and "--no-loadscope-reorder" in command, command
