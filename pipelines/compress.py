@@ -22,7 +22,8 @@ Guarantees
   spills them to disk when they outgrow the object store), the driver collects each record's (order, source,
   doc_id) from them, and duplicate ids are resolved before any WRITE: the first record in input order (files
   sorted by path, then line) wins, later ones become ``duplicate_id`` errors (a record that could not be read
-  at all keeps its own reason).
+  at all keeps its own reason). The rows left for the writers are materialized in turn (the prepared ones are
+  then released) and counted: when there are none, as in a rerun of a finished job, no writer actor starts.
 - Reruns and restarts: memories are keyed by (doc_id, chunk, memory_id) and errors by error_id; whatever the
   store already holds is skipped before it reaches a writer, and parts are immutable, named by their rows'
   identities and published without ever replacing a file (``gradmem.store``), so a run killed at any point and
