@@ -26,9 +26,9 @@ as Ray knows it (``NodeBoundTorchConfig``), not on every interface as Ray Train'
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import contextlib
 import shutil
 import socket
 import tempfile
@@ -283,14 +283,16 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def local_copy(checkpoint) -> Iterator[Path]:
+def local_copy(checkpoint: "ray.train.Checkpoint") -> Iterator[Path]:
     """A Ray checkpoint as a local directory that belongs to this process: a local checkpoint is read in place; a
     remote one (S3) is downloaded into a temporary directory of its own, removed on exit.
 
     Not Ray's ``Checkpoint.as_directory``: it downloads into one directory per checkpoint shared by the processes
     of a node, and deletes it when the last reader it knows of leaves. A rank that arrives while another one
     removes it finds no directory and fails ("Checkpoint directory ... does not exist, even though it should have
-    been created by another process"): seen here as a resumed two-worker run losing its first worker group."""
+    been created by another process"): seen here as a resumed two-worker run losing its first worker group.
+    Nor ``pipelines.storage.local_dir``: it keeps its downloads for the process's life (right for a reader that
+    every call uses, not for a checkpoint read once)."""
     if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
         yield Path(checkpoint.path)
         return

@@ -41,10 +41,11 @@ def pytest_collection_modifyitems(config, items):
 # there every test was its own unit, and the served store and the engines' worker group were set up twice.
 # Upstream: pytest-dev/pytest-xdist#1386.)
 RAY_GROUPS = {"ray-1": ("test_distributed", "test_jobs", "test_maintain"), "ray-2": ("test_compress", "test_serve")}
-# The other modules of 20 s or more, longest first (seconds per module in two `make test` runs: test_write 71-81,
-# test_prepare_model 66-73, test_train 52, test_squad 34, test_baselines 33, test_capacity 21). In collection order
-# test_train and test_write came last, and one worker idled for most of a minute at the end while the other ran them.
-LONG_MODULES = ("test_write", "test_prepare_model", "test_train", "test_squad", "test_baselines", "test_capacity")
+# The other modules of 20 s or more, longest first (seconds per module, junit, three fresh-clone `make test` runs:
+# test_write 65-81, test_prepare_model 66-73, test_train 52-62, test_baselines 33-45, test_squad 27-34,
+# test_capacity 21-26). In collection order test_train and test_write came last, and one worker idled for most of a
+# minute at the end while the other ran them.
+LONG_MODULES = ("test_write", "test_prepare_model", "test_train", "test_baselines", "test_squad", "test_capacity")
 
 
 def work_unit(nodeid: str) -> str:
