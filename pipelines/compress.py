@@ -54,7 +54,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,8 +65,9 @@ from pydantic import Field, model_validator
 from gradmem import records
 from gradmem.chunking import Chunking
 from gradmem.config import declared
+from gradmem.memory import WRITE_PRECISIONS
 from gradmem.reader import ReaderSpec
-from gradmem.store import MemoryStore, current_memories, describe_readers
+from gradmem.store import SETTING_COLUMNS, MemoryStore, current_memories, describe_readers
 from gradmem.write import check_write
 from pipelines.metrics import WriterMetrics
 from pipelines.storage import local_dir, resolve
@@ -93,6 +94,9 @@ class CompressConfig:
                                           "a fixed K)")
     min_steps: int | None = Field(None, ge=0, description="adaptive WRITE: steps every context takes before the "
                                   "target is checked (None: the reader's own)")
+    precision: Literal[WRITE_PRECISIONS] = Field("float32", description="the WRITE's arithmetic: bfloat16 runs it "
+                                                 "under autocast (faster where bf16 matrix units exist: GPUs, recent "
+                                                 "CPUs; part of the write setting and of each memory_id)")
     batch_size: int = Field(32, ge=1, description="contexts per WRITE batch")
     batches_per_call: int = Field(8, ge=1, description="WRITE batches per actor call: the pool a call sorts by "
                                   "length (bucketing)")
@@ -439,7 +443,7 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
             target: float | None, min_steps: int, chunk: bool, existing_ref,
-            chunking: Chunking | None = None, plan_ref=None) -> pa.Table:
+            chunking: Chunking | None = None, plan_ref=None, precision: str = "float32") -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``.
     ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap).
@@ -465,7 +469,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
         else:
             try:
                 out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
-                                        memory_keys, error_ids, plan))
+                                        memory_keys, error_ids, plan, precision))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
@@ -474,7 +478,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
                  target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
-                 error_ids: set, plan: dict | None = None) -> list[dict]:
+                 error_ids: set, plan: dict | None = None, precision: str = "float32") -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
     ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
     fits one chunk is one chunk, as without ``chunk``)."""
@@ -486,7 +490,7 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
     pieces = chunking.split(ids) if chunk else [ids]
-    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
+    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps, precision) for piece in pieces]
     if plan is not None:
         return _repair_rows(row, text, pieces, mids, spec["fingerprint"], plan, memory_keys)
     held_by = _held_documents(memory_keys)  # this reader's memories: another reader's never conflict
@@ -518,6 +522,7 @@ class RepairTarget:
     lr: float
     target: float | None
     min_steps: int
+    precision: str
     revision: int
 
 
@@ -531,7 +536,8 @@ def _repair_rows(row: dict, text: str, pieces: list[list[int]], mids: list[str],
         weak: RepairTarget | None = plan.get((row["doc_id"], c))
         status = "held"
         if weak is not None:
-            was = records.memory_id(fingerprint, weak.steps, weak.lr, piece, weak.target, weak.min_steps)
+            was = records.memory_id(fingerprint, weak.steps, weak.lr, piece, weak.target, weak.min_steps,
+                                    weak.precision)
             status = ("stale" if was != weak.memory_id else
                       "held" if (row["doc_id"], c, mid) in memory_keys else "write")
         out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
@@ -593,7 +599,7 @@ class MemoryWriter:
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
                  lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
-                 threads: int, chunking: Chunking | None = None):
+                 threads: int, chunking: Chunking | None = None, precision: str = "float32"):
         import torch
 
         from gradmem import Reader
@@ -609,7 +615,7 @@ class MemoryWriter:
             self.reader.compile()
         where = resolve(output, s3_endpoint)
         self.store = MemoryStore(where.filesystem, where.path)
-        self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
+        self.steps, self.lr, self.target, self.min_steps, self.precision = steps, lr, target, min_steps, precision
         self.batch_size, self.greedy_check = batch_size, greedy_check
         self.chunking = chunking  # recorded in each memories part's metadata
         self.metrics = WriterMetrics()  # memories written, error rows by reason, write seconds, steps used
@@ -627,7 +633,7 @@ class MemoryWriter:
         if good:
             try:
                 memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size, target=self.target,
-                                                    min_steps=self.min_steps)
+                                                    min_steps=self.min_steps, precision=self.precision)
             except NonFiniteWriteError as e:
                 memories = e.memories
                 bad = set(e.bad)
@@ -664,25 +670,27 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
-                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress") -> None:
+                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress",
+                  precision: str = "float32") -> None:
     """One reader's first writes into a store share one write setting (K, alpha, the adaptive target and min
-    steps): refuse to mix (memories could not be served together). An adaptive store's memories differ in
-    ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a first run
-    killed before its manifest still binds. Parts and manifests written before adaptive writes existed hold
-    fixed-K writes (target None, min steps 0). And one chunking (``_check_chunking``; None: this run does not
-    chunk), whatever the mode.
+    steps, the precision): refuse to mix (memories could not be served together). An adaptive store's memories
+    differ in ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a
+    first run killed before its manifest still binds. Parts and manifests written before adaptive writes and
+    precisions existed hold fixed-K float32 writes (target None, min steps 0). And one chunking
+    (``_check_chunking``; None: this run does not chunk), whatever the mode.
 
     ``mode``: "compress" also refuses memories of another reader, unless the store's served-reader pointer names
     this one (an upgraded store: the old reader's memories stay beside it); "upgrade" (another reader's memories
     are the point) and "repair" (a repair writes its own setting as later revisions) relax what they must.
     Repaired memories (revision > 0) never bind the setting."""
-    mine = (spec.fingerprint, steps, lr, target, min_steps)
+    mine = (spec.fingerprint, steps, lr, target, min_steps, precision)
     served = store.served()
     prior = store.manifest()
     if mode == "compress" and prior is not None and (served is None or prior.get("reader_fingerprint") == mine[0]):
         _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"),
-                              prior.get("write_target"), prior.get("write_min_steps", 0)), mine)
-    names = ("write_steps", "write_lr", "write_target", "write_min_steps")
+                              prior.get("write_target"), prior.get("write_min_steps", 0),
+                              prior.get("write_precision", "float32")), mine)
+    names = SETTING_COLUMNS
     rows = store.read_memories(names)
     fingerprints = set(rows.column("fingerprint").to_pylist()) if rows is not None else set()
     if mode == "compress" and (served is None or served["fingerprint"] != spec.fingerprint):
@@ -692,7 +700,7 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
     if rows is not None and mode != "repair":
         first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
                                     pc.equal(rows.column("revision"), 0)))
-        before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
+        before = {"write_target": None, "write_min_steps": 0, "write_precision": "float32"}  # older parts' values
         columns = [[before.get(c) if v is None else v for v in first.column(c).to_pylist()] for c in names]
         for theirs in sorted(set(zip(*columns)), key=str):
             _refuse_other(store, (spec.fingerprint, *theirs), mine)
@@ -714,9 +722,9 @@ def _check_chunking(store: MemoryStore, spec: ReaderSpec, chunking: Chunking) ->
 def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
     if theirs != mine:
         raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
-                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}; this run uses reader {mine[0]} "
-                         f"with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, min_steps={mine[4]}. "
-                         "Use another --output.")
+                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}, precision={theirs[5]}; this run "
+                         f"uses reader {mine[0]} with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, "
+                         f"min_steps={mine[4]}, precision={mine[5]}. Use another --output.")
 
 
 def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set]:
@@ -856,8 +864,12 @@ class Run:
     chunking: Chunking  # how --chunk splits a document (recorded in parts and the manifest)
 
     @property
-    def setting(self) -> tuple[int, float, float | None, int]:
-        return self.steps, self.lr, self.target, self.min_steps
+    def precision(self) -> str:
+        return self.cfg.precision
+
+    @property
+    def setting(self) -> tuple[int, float, float | None, int, str]:
+        return self.steps, self.lr, self.target, self.min_steps, self.precision
 
 
 @dataclass
@@ -884,7 +896,7 @@ def open_run(cfg: CompressConfig, mode: str = "compress") -> Run:
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal, floor, chunking, mode)
+    _check_output(store, spec, steps, lr, goal, floor, chunking, mode, cfg.precision)
     return Run(cfg, spec, steps, lr, goal, floor, store, chunking)
 
 
@@ -898,8 +910,9 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
     cfg, spec, store = run.cfg, run.spec, run.store
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     by_path = {f.path: f for f in files}
-    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s) into %s", "compressing" if plan is None else
+    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s, %s) into %s", "compressing" if plan is None else
                 f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.steps, run.lr,
+                run.precision,
                 f"chunks of {run.chunking}" if cfg.chunk else "no chunking", cfg.output)
 
     ctx = ray.data.DataContext.get_current()
@@ -915,7 +928,8 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": run.steps,
                    "lr": run.lr, "target": run.target, "min_steps": run.min_steps, "chunk": cfg.chunk,
-                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref},
+                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref,
+                   "precision": run.precision},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     stale = _stale_chunks(prepared) if plan is not None else []
@@ -939,7 +953,8 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
                                "fingerprint": spec.fingerprint, "steps": run.steps, "lr": run.lr, "target": run.target,
                                "min_steps": run.min_steps, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking,
+                               "precision": run.precision},
     )
     todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
     last_log = time.time()
@@ -983,7 +998,8 @@ def compress(cfg: CompressConfig, mode: str = "compress") -> dict[str, Any]:
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
         "reader": cfg.reader, "input": cfg.input, "write_steps": run.steps, "write_lr": run.lr,
-        "write_target": run.target, "write_min_steps": run.min_steps, "m": spec.num_memory,
+        "write_target": run.target, "write_min_steps": run.min_steps, "write_precision": run.precision,
+        "m": spec.num_memory,
         "d": spec.d_model, "chunked": cfg.chunk, **run.chunking.describe(), **counts,
         "this_run": this_run(done.done, done.seconds, started),
         "readers": describe_readers(store), "served": store.served(),

@@ -248,20 +248,32 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     out = tmp_path / "out"
     assert compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out)))["complete"]
     (out / "manifest.json").unlink()  # as if the first run was killed before its manifest: the parts still bind
-    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None, min_steps=0; this run uses .* steps=3"):
+    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None, min_steps=0, precision=float32; this run uses .* steps=3"):
         compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), steps=3))
+    with pytest.raises(ValueError, match="precision=float32; this run uses .* precision=bfloat16"):
+        compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), precision="bfloat16"))
     make_reader("llama").save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="Use another --output"):
         compress(CompressConfig(reader=str(tmp_path / "other"), input=str(corpus), output=str(out)))
     # an adaptive write is another setting: refused here, written (and rerun as a no-op) into its own store
     adaptive = dict(reader=str(kv_reader_dir), input=str(corpus), target_accuracy=1.0, min_steps=1, steps=4)
-    with pytest.raises(ValueError, match="target=None, min_steps=0; this run uses .* target=1.0, min_steps=1"):
+    with pytest.raises(ValueError, match="target=None, min_steps=0, precision=float32; this run uses .* target=1.0, min_steps=1"):
         compress(CompressConfig(**adaptive, output=str(out)))
     manifest = compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))
     assert manifest["complete"] and (manifest["write_target"], manifest["write_min_steps"]) == (1.0, 1)
     (row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive")).read("memories").to_pylist()
     assert 1 <= row["steps_used"] <= 4 and row["write_steps"] == 4 and row["write_target"] == 1.0
     assert compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))["this_run"]["memories"] == 0
+    # a bf16 write is another setting too: its own store, its own memory ids, a memory close to the float32 one
+    bf16 = compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(tmp_path / "bf16"),
+                                   precision="bfloat16"))
+    assert bf16["complete"] and bf16["write_precision"] == "bfloat16"
+    (fp32_row,) = MemoryStore(pafs.LocalFileSystem(), str(out)).read("memories").to_pylist()
+    (bf16_row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "bf16")).read("memories").to_pylist()
+    assert (fp32_row["write_precision"], bf16_row["write_precision"]) == ("float32", "bfloat16")
+    assert bf16_row["memory_id"] != fp32_row["memory_id"]
+    fp32_memory, bf16_memory = torch.tensor(fp32_row["memory"]), torch.tensor(bf16_row["memory"])
+    assert 0 < (fp32_memory - bf16_memory).abs().max() < 0.02 * fp32_memory.abs().max()
 
 
 def test_the_writers_metrics_move_on_ray_prometheus_endpoint(ray_cluster, kv_reader_dir, tmp_path):
