@@ -51,6 +51,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -146,34 +149,70 @@ class InputFile:
     path: str  # inside the filesystem
     kind: str  # jsonl | parquet | txt
     name: str  # relative to the input root: shown in sources, and the id of a .txt document
+    refused: str | None = None  # why this entry is not read (it becomes one error row, unread)
+
+
+# Entries of a local input directory that are never read, each one error row (``list_inputs``)
+_LINK = "a symbolic link: not followed (a link could read files outside the input directory)"
+_NOT_REGULAR = "not a regular file (a FIFO, socket or device is never read)"
+_NOT_UTF8_NAME = "the file name is not valid UTF-8"
 
 
 def list_inputs(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, list[InputFile]]:
     """The input files in a stable order. Names starting with '.' or '_' (markers, temporaries) are skipped,
-    and so, with a warning, are files of other types."""
+    and so, with a warning, are files of other types. Inside a local input directory, symbolic links are not
+    followed and nothing but regular files is read: each such entry with an input suffix (and each linked
+    directory) is listed ``refused``, as is a file whose name is not UTF-8 (the job's error rows say so). The
+    input path itself is the operator's and is taken as given."""
     store = resolve(uri, s3_endpoint)
     info = store.filesystem.get_file_info(store.path)
     if info.type == pafs.FileType.File:
-        infos, root = [info], str(PurePosixPath(store.path).parent)
-    elif info.type == pafs.FileType.Directory:
-        infos = [i for i in store.filesystem.get_file_info(pafs.FileSelector(store.path, recursive=True))
-                 if i.type == pafs.FileType.File]
+        entries, root = [(info.path, None, False)], str(PurePosixPath(store.path).parent)
+    elif info.type == pafs.FileType.Directory and store.is_s3:
+        entries = [(i.path, None, False) for i in store.filesystem.get_file_info(
+            pafs.FileSelector(store.path, recursive=True)) if i.type == pafs.FileType.File]
         root = store.path
+    elif info.type == pafs.FileType.Directory:
+        entries, root = _local_entries(store.path), store.path
     else:
         raise FileNotFoundError(f"input {uri} does not exist")
     files = []
-    for i in sorted(infos, key=lambda x: x.path):
-        name = i.path[len(root):].lstrip("/")
+    for path, refused, linked_dir in sorted(entries, key=lambda e: e[0]):
+        name = path[len(root):].lstrip("/")
         if any(part.startswith((".", "_")) for part in name.split("/")):
             continue
-        kind = INPUT_SUFFIXES.get(PurePosixPath(i.path).suffix.lower())
-        if kind is None:
-            logger.warning("skipping %s: not one of %s", i.path, sorted(INPUT_SUFFIXES))
+        kind = INPUT_SUFFIXES.get(PurePosixPath(path).suffix.lower())
+        if kind is None and not linked_dir:
+            logger.warning("skipping %s: not one of %s", records.safe_text(path), sorted(INPUT_SUFFIXES))
             continue
-        files.append(InputFile(len(files), i.path, kind, name))
+        if refused is not None:
+            logger.warning("not reading %s: %s", records.safe_text(path), refused)
+        files.append(InputFile(len(files), path, kind or "refused", name, refused))
     if not files:
         raise FileNotFoundError(f"input {uri} holds no {'/'.join(sorted(INPUT_SUFFIXES))} files")
     return store.filesystem, files
+
+
+def _local_entries(root: str) -> list[tuple[str, str | None, bool]]:
+    """(path, why it is refused or None, whether it is a linked directory) of the entries under a local directory,
+    walked without following symbolic links. Names are read as bytes, so one that is not UTF-8 is an entry too."""
+    out = []
+    for folder, dirs, names in os.walk(os.fsencode(root), followlinks=False):
+        for name in dirs:  # a linked directory is listed by os.walk but never entered
+            if os.path.islink(os.path.join(folder, name)):
+                out.append((_decoded_path(os.path.join(folder, name)), _LINK, True))
+        for name in names:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            why = _LINK if stat.S_ISLNK(mode) else None if stat.S_ISREG(mode) else _NOT_REGULAR
+            text = _decoded_path(path)
+            out.append((text, why or (_NOT_UTF8_NAME if _unencodable(text) else None), False))
+    return out
+
+
+def _decoded_path(raw: bytes) -> str:
+    """A local path as text; bytes that are not UTF-8 become lone surrogates (``_unencodable``), never an error."""
+    return os.fsdecode(raw)
 
 
 _PARSED = pa.schema([
@@ -218,7 +257,9 @@ def _checked(order: int, source: str, row: Any, excerpt: str | None) -> dict:
 
 def _parse_jsonl(f: InputFile, data: bytes) -> list[dict]:
     """JSON lines; blank lines are skipped (not inputs), and keep the line numbering of the file. A ``.json``
-    file holding one JSON array (pretty-printed or not) is read as that array's records."""
+    file holding one JSON array (pretty-printed or not) is read as that array's records. A UTF-8 byte-order mark
+    (as some editors write) is not part of the first record."""
+    data = data.removeprefix(_BOM)
     if f.kind == "json":
         array = _parse_json_array(f, data)
         if array is not None:
@@ -233,12 +274,17 @@ def _parse_jsonl(f: InputFile, data: bytes) -> list[dict]:
 
 def _parse_json_array(f: InputFile, data: bytes) -> list[dict] | None:
     """The records of a ``.json`` file that is one JSON document: an array (source ``name[i]``) or one object,
-    pretty-printed or not; None when it is not one document (then it is JSON lines)."""
-    if data.lstrip()[:1] not in (b"[", b"{"):
+    pretty-printed or not; None when it is not one document (then it is JSON lines). An array that does not parse
+    as a whole (one element nested too deeply, an integer over Python's limit, a byte that is not UTF-8, a missing
+    comma) is split into its elements, each its own record or error (``_array_elements``)."""
+    first = data.lstrip()[:1]
+    if first not in (b"[", b"{"):
         return None
     try:
         items = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
+        if first == b"[":
+            return _parse_elements(f, data)
         return None  # not one JSON document: read it as JSON lines, each line its own record or error
     if isinstance(items, dict):
         return [_checked(f.index << _LINE_BITS, f"{f.name}:1", items, _excerpt(data))]
@@ -252,6 +298,49 @@ def _parse_json_array(f: InputFile, data: bytes) -> list[dict] | None:
         except (ValueError, RecursionError):
             excerpt = None
         out.append(_checked(order, source, item, excerpt))
+    return out
+
+
+_BOM = b"\xef\xbb\xbf"
+# A JSON string (escapes included; the unrolled loop keeps the regex linear) or one structural character
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.S)
+
+
+def _array_elements(data: bytes) -> tuple[list[bytes], bytes]:
+    """The top-level elements of the JSON array that ``data`` opens with (after whitespace), as raw bytes, found
+    by scanning strings and brackets only (nothing is decoded, so one bad element cannot hide the others), and
+    what follows the array's end (all of the rest when it never closes). Empty elements (``[ ]``) are none."""
+    start = data.index(b"[")
+    depth, begin, elements, end = 0, start + 1, [], len(data)
+    for m in _JSON_TOKEN.finditer(data, start):
+        token = m.group()
+        if token[:1] == b'"':
+            continue
+        if token in (b"[", b"{"):
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                elements.append(data[begin : m.start()])
+                end = m.end()
+                break
+        elif depth == 1:  # a comma between two elements of the outer array
+            elements.append(data[begin : m.start()])
+            begin = m.end()
+    else:
+        elements.append(data[begin:])  # the array never closes: its last element runs to the end of the file
+    return [e for e in elements if e.strip()], data[end:]
+
+
+def _parse_elements(f: InputFile, data: bytes) -> list[dict]:
+    """Each element of a JSON array that does not parse as a whole: its own record or error row (source
+    ``name[i]``); anything after the array is one more error row."""
+    elements, rest = _array_elements(data)
+    out = [_parse_json_value((f.index << _LINE_BITS) | n, f"{f.name}[{n}]", raw) for n, raw in enumerate(elements)]
+    if rest.strip():
+        n = len(elements)
+        out.append(_record((f.index << _LINE_BITS) | n, f"{f.name}[{n}]", reason="malformed",
+                           message="data after the end of the JSON array", excerpt=_excerpt(rest.strip())))
     return out
 
 
@@ -327,11 +416,45 @@ def _parse_parquet(f: InputFile, data: bytes) -> list[dict]:
         table = pfile.read(columns=["id", "text"])
     except Exception as e:  # noqa: BLE001
         return [_record(order0, f.name, reason="malformed", message=f"unreadable Parquet: {e}")]
+    ids, texts = _decoded(table.column("id")), _decoded(table.column("text"))
     out = []
-    for n, row in enumerate(table.to_pylist()):
+    for n, (doc_id, text) in enumerate(zip(ids, texts)):
         order, source = order0 | n, f"{f.name}#{n}"
-        excerpt = row["text"][:EXCERPT_CHARS] if isinstance(row["text"], str) else None
-        out.append(_checked(order, source, row, excerpt))
+        if isinstance(doc_id, _NotUtf8):
+            out.append(_record(order, source, reason="malformed", message="'id' is not valid UTF-8",
+                               excerpt=doc_id.excerpt))
+        elif isinstance(text, _NotUtf8):
+            out.append(_record(order, source, str(doc_id) if doc_id is not None else None, reason="not_text",
+                               message="'text' is not valid UTF-8", excerpt=text.excerpt))
+        else:
+            row = {"id": doc_id, "text": text}
+            excerpt = text[:EXCERPT_CHARS] if isinstance(text, str) else None
+            out.append(_checked(order, source, row, excerpt))
+    return out
+
+
+@dataclass(frozen=True)
+class _NotUtf8:
+    """A Parquet string value whose bytes are not UTF-8 (pyarrow does not check them when it reads)."""
+
+    excerpt: str
+
+
+def _decoded(column: pa.ChunkedArray) -> list:
+    """A column's Python values, each string decoded on its own: one value that is not UTF-8 is that row's
+    ``_NotUtf8``, not an error for the whole file (``to_pylist`` of the string column would raise for all)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_string_view(column.type)):
+        return column.to_pylist()  # integer ids
+    out = []
+    for raw in column.cast(pa.large_binary()).to_pylist():
+        if raw is None:
+            out.append(None)
+            continue
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(_NotUtf8(_excerpt(raw)))
     return out
 
 
@@ -342,7 +465,7 @@ def _refused_rows(f: InputFile, pfile: pq.ParquetFile, n_rows: int, refused: dic
     message = f"{what}: only string columns are read (extension and object types are refused unread)"
     ids: list = [None] * n_rows
     if "id" not in refused:
-        ids = [str(x) if x is not None else None for x in pfile.read(columns=["id"]).column("id").to_pylist()]
+        ids = [str(x) if isinstance(x, (str, int)) else None for x in _decoded(pfile.read(columns=["id"]).column("id"))]
     order0 = f.index << _LINE_BITS
     return [_record(order0 | n, f"{f.name}#{n}", ids[n] if ids[n] and not _unencodable(ids[n]) else None,
                     reason="malformed", message=message) for n in range(n_rows)]
@@ -379,6 +502,13 @@ def parse(batch: pa.Table, files: dict[str, InputFile]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_PARSED)
 
 
+def refused_rows(files: list[InputFile]) -> pa.Table:
+    """One ``malformed`` row for each input entry that is never read (``InputFile.refused``), in ``parse``'s
+    schema: the entry is accounted for like any unreadable file."""
+    return pa.Table.from_pylist([_record(f.index << _LINE_BITS, f.name, reason="malformed", message=f.refused)
+                                 for f in files if f.refused is not None], schema=_PARSED)
+
+
 # ---------------------------------------------------------------------------------------------- prepare
 # status: "write" (a chunk to WRITE), "error" (a new error row), "held" (the store already accounts for it: its
 # memory, or the same error row); every input record has at least one row, so the driver sees every record.
@@ -412,9 +542,10 @@ def _held_documents(memory_keys: set) -> dict[tuple[str, int], str]:
     return _HELD[1]
 
 
-def _existing(ref) -> tuple[set, set]:
-    """The (doc_id, chunk, memory_id) keys of this run's reader in the store and the store's error ids, fetched
-    once per worker process (an object ref, or the pair itself when called outside Ray)."""
+def _existing(ref) -> tuple[set, set, dict[str, set[int]]]:
+    """The (doc_id, chunk, memory_id) keys of this run's reader in the store, the store's error ids and, per
+    doc_id of this reader, the chunk counts its memories record (``_existing_keys``), fetched once per worker
+    process (an object ref, or the triple itself when called outside Ray)."""
     return _fetch(ref, tuple)
 
 
@@ -451,7 +582,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
     next revision; every other chunk is held."""
     chunking = chunking or Chunking(tokens=spec["max_context_tokens"])
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
-    memory_keys, error_ids = _existing(existing_ref)
+    memory_keys, error_ids, chunk_counts = _existing(existing_ref)
     plan = _fetch(plan_ref, dict)
     out: list[dict] = []
 
@@ -469,7 +600,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
         else:
             try:
                 out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
-                                        memory_keys, error_ids, plan, precision))
+                                        memory_keys, error_ids, plan, precision, chunk_counts))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
@@ -478,7 +609,8 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
                  target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
-                 error_ids: set, plan: dict | None = None, precision: str = "float32") -> list[dict]:
+                 error_ids: set, plan: dict | None = None, precision: str = "float32",
+                 chunk_counts: dict[str, set[int]] | None = None) -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
     ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
     fits one chunk is one chunk, as without ``chunk``)."""
@@ -493,6 +625,11 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
     mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps, precision) for piece in pieces]
     if plan is not None:
         return _repair_rows(row, text, pieces, mids, spec["fingerprint"], plan, memory_keys)
+    counts = (chunk_counts or {}).get(row["doc_id"])
+    if counts and counts != {len(pieces)}:  # another text under this id: its chunks must not mix with this one's
+        error(row, "conflict", f"id {row['doc_id']!r} already holds a document of {'/'.join(map(str, sorted(counts)))} "
+              f"chunk(s); this text makes {len(pieces)}")
+        return []
     held_by = _held_documents(memory_keys)  # this reader's memories: another reader's never conflict
     other = [c for c, mid in enumerate(mids)  # a chunk held with this very memory (a repair may have
              if (row["doc_id"], c, mid) not in memory_keys  # superseded it since) is no conflict
@@ -553,7 +690,7 @@ def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], 
     """Prepared rows -> what the writers do: the rows of a record whose id was first used by an earlier record
     become one ``duplicate_id`` error (an unreadable record keeps its own reason); held rows are dropped.
     ``errors`` False (a repair): error rows are dropped too, the compression run accounted for every input."""
-    _, error_ids = _existing(existing_ref)
+    _, error_ids, _ = _existing(existing_ref)
     out: list[dict] = []
     for row in batch.to_pylist():
         first = duplicates.get(row["doc_id"]) if row["doc_id"] is not None else None
@@ -727,13 +864,17 @@ def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
                          f"min_steps={mine[4]}, precision={mine[5]}. Use another --output.")
 
 
-def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set]:
+def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set, dict[str, set[int]]]:
     """The (doc_id, chunk, memory_id) of every memory of this reader (another reader's never conflict and never
-    stand in for one of this reader), and every error id."""
-    mem = _memories_of(store, fingerprint, ["doc_id", "chunk", "memory_id"])
+    stand in for one of this reader), every error id, and per doc_id the chunk counts (n_chunks) its memories
+    record: a text that chunks differently is another text, whatever chunks it shares (``_prepare_row``)."""
+    mem = _memories_of(store, fingerprint, ["doc_id", "chunk", "memory_id", "n_chunks"])
     err = store.read("errors", ["error_id"])
     memory_keys = set(zip(*(mem.column(c).to_pylist() for c in ("doc_id", "chunk", "memory_id")))) if mem else set()
-    return memory_keys, set(err.column("error_id").to_pylist()) if err else set()
+    chunk_counts: dict[str, set[int]] = {}
+    for doc_id, n in zip(*(mem.column(c).to_pylist() for c in ("doc_id", "n_chunks"))) if mem else ():
+        chunk_counts.setdefault(doc_id, set()).add(n)
+    return memory_keys, set(err.column("error_id").to_pylist()) if err else set(), chunk_counts
 
 
 def _memories_of(store: MemoryStore, fingerprint: str, columns: list[str]) -> pa.Table | None:
@@ -909,7 +1050,8 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
 
     cfg, spec, store = run.cfg, run.spec, run.store
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
-    by_path = {f.path: f for f in files}
+    readable = [f for f in files if f.refused is None]
+    by_path = {f.path: f for f in readable}
     logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s, %s) into %s", "compressing" if plan is None else
                 f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.steps, run.lr,
                 run.precision,
@@ -918,12 +1060,18 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver logs documents/s and ETA instead
 
-    memory_keys, error_ids = _existing_keys(store, spec.fingerprint)
-    existing_ref = ray.put((memory_keys, error_ids))
+    memory_keys, error_ids, chunk_counts = _existing_keys(store, spec.fingerprint)
+    existing_ref = ray.put((memory_keys, error_ids, chunk_counts))
     plan_ref = ray.put(plan) if plan is not None else None
-    raw = ray.data.read_binary_files([f.path for f in files], filesystem=fs, include_paths=True,
-                                     override_num_blocks=len(files))
-    prepared = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow").map_batches(
+    parsed = None
+    if readable:
+        raw = ray.data.read_binary_files([f.path for f in readable], filesystem=fs, include_paths=True,
+                                         override_num_blocks=len(readable))
+        parsed = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow")
+    if len(readable) < len(files):  # entries never read (links, FIFOs, names not UTF-8): one error row each
+        unread = ray.data.from_arrow(refused_rows(files))
+        parsed = parsed.union(unread) if parsed is not None else unread
+    prepared = parsed.map_batches(
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": run.steps,
