@@ -17,7 +17,10 @@ Guarantees
   nested too deeply, a lone surrogate, an id over ``records.MAX_ID_CHARS``, a type nobody foresaw) becomes its
   error row. Parquet inputs are read with pyarrow alone and their column types checked on the schema first:
   only plain string columns (and integer ids) are converted to Python; an extension type such as Ray's
-  pickled objects is refused unread (``malformed``), so no input can run code.
+  pickled objects is refused unread (``malformed``), so no input can run code. A bad element of a .json array
+  or a Parquet value that is not UTF-8 costs its own record only. Inside an input directory no symbolic link is
+  followed and only regular files are read; a link, a FIFO or a name that is not UTF-8 is one error row, unread
+  (``list_inputs``, ``refused_rows``).
 - The input is read, parsed, tokenized and content-addressed once: the prepared records are materialized (Ray
   spills them to disk when they outgrow the object store), the driver collects each record's (order, source,
   doc_id) from them, and duplicate ids are resolved before any WRITE: the first record in input order (files
