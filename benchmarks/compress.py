@@ -6,7 +6,9 @@
 
 Reader: the paper's key-value reader (4 layers, d = 128, 8 memory vectors, K = 2; weights untrained, which
 does not change the cost). Corpus: key-value contexts with N = 16 pairs (113 tokens). Cells:
-- in-process batched writes (``Reader.write_tokens``, batch 64) against a per-document loop (batch 1);
+- in-process batched writes (``Reader.write_tokens``, batch 64) against a per-document loop (batch 1), and what
+  the batch job's ``--precision bfloat16`` and ``--compile`` buy: batched writes in bf16 arithmetic, eager and with
+  ``Reader.compile()`` (its one-off compile not timed), against float32;
 - the Ray Data pipeline (``pipelines.compress``, what jobs/compress.py runs; a local Ray, jsonl in, Parquet out)
   with 1 and 2 writer actors of one thread each, against in-process batched writes on one thread: the pipeline's overhead.
   "ctx_s" counts the writing pass (actor start-up, reader load, parse, tokenize, WRITE, Parquet out);
@@ -38,6 +40,22 @@ def reader_dir(path: Path) -> Path:
     return path
 
 
+def precision_cells(path: Path, ids: list[list[int]]) -> dict[str, float]:
+    """Batched writes of ``ids`` in bf16 arithmetic, eager, and compiled in float32 and bf16 (contexts/s): what
+    ``--precision bfloat16`` and ``--compile`` buy a writer. Each compiled cell is warmed up (compiled) first."""
+    from gradmem import Reader
+
+    out = {}
+    eager, compiled = Reader.from_pretrained(path), Reader.from_pretrained(path).compile()
+    for name, reader, precision in (("inprocess_batched_bf16", eager, "bfloat16"), ("inprocess_compiled", compiled,
+                                    "float32"), ("inprocess_compiled_bf16", compiled, "bfloat16")):
+        reader.write_tokens(ids[:64], batch_size=64, precision=precision)  # warm-up (the compile, for compiled)
+        start = time.perf_counter()
+        reader.write_tokens(ids, batch_size=64, precision=precision)
+        out[f"{name}_ctx_s"] = rate(len(ids), time.perf_counter() - start)
+    return out
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
@@ -67,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     reader.write_tokens(ids, batch_size=64)
     results["inprocess_batched_ctx_s"] = rate(len(ids), time.perf_counter() - start)
+    results.update(precision_cells(path, ids))
     start = time.perf_counter()
     for seq in ids[: args.loop_docs]:
         reader.write_tokens([seq], batch_size=1)
@@ -106,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_1_actor_over_inprocess": results["ray_1_actor_ctx_s"] / results["inprocess_batched_ctx_s"],
         "ray_2_actors_over_1": results["ray_2_actor_ctx_s"] / results["ray_1_actor_ctx_s"],
         "in_actor_over_inprocess": results["ray_1_actor_in_actor_ctx_s"] / results["inprocess_batched_ctx_s"],
+        "bf16_over_float32": results["inprocess_batched_bf16_ctx_s"] / results["inprocess_batched_ctx_s"],
+        "compiled_over_eager": results["inprocess_compiled_ctx_s"] / results["inprocess_batched_ctx_s"],
+        "compiled_bf16_over_compiled_float32": results["inprocess_compiled_bf16_ctx_s"] / results["inprocess_compiled_ctx_s"],
         "kv_cache_over_memory_bytes": results["kv_cache_bytes"] / results["memory_bytes"],
         "kv_cache_over_parquet_bytes": results["kv_cache_bytes"] / results["parquet_bytes_per_memory"],
     }

@@ -2,6 +2,7 @@
 
     python -m benchmarks.core                      # all cells, about 15 minutes on 2 CPU cores (4 compiles)
     python -m benchmarks.core --rounds 5 --json bench.json --plot bench.png
+    python -m benchmarks.core --tables inference       # the inference-write table only (about 4 minutes)
 
 Cells (the paper's key-value reader: 4 layers, d = 128, 8 memory vectors, batch 64, K = 2):
 - meta-training step time (second order, write + read + backward) at N = 8 and N = 16; at N = 16 also with bf16
@@ -120,53 +121,8 @@ def use(reader, *, trainable: bool, forward=None, write_gradient=None) -> None:
     reader._compiled_forward, reader._compiled_write_gradient = forward, write_gradient
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per cell, the cells taking turns")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--plot", default=None, help="write a PNG of the figures here")
-    args = parser.parse_args(argv)
-    setup_logging("WARNING")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, K = 2, m = 8, d = 128; "
-          f"medians of {args.rounds} rounds, the cells of a table taking turns")
-    results: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
-                     "train": {}, "inference": {}, "compile_s": {}}
-    reader = paper_reader().train()
-    compiled_step = reader.compile_write_step().compiled_write_gradient
-    reader.freeze().compile()
-    compiled_forward = reader._compiled_forward
-    use(reader, trainable=True)
-
-    print("\nmeta-training step (second order), seconds per step; 'reference': the authors' implementation, estimated "
-          "from this run's naive step (REFERENCE_VS_NAIVE); the goal is <= 0.5 of it")
-    for pairs in (8, 16):
-        batch = KVTask(pairs).batch(args.batch_size, [0, pairs], reader.tokenizer)
-
-        def step(autocast=None, compiled=False, batch=batch):
-            use(reader, trainable=True, write_gradient=compiled_step if compiled else None)
-            train_step(reader, batch, autocast=autocast)
-
-        def naive(batch=batch):
-            use(reader, trainable=True)
-            naive_train_step(reader, batch)
-
-        cells = {"naive": naive, "ours": step}
-        if pairs == 16:
-            cells.update({"ours, bf16 autocast": lambda: step("bfloat16"),
-                          "ours, compiled write step": lambda: step(compiled=True),
-                          "ours, compiled write step, bf16 autocast": lambda: step("bfloat16", compiled=True)})
-        seconds, first = interleaved(cells, args.rounds)
-        ref = seconds["naive"] * REFERENCE_VS_NAIVE["train_step"][pairs]
-        print(f"N = {pairs}: reference {ref:.3f} s")
-        for name, value in seconds.items():
-            compiled = "compiled" in name
-            note = f"  (compiled in {first[name]:.0f}s)" if compiled else ""
-            if compiled:
-                results["compile_s"][f"train {pairs} {name}"] = first[name]
-            print(f"  {name:<50} {value:>7.3f}  {seconds['naive'] / value:5.2f}x naive  {value / ref:5.2f} of reference{note}")
-        results["train"][pairs] = {"seconds": seconds, "reference_s": ref}
-
+def inference_table(reader, compiled_forward, args, results: dict) -> None:
+    """The inference-write table: contexts/s of each cell beside the naive write and the authors' (estimated)."""
     print("\ninference write at N = 16 (K = 2, with final statistics), contexts per second; 'reference': the authors' "
           "write + read pass, estimated from this run's naive write; the goal is >= 3x it")
     batch = KVTask(16).batch(args.batch_size, [0, 16], reader.tokenizer)
@@ -199,10 +155,64 @@ def main(argv: list[str] | None = None) -> dict:
         results["inference"][name] = rate
         print(f"  {name:<56} {rate:>7.1f}  {rate / naive_rate:5.2f}x naive  {rate / ref:5.2f}x reference{note}")
     results["inference_reference"] = ref
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per cell, the cells taking turns")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="write a PNG of the figures here")
+    parser.add_argument("--tables", nargs="+", choices=("train", "inference"), default=["train", "inference"],
+                        help="which tables to measure")
+    args = parser.parse_args(argv)
+    setup_logging("WARNING")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, K = 2, m = 8, d = 128; "
+          f"medians of {args.rounds} rounds, the cells of a table taking turns")
+    results: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rounds": args.rounds,
+                     "train": {}, "inference": {}, "compile_s": {}}
+    reader = paper_reader().train()
+    compiled_step = reader.compile_write_step().compiled_write_gradient
+    reader.freeze().compile()
+    compiled_forward = reader._compiled_forward
+    use(reader, trainable=True)
+
+    if "train" in args.tables:
+        print("\nmeta-training step (second order), seconds per step; 'reference': the authors' implementation, "
+              "estimated from this run's naive step (REFERENCE_VS_NAIVE); the goal is <= 0.5 of it")
+    for pairs in (8, 16) if "train" in args.tables else ():
+        batch = KVTask(pairs).batch(args.batch_size, [0, pairs], reader.tokenizer)
+
+        def step(autocast=None, compiled=False, batch=batch):
+            use(reader, trainable=True, write_gradient=compiled_step if compiled else None)
+            train_step(reader, batch, autocast=autocast)
+
+        def naive(batch=batch):
+            use(reader, trainable=True)
+            naive_train_step(reader, batch)
+
+        cells = {"naive": naive, "ours": step}
+        if pairs == 16:
+            cells.update({"ours, bf16 autocast": lambda: step("bfloat16"),
+                          "ours, compiled write step": lambda: step(compiled=True),
+                          "ours, compiled write step, bf16 autocast": lambda: step("bfloat16", compiled=True)})
+        seconds, first = interleaved(cells, args.rounds)
+        ref = seconds["naive"] * REFERENCE_VS_NAIVE["train_step"][pairs]
+        print(f"N = {pairs}: reference {ref:.3f} s")
+        for name, value in seconds.items():
+            compiled = "compiled" in name
+            note = f"  (compiled in {first[name]:.0f}s)" if compiled else ""
+            if compiled:
+                results["compile_s"][f"train {pairs} {name}"] = first[name]
+            print(f"  {name:<50} {value:>7.3f}  {seconds['naive'] / value:5.2f}x naive  {value / ref:5.2f} of reference{note}")
+        results["train"][pairs] = {"seconds": seconds, "reference_s": ref}
+
+    if "inference" in args.tables:
+        inference_table(reader, compiled_forward, args, results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    if args.plot:
+    if args.plot and results["inference"]:
         bar_plot(args.plot, [name.removeprefix("ours, ") for name in results["inference"]], list(results["inference"].values()),
                  "contexts / s", f"inference write, N = 16, batch {args.batch_size}, K = 2 ({results['threads']} threads)")
     return results

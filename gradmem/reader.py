@@ -9,6 +9,7 @@ reader -> methods -> write / read -> cell; nothing below calls back up. ``config
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,7 +22,7 @@ from gradmem.attention import attention_path
 from gradmem.cell import MemoryCell, max_positions
 from gradmem.config import MemoryConfig
 from gradmem.data import pad, tokenize
-from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
+from gradmem.memory import Memories, NonFiniteWriteError, WriteStats, check_precision
 from gradmem.read import chunk_totals, compose, greedy_generate
 
 INFERENCE_ATTENTION = "sdpa"  # first-order writes and answers may use PyTorch's fastest kernels
@@ -99,6 +100,7 @@ class Reader(MemoryCell):
     def write(
         self, contexts: Sequence[str], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
         attention: str = INFERENCE_ATTENTION, target: float | None = None, min_steps: int | None = None,
+        precision: str = "float32",
     ) -> Memories:
         """Write each context into its own memory (inference mode: first-order, weights untouched).
 
@@ -107,8 +109,10 @@ class Reader(MemoryCell):
         The memory's rows and statistics depend on the method (``gradmem.methods``). ``target``: write each
         context for ``min_steps``, then until its reconstruction accuracy reaches it, ``steps`` at most (None: the
         reader's ``target_accuracy`` and ``min_write_steps``, by default no target: always ``steps``);
-        ``Memories.steps_used`` says how many it took."""
-        return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention, target, min_steps)
+        ``Memories.steps_used`` says how many it took. ``precision``: the WRITE's arithmetic
+        (``gradmem.memory.WRITE_PRECISIONS``: bfloat16 runs it under autocast; part of the write setting)."""
+        return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention, target, min_steps,
+                                   precision)
 
     def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
         """A clear ValueError for any empty or over-long token list (what ``encode_contexts`` checks on text)."""
@@ -122,14 +126,15 @@ class Reader(MemoryCell):
     def write_tokens(
         self, ids: Sequence[Sequence[int]], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
         attention: str = INFERENCE_ATTENTION, target: float | None = None, min_steps: int | None = None,
+        precision: str = "float32",
     ) -> Memories:
         """``write`` on token ids already produced by this reader's tokenizer (batch jobs tokenize upstream)."""
         self.check_tokens(ids)
-        return self._write_checked(ids, steps, lr, batch_size, attention, target, min_steps)
+        return self._write_checked(ids, steps, lr, batch_size, attention, target, min_steps, precision)
 
     def _write_checked(
         self, ids: Sequence[Sequence[int]], steps: int | None, lr: float | None, batch_size: int, attention: str,
-        target: float | None = None, min_steps: int | None = None,
+        target: float | None = None, min_steps: int | None = None, precision: str = "float32",
     ) -> Memories:
         """Length-bucketed inference WRITEs of token lists already checked by ``check_tokens``."""
         steps = self.config.write_steps if steps is None else int(steps)
@@ -138,6 +143,7 @@ class Reader(MemoryCell):
         min_steps = (self.config.min_write_steps if target is not None else 0) if min_steps is None else int(min_steps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_precision(precision)
         n = len(ids)
         slots = self.method.memory_slots(self.num_memory, self.max_context_tokens)
         tensor = torch.zeros(n, slots, self.d_model, dtype=self.memory.dtype)  # (n, P, d)
@@ -145,7 +151,9 @@ class Reader(MemoryCell):
         accuracy = torch.zeros(n)
         steps_used = torch.full((n,), steps, dtype=torch.long)
         pad_id = self.tokenizer.pad_token_id or 0
-        with attention_path(self.lm, attention):
+        arithmetic = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
+                      else contextlib.nullcontext())  # float32 leaves a caller's own autocast as it is
+        with attention_path(self.lm, attention), arithmetic:
             for chunk in length_buckets(ids, batch_size):
                 ctx_ids, ctx_mask = pad([list(ids[i]) for i in chunk], pad_id)
                 out = methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference",
@@ -159,7 +167,7 @@ class Reader(MemoryCell):
                     steps_used[chunk] = out.steps_used.cpu()
         n_tokens = torch.tensor([len(s) for s in ids])
         stats = WriteStats(losses, accuracy, n_tokens, steps_used if target is not None else None)
-        memories = Memories(tensor, stats, self.fingerprint, steps, lr, target, min_steps)
+        memories = Memories(tensor, stats, self.fingerprint, steps, lr, target, min_steps, precision)
         bad = (~memories.finite()).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteWriteError(bad, memories)

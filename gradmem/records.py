@@ -2,14 +2,16 @@
 
 Columns
     memory_id        content hash of (reader fingerprint, write steps, write lr, the adaptive target and min steps if
-                     any, context token ids): a rerun with the same reader and settings produces the same id, so it can skip
-                     what exists
+                     any, the write precision if not float32, context token ids): a rerun with the same reader and
+                     settings produces the same id, so it can skip what exists
     doc_id           the caller's id; chunk, n_chunks: the chunk's index within its document and the document's
                      chunk count (0 and 1 when not chunked)
     memory           the (m, d) memory as Arrow's canonical fixed-shape tensor extension (arrow.fixed_shape_tensor)
     n_context_tokens, write_steps, write_lr, write_losses (loss before each step taken, then after the last),
     write_target     an adaptive write's target accuracy (null: a fixed-K write); write_steps is then K_max
     write_min_steps  the steps every context of an adaptive write took before the target was checked (0: fixed K)
+    write_precision  the WRITE's arithmetic (``gradmem.memory.WRITE_PRECISIONS``); tables written before the column
+                     existed hold float32 writes
     steps_used       SGD steps this memory got (write_steps for a fixed-K write; fewer when an adaptive write met
                      its target early). Tables written before these two columns existed load as fixed-K writes.
     recon_accuracy   teacher-forced reconstruction accuracy of the final memory
@@ -41,7 +43,7 @@ import pyarrow as pa
 import torch
 
 from gradmem.chunking import Chunking
-from gradmem.memory import Memories, WriteStats
+from gradmem.memory import Memories, WriteStats, check_precision
 
 RECORD_FORMAT_VERSION = 1
 _META = "gradmem."
@@ -63,11 +65,12 @@ def safe_text(value: str | None) -> str | None:
 
 
 def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int], target: float | None = None,
-              min_steps: int = 0) -> str:
+              min_steps: int = 0, precision: str = "float32") -> str:
     """Content address of a memory: same reader, settings and tokens -> same id, in any process. A fixed-K
-    write (``target`` None) keeps the id it had before adaptive writes existed."""
+    float32 write (``target`` None) keeps the id it had before adaptive writes and precisions existed."""
     adaptive = [float(target), int(min_steps)] if target is not None else []
-    setting = [fingerprint, int(steps), float(lr)] + adaptive
+    arithmetic = [check_precision(precision)] if precision != "float32" else []
+    setting = [fingerprint, int(steps), float(lr)] + adaptive + arithmetic
     digest = hashlib.sha256(json.dumps(setting).encode())
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return digest.hexdigest()[:32]
@@ -86,6 +89,7 @@ def schema(m: int, d: int, fingerprint: str, chunking: Chunking | None = None) -
         pa.field("write_losses", pa.list_(pa.float32()), nullable=False),
         pa.field("write_target", pa.float64(), nullable=True),
         pa.field("write_min_steps", pa.int32(), nullable=False),
+        pa.field("write_precision", pa.string(), nullable=False),
         pa.field("steps_used", pa.int32(), nullable=False),
         pa.field("recon_accuracy", pa.float32(), nullable=False),
         pa.field("recon_greedy", pa.float32(), nullable=True),
@@ -122,8 +126,8 @@ def to_table(
         losses = [row[: k + 1] for row, k in zip(losses, used)]
     columns = {
         "memory_id": list(memory_ids) if memory_ids is not None else [
-            memory_id(memories.fingerprint, memories.steps, memories.lr, t, memories.target, memories.min_steps)
-            for t in token_ids],
+            memory_id(memories.fingerprint, memories.steps, memories.lr, t, memories.target, memories.min_steps,
+                      memories.precision) for t in token_ids],
         "doc_id": [str(x) for x in doc_ids],
         "chunk": list(chunks) if chunks is not None else [0] * n,
         "n_chunks": list(n_chunks) if n_chunks is not None else [1] * n,
@@ -134,6 +138,7 @@ def to_table(
         "write_losses": losses,
         "write_target": [memories.target] * n,
         "write_min_steps": [memories.min_steps] * n,
+        "write_precision": [memories.precision] * n,
         "steps_used": used,
         "recon_accuracy": memories.stats.accuracy.float().tolist(),
         "recon_greedy": [float(x) for x in recon_greedy] if recon_greedy is not None else [None] * n,
@@ -168,11 +173,12 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
     step_values = table.column("write_steps").to_pylist()
     targets = _column(table, "write_target", [None] * table.num_rows)
     floors = _column(table, "write_min_steps", [0] * table.num_rows)
-    settings = set(zip(step_values, table.column("write_lr").to_pylist(), targets, floors))
+    precisions = [p or "float32" for p in _column(table, "write_precision", [None] * table.num_rows)]
+    settings = set(zip(step_values, table.column("write_lr").to_pylist(), targets, floors, precisions))
     if len(settings) > 1:
         raise ValueError(f"one Memories object holds one write setting; this table mixes (steps, lr, target, "
-                         f"min_steps) {sorted(settings, key=str)}")
-    steps, lr, target, min_steps = settings.pop() if settings else (0, 0.0, None, 0)
+                         f"min_steps, precision) {sorted(settings, key=str)}")
+    steps, lr, target, min_steps, precision = settings.pop() if settings else (0, 0.0, None, 0, "float32")
     memory = table.column("memory").combine_chunks().to_numpy_ndarray()  # (B, m, d)
     if memory.shape[1:] != (int(meta["m"]), int(meta["d"])):
         raise ValueError(f"memory shape {memory.shape[1:]} does not match the metadata ({meta['m']}, {meta['d']})")
@@ -183,7 +189,8 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
         n_tokens=torch.tensor(table.column("n_context_tokens").to_pylist()),
         steps_used=torch.tensor(used, dtype=torch.long) if target is not None else None,
     )
-    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by, steps, lr, target, min_steps)
+    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by, steps, lr, target, min_steps,
+                        check_precision(precision))
     return table.column("doc_id").to_pylist(), memories
 
 

@@ -17,7 +17,10 @@ Guarantees
   nested too deeply, a lone surrogate, an id over ``records.MAX_ID_CHARS``, a type nobody foresaw) becomes its
   error row. Parquet inputs are read with pyarrow alone and their column types checked on the schema first:
   only plain string columns (and integer ids) are converted to Python; an extension type such as Ray's
-  pickled objects is refused unread (``malformed``), so no input can run code.
+  pickled objects is refused unread (``malformed``), so no input can run code. A bad element of a .json array
+  or a Parquet value that is not UTF-8 costs its own record only. Inside an input directory no symbolic link is
+  followed and only regular files are read; a link, a FIFO or a name that is not UTF-8 is one error row, unread
+  (``list_inputs``, ``refused_rows``).
 - The input is read, parsed, tokenized and content-addressed once: the prepared records are materialized (Ray
   spills them to disk when they outgrow the object store), the driver collects each record's (order, source,
   doc_id) from them, and duplicate ids are resolved before any WRITE: the first record in input order (files
@@ -51,10 +54,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,8 +71,9 @@ from pydantic import Field, model_validator
 from gradmem import records
 from gradmem.chunking import Chunking
 from gradmem.config import declared
+from gradmem.memory import WRITE_PRECISIONS
 from gradmem.reader import ReaderSpec
-from gradmem.store import MemoryStore, current_memories, describe_readers
+from gradmem.store import SETTING_COLUMNS, MemoryStore, current_memories, describe_readers
 from gradmem.write import check_write
 from pipelines.metrics import WriterMetrics
 from pipelines.storage import local_dir, resolve
@@ -93,6 +100,9 @@ class CompressConfig:
                                           "a fixed K)")
     min_steps: int | None = Field(None, ge=0, description="adaptive WRITE: steps every context takes before the "
                                   "target is checked (None: the reader's own)")
+    precision: Literal[WRITE_PRECISIONS] = Field("float32", description="the WRITE's arithmetic: bfloat16 runs it "
+                                                 "under autocast (faster where bf16 matrix units exist: GPUs, recent "
+                                                 "CPUs; part of the write setting and of each memory_id)")
     batch_size: int = Field(32, ge=1, description="contexts per WRITE batch")
     batches_per_call: int = Field(8, ge=1, description="WRITE batches per actor call: the pool a call sorts by "
                                   "length (bucketing)")
@@ -142,34 +152,70 @@ class InputFile:
     path: str  # inside the filesystem
     kind: str  # jsonl | parquet | txt
     name: str  # relative to the input root: shown in sources, and the id of a .txt document
+    refused: str | None = None  # why this entry is not read (it becomes one error row, unread)
+
+
+# Entries of a local input directory that are never read, each one error row (``list_inputs``)
+_LINK = "a symbolic link: not followed (a link could read files outside the input directory)"
+_NOT_REGULAR = "not a regular file (a FIFO, socket or device is never read)"
+_NOT_UTF8_NAME = "the file name is not valid UTF-8"
 
 
 def list_inputs(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, list[InputFile]]:
     """The input files in a stable order. Names starting with '.' or '_' (markers, temporaries) are skipped,
-    and so, with a warning, are files of other types."""
+    and so, with a warning, are files of other types. Inside a local input directory, symbolic links are not
+    followed and nothing but regular files is read: each such entry with an input suffix (and each linked
+    directory) is listed ``refused``, as is a file whose name is not UTF-8 (the job's error rows say so). The
+    input path itself is the operator's and is taken as given."""
     store = resolve(uri, s3_endpoint)
     info = store.filesystem.get_file_info(store.path)
     if info.type == pafs.FileType.File:
-        infos, root = [info], str(PurePosixPath(store.path).parent)
-    elif info.type == pafs.FileType.Directory:
-        infos = [i for i in store.filesystem.get_file_info(pafs.FileSelector(store.path, recursive=True))
-                 if i.type == pafs.FileType.File]
+        entries, root = [(info.path, None, False)], str(PurePosixPath(store.path).parent)
+    elif info.type == pafs.FileType.Directory and store.is_s3:
+        entries = [(i.path, None, False) for i in store.filesystem.get_file_info(
+            pafs.FileSelector(store.path, recursive=True)) if i.type == pafs.FileType.File]
         root = store.path
+    elif info.type == pafs.FileType.Directory:
+        entries, root = _local_entries(store.path), store.path
     else:
         raise FileNotFoundError(f"input {uri} does not exist")
     files = []
-    for i in sorted(infos, key=lambda x: x.path):
-        name = i.path[len(root):].lstrip("/")
+    for path, refused, linked_dir in sorted(entries, key=lambda e: e[0]):
+        name = path[len(root):].lstrip("/")
         if any(part.startswith((".", "_")) for part in name.split("/")):
             continue
-        kind = INPUT_SUFFIXES.get(PurePosixPath(i.path).suffix.lower())
-        if kind is None:
-            logger.warning("skipping %s: not one of %s", i.path, sorted(INPUT_SUFFIXES))
+        kind = INPUT_SUFFIXES.get(PurePosixPath(path).suffix.lower())
+        if kind is None and not linked_dir:
+            logger.warning("skipping %s: not one of %s", records.safe_text(path), sorted(INPUT_SUFFIXES))
             continue
-        files.append(InputFile(len(files), i.path, kind, name))
+        if refused is not None:
+            logger.warning("not reading %s: %s", records.safe_text(path), refused)
+        files.append(InputFile(len(files), path, kind or "refused", name, refused))
     if not files:
         raise FileNotFoundError(f"input {uri} holds no {'/'.join(sorted(INPUT_SUFFIXES))} files")
     return store.filesystem, files
+
+
+def _local_entries(root: str) -> list[tuple[str, str | None, bool]]:
+    """(path, why it is refused or None, whether it is a linked directory) of the entries under a local directory,
+    walked without following symbolic links. Names are read as bytes, so one that is not UTF-8 is an entry too."""
+    out = []
+    for folder, dirs, names in os.walk(os.fsencode(root), followlinks=False):
+        for name in dirs:  # a linked directory is listed by os.walk but never entered
+            if os.path.islink(os.path.join(folder, name)):
+                out.append((_decoded_path(os.path.join(folder, name)), _LINK, True))
+        for name in names:
+            path = os.path.join(folder, name)
+            mode = os.lstat(path).st_mode
+            why = _LINK if stat.S_ISLNK(mode) else None if stat.S_ISREG(mode) else _NOT_REGULAR
+            text = _decoded_path(path)
+            out.append((text, why or (_NOT_UTF8_NAME if _unencodable(text) else None), False))
+    return out
+
+
+def _decoded_path(raw: bytes) -> str:
+    """A local path as text; bytes that are not UTF-8 become lone surrogates (``_unencodable``), never an error."""
+    return os.fsdecode(raw)
 
 
 _PARSED = pa.schema([
@@ -214,7 +260,9 @@ def _checked(order: int, source: str, row: Any, excerpt: str | None) -> dict:
 
 def _parse_jsonl(f: InputFile, data: bytes) -> list[dict]:
     """JSON lines; blank lines are skipped (not inputs), and keep the line numbering of the file. A ``.json``
-    file holding one JSON array (pretty-printed or not) is read as that array's records."""
+    file holding one JSON array (pretty-printed or not) is read as that array's records. A UTF-8 byte-order mark
+    (as some editors write) is not part of the first record."""
+    data = data.removeprefix(_BOM)
     if f.kind == "json":
         array = _parse_json_array(f, data)
         if array is not None:
@@ -229,12 +277,17 @@ def _parse_jsonl(f: InputFile, data: bytes) -> list[dict]:
 
 def _parse_json_array(f: InputFile, data: bytes) -> list[dict] | None:
     """The records of a ``.json`` file that is one JSON document: an array (source ``name[i]``) or one object,
-    pretty-printed or not; None when it is not one document (then it is JSON lines)."""
-    if data.lstrip()[:1] not in (b"[", b"{"):
+    pretty-printed or not; None when it is not one document (then it is JSON lines). An array that does not parse
+    as a whole (one element nested too deeply, an integer over Python's limit, a byte that is not UTF-8, a missing
+    comma) is split into its elements, each its own record or error (``_array_elements``)."""
+    first = data.lstrip()[:1]
+    if first not in (b"[", b"{"):
         return None
     try:
         items = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):
+        if first == b"[":
+            return _parse_elements(f, data)
         return None  # not one JSON document: read it as JSON lines, each line its own record or error
     if isinstance(items, dict):
         return [_checked(f.index << _LINE_BITS, f"{f.name}:1", items, _excerpt(data))]
@@ -248,6 +301,49 @@ def _parse_json_array(f: InputFile, data: bytes) -> list[dict] | None:
         except (ValueError, RecursionError):
             excerpt = None
         out.append(_checked(order, source, item, excerpt))
+    return out
+
+
+_BOM = b"\xef\xbb\xbf"
+# A JSON string (escapes included; the unrolled loop keeps the regex linear) or one structural character
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]', re.S)
+
+
+def _array_elements(data: bytes) -> tuple[list[bytes], bytes]:
+    """The top-level elements of the JSON array that ``data`` opens with (after whitespace), as raw bytes, found
+    by scanning strings and brackets only (nothing is decoded, so one bad element cannot hide the others), and
+    what follows the array's end (all of the rest when it never closes). Empty elements (``[ ]``) are none."""
+    start = data.index(b"[")
+    depth, begin, elements, end = 0, start + 1, [], len(data)
+    for m in _JSON_TOKEN.finditer(data, start):
+        token = m.group()
+        if token[:1] == b'"':
+            continue
+        if token in (b"[", b"{"):
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth == 0:
+                elements.append(data[begin : m.start()])
+                end = m.end()
+                break
+        elif depth == 1:  # a comma between two elements of the outer array
+            elements.append(data[begin : m.start()])
+            begin = m.end()
+    else:
+        elements.append(data[begin:])  # the array never closes: its last element runs to the end of the file
+    return [e for e in elements if e.strip()], data[end:]
+
+
+def _parse_elements(f: InputFile, data: bytes) -> list[dict]:
+    """Each element of a JSON array that does not parse as a whole: its own record or error row (source
+    ``name[i]``); anything after the array is one more error row."""
+    elements, rest = _array_elements(data)
+    out = [_parse_json_value((f.index << _LINE_BITS) | n, f"{f.name}[{n}]", raw) for n, raw in enumerate(elements)]
+    if rest.strip():
+        n = len(elements)
+        out.append(_record((f.index << _LINE_BITS) | n, f"{f.name}[{n}]", reason="malformed",
+                           message="data after the end of the JSON array", excerpt=_excerpt(rest.strip())))
     return out
 
 
@@ -323,11 +419,45 @@ def _parse_parquet(f: InputFile, data: bytes) -> list[dict]:
         table = pfile.read(columns=["id", "text"])
     except Exception as e:  # noqa: BLE001
         return [_record(order0, f.name, reason="malformed", message=f"unreadable Parquet: {e}")]
+    ids, texts = _decoded(table.column("id")), _decoded(table.column("text"))
     out = []
-    for n, row in enumerate(table.to_pylist()):
+    for n, (doc_id, text) in enumerate(zip(ids, texts)):
         order, source = order0 | n, f"{f.name}#{n}"
-        excerpt = row["text"][:EXCERPT_CHARS] if isinstance(row["text"], str) else None
-        out.append(_checked(order, source, row, excerpt))
+        if isinstance(doc_id, _NotUtf8):
+            out.append(_record(order, source, reason="malformed", message="'id' is not valid UTF-8",
+                               excerpt=doc_id.excerpt))
+        elif isinstance(text, _NotUtf8):
+            out.append(_record(order, source, str(doc_id) if doc_id is not None else None, reason="not_text",
+                               message="'text' is not valid UTF-8", excerpt=text.excerpt))
+        else:
+            row = {"id": doc_id, "text": text}
+            excerpt = text[:EXCERPT_CHARS] if isinstance(text, str) else None
+            out.append(_checked(order, source, row, excerpt))
+    return out
+
+
+@dataclass(frozen=True)
+class _NotUtf8:
+    """A Parquet string value whose bytes are not UTF-8 (pyarrow does not check them when it reads)."""
+
+    excerpt: str
+
+
+def _decoded(column: pa.ChunkedArray) -> list:
+    """A column's Python values, each string decoded on its own: one value that is not UTF-8 is that row's
+    ``_NotUtf8``, not an error for the whole file (``to_pylist`` of the string column would raise for all)."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+            or pa.types.is_string_view(column.type)):
+        return column.to_pylist()  # integer ids
+    out = []
+    for raw in column.cast(pa.large_binary()).to_pylist():
+        if raw is None:
+            out.append(None)
+            continue
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(_NotUtf8(_excerpt(raw)))
     return out
 
 
@@ -338,7 +468,7 @@ def _refused_rows(f: InputFile, pfile: pq.ParquetFile, n_rows: int, refused: dic
     message = f"{what}: only string columns are read (extension and object types are refused unread)"
     ids: list = [None] * n_rows
     if "id" not in refused:
-        ids = [str(x) if x is not None else None for x in pfile.read(columns=["id"]).column("id").to_pylist()]
+        ids = [str(x) if isinstance(x, (str, int)) else None for x in _decoded(pfile.read(columns=["id"]).column("id"))]
     order0 = f.index << _LINE_BITS
     return [_record(order0 | n, f"{f.name}#{n}", ids[n] if ids[n] and not _unencodable(ids[n]) else None,
                     reason="malformed", message=message) for n in range(n_rows)]
@@ -375,6 +505,13 @@ def parse(batch: pa.Table, files: dict[str, InputFile]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_PARSED)
 
 
+def refused_rows(files: list[InputFile]) -> pa.Table:
+    """One ``malformed`` row for each input entry that is never read (``InputFile.refused``), in ``parse``'s
+    schema: the entry is accounted for like any unreadable file."""
+    return pa.Table.from_pylist([_record(f.index << _LINE_BITS, f.name, reason="malformed", message=f.refused)
+                                 for f in files if f.refused is not None], schema=_PARSED)
+
+
 # ---------------------------------------------------------------------------------------------- prepare
 # status: "write" (a chunk to WRITE), "error" (a new error row), "held" (the store already accounts for it: its
 # memory, or the same error row); every input record has at least one row, so the driver sees every record.
@@ -408,9 +545,10 @@ def _held_documents(memory_keys: set) -> dict[tuple[str, int], str]:
     return _HELD[1]
 
 
-def _existing(ref) -> tuple[set, set]:
-    """The (doc_id, chunk, memory_id) keys of this run's reader in the store and the store's error ids, fetched
-    once per worker process (an object ref, or the pair itself when called outside Ray)."""
+def _existing(ref) -> tuple[set, set, dict[str, set[int]]]:
+    """The (doc_id, chunk, memory_id) keys of this run's reader in the store, the store's error ids and, per
+    doc_id of this reader, the chunk counts its memories record (``_existing_keys``), fetched once per worker
+    process (an object ref, or the triple itself when called outside Ray)."""
     return _fetch(ref, tuple)
 
 
@@ -439,7 +577,7 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
 
 def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
             target: float | None, min_steps: int, chunk: bool, existing_ref,
-            chunking: Chunking | None = None, plan_ref=None) -> pa.Table:
+            chunking: Chunking | None = None, plan_ref=None, precision: str = "float32") -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``.
     ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap).
@@ -447,7 +585,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
     next revision; every other chunk is held."""
     chunking = chunking or Chunking(tokens=spec["max_context_tokens"])
     tokenizer = _tokenizer(reader_uri, s3_endpoint)
-    memory_keys, error_ids = _existing(existing_ref)
+    memory_keys, error_ids, chunk_counts = _existing(existing_ref)
     plan = _fetch(plan_ref, dict)
     out: list[dict] = []
 
@@ -465,7 +603,7 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
         else:
             try:
                 out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
-                                        memory_keys, error_ids, plan))
+                                        memory_keys, error_ids, plan, precision, chunk_counts))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
@@ -474,7 +612,8 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
 
 def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
                  target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
-                 error_ids: set, plan: dict | None = None) -> list[dict]:
+                 error_ids: set, plan: dict | None = None, precision: str = "float32",
+                 chunk_counts: dict[str, set[int]] | None = None) -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
     ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
     fits one chunk is one chunk, as without ``chunk``)."""
@@ -486,9 +625,14 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
     pieces = chunking.split(ids) if chunk else [ids]
-    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps) for piece in pieces]
+    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps, precision) for piece in pieces]
     if plan is not None:
         return _repair_rows(row, text, pieces, mids, spec["fingerprint"], plan, memory_keys)
+    counts = (chunk_counts or {}).get(row["doc_id"])
+    if counts and counts != {len(pieces)}:  # another text under this id: its chunks must not mix with this one's
+        error(row, "conflict", f"id {row['doc_id']!r} already holds a document of {'/'.join(map(str, sorted(counts)))} "
+              f"chunk(s); this text makes {len(pieces)}")
+        return []
     held_by = _held_documents(memory_keys)  # this reader's memories: another reader's never conflict
     other = [c for c, mid in enumerate(mids)  # a chunk held with this very memory (a repair may have
              if (row["doc_id"], c, mid) not in memory_keys  # superseded it since) is no conflict
@@ -518,6 +662,7 @@ class RepairTarget:
     lr: float
     target: float | None
     min_steps: int
+    precision: str
     revision: int
 
 
@@ -531,7 +676,8 @@ def _repair_rows(row: dict, text: str, pieces: list[list[int]], mids: list[str],
         weak: RepairTarget | None = plan.get((row["doc_id"], c))
         status = "held"
         if weak is not None:
-            was = records.memory_id(fingerprint, weak.steps, weak.lr, piece, weak.target, weak.min_steps)
+            was = records.memory_id(fingerprint, weak.steps, weak.lr, piece, weak.target, weak.min_steps,
+                                    weak.precision)
             status = ("stale" if was != weak.memory_id else
                       "held" if (row["doc_id"], c, mid) in memory_keys else "write")
         out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
@@ -547,7 +693,7 @@ def resolve_duplicates(batch: pa.Table, duplicates: dict[str, tuple[int, str]], 
     """Prepared rows -> what the writers do: the rows of a record whose id was first used by an earlier record
     become one ``duplicate_id`` error (an unreadable record keeps its own reason); held rows are dropped.
     ``errors`` False (a repair): error rows are dropped too, the compression run accounted for every input."""
-    _, error_ids = _existing(existing_ref)
+    _, error_ids, _ = _existing(existing_ref)
     out: list[dict] = []
     for row in batch.to_pylist():
         first = duplicates.get(row["doc_id"]) if row["doc_id"] is not None else None
@@ -593,7 +739,7 @@ class MemoryWriter:
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
                  lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
-                 threads: int, chunking: Chunking | None = None):
+                 threads: int, chunking: Chunking | None = None, precision: str = "float32"):
         import torch
 
         from gradmem import Reader
@@ -609,7 +755,7 @@ class MemoryWriter:
             self.reader.compile()
         where = resolve(output, s3_endpoint)
         self.store = MemoryStore(where.filesystem, where.path)
-        self.steps, self.lr, self.target, self.min_steps = steps, lr, target, min_steps
+        self.steps, self.lr, self.target, self.min_steps, self.precision = steps, lr, target, min_steps, precision
         self.batch_size, self.greedy_check = batch_size, greedy_check
         self.chunking = chunking  # recorded in each memories part's metadata
         self.metrics = WriterMetrics()  # memories written, error rows by reason, write seconds, steps used
@@ -627,7 +773,7 @@ class MemoryWriter:
         if good:
             try:
                 memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size, target=self.target,
-                                                    min_steps=self.min_steps)
+                                                    min_steps=self.min_steps, precision=self.precision)
             except NonFiniteWriteError as e:
                 memories = e.memories
                 bad = set(e.bad)
@@ -664,25 +810,27 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- driver
 def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
-                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress") -> None:
+                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress",
+                  precision: str = "float32") -> None:
     """One reader's first writes into a store share one write setting (K, alpha, the adaptive target and min
-    steps): refuse to mix (memories could not be served together). An adaptive store's memories differ in
-    ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a first run
-    killed before its manifest still binds. Parts and manifests written before adaptive writes existed hold
-    fixed-K writes (target None, min steps 0). And one chunking (``_check_chunking``; None: this run does not
-    chunk), whatever the mode.
+    steps, the precision): refuse to mix (memories could not be served together). An adaptive store's memories
+    differ in ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a
+    first run killed before its manifest still binds. Parts and manifests written before adaptive writes and
+    precisions existed hold fixed-K float32 writes (target None, min steps 0). And one chunking
+    (``_check_chunking``; None: this run does not chunk), whatever the mode.
 
     ``mode``: "compress" also refuses memories of another reader, unless the store's served-reader pointer names
     this one (an upgraded store: the old reader's memories stay beside it); "upgrade" (another reader's memories
     are the point) and "repair" (a repair writes its own setting as later revisions) relax what they must.
     Repaired memories (revision > 0) never bind the setting."""
-    mine = (spec.fingerprint, steps, lr, target, min_steps)
+    mine = (spec.fingerprint, steps, lr, target, min_steps, precision)
     served = store.served()
     prior = store.manifest()
     if mode == "compress" and prior is not None and (served is None or prior.get("reader_fingerprint") == mine[0]):
         _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"),
-                              prior.get("write_target"), prior.get("write_min_steps", 0)), mine)
-    names = ("write_steps", "write_lr", "write_target", "write_min_steps")
+                              prior.get("write_target"), prior.get("write_min_steps", 0),
+                              prior.get("write_precision", "float32")), mine)
+    names = SETTING_COLUMNS
     rows = store.read_memories(names)
     fingerprints = set(rows.column("fingerprint").to_pylist()) if rows is not None else set()
     if mode == "compress" and (served is None or served["fingerprint"] != spec.fingerprint):
@@ -692,7 +840,7 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
     if rows is not None and mode != "repair":
         first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
                                     pc.equal(rows.column("revision"), 0)))
-        before = {"write_target": None, "write_min_steps": 0}  # what parts older than the column hold
+        before = {"write_target": None, "write_min_steps": 0, "write_precision": "float32"}  # older parts' values
         columns = [[before.get(c) if v is None else v for v in first.column(c).to_pylist()] for c in names]
         for theirs in sorted(set(zip(*columns)), key=str):
             _refuse_other(store, (spec.fingerprint, *theirs), mine)
@@ -714,18 +862,22 @@ def _check_chunking(store: MemoryStore, spec: ReaderSpec, chunking: Chunking) ->
 def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
     if theirs != mine:
         raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
-                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}; this run uses reader {mine[0]} "
-                         f"with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, min_steps={mine[4]}. "
-                         "Use another --output.")
+                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}, precision={theirs[5]}; this run "
+                         f"uses reader {mine[0]} with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, "
+                         f"min_steps={mine[4]}, precision={mine[5]}. Use another --output.")
 
 
-def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set]:
+def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set, dict[str, set[int]]]:
     """The (doc_id, chunk, memory_id) of every memory of this reader (another reader's never conflict and never
-    stand in for one of this reader), and every error id."""
-    mem = _memories_of(store, fingerprint, ["doc_id", "chunk", "memory_id"])
+    stand in for one of this reader), every error id, and per doc_id the chunk counts (n_chunks) its memories
+    record: a text that chunks differently is another text, whatever chunks it shares (``_prepare_row``)."""
+    mem = _memories_of(store, fingerprint, ["doc_id", "chunk", "memory_id", "n_chunks"])
     err = store.read("errors", ["error_id"])
     memory_keys = set(zip(*(mem.column(c).to_pylist() for c in ("doc_id", "chunk", "memory_id")))) if mem else set()
-    return memory_keys, set(err.column("error_id").to_pylist()) if err else set()
+    chunk_counts: dict[str, set[int]] = {}
+    for doc_id, n in zip(*(mem.column(c).to_pylist() for c in ("doc_id", "n_chunks"))) if mem else ():
+        chunk_counts.setdefault(doc_id, set()).add(n)
+    return memory_keys, set(err.column("error_id").to_pylist()) if err else set(), chunk_counts
 
 
 def _memories_of(store: MemoryStore, fingerprint: str, columns: list[str]) -> pa.Table | None:
@@ -856,8 +1008,12 @@ class Run:
     chunking: Chunking  # how --chunk splits a document (recorded in parts and the manifest)
 
     @property
-    def setting(self) -> tuple[int, float, float | None, int]:
-        return self.steps, self.lr, self.target, self.min_steps
+    def precision(self) -> str:
+        return self.cfg.precision
+
+    @property
+    def setting(self) -> tuple[int, float, float | None, int, str]:
+        return self.steps, self.lr, self.target, self.min_steps, self.precision
 
 
 @dataclass
@@ -884,7 +1040,7 @@ def open_run(cfg: CompressConfig, mode: str = "compress") -> Run:
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal, floor, chunking, mode)
+    _check_output(store, spec, steps, lr, goal, floor, chunking, mode, cfg.precision)
     return Run(cfg, spec, steps, lr, goal, floor, store, chunking)
 
 
@@ -897,25 +1053,34 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
 
     cfg, spec, store = run.cfg, run.spec, run.store
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
-    by_path = {f.path: f for f in files}
-    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s) into %s", "compressing" if plan is None else
+    readable = [f for f in files if f.refused is None]
+    by_path = {f.path: f for f in readable}
+    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s, %s) into %s", "compressing" if plan is None else
                 f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.steps, run.lr,
+                run.precision,
                 f"chunks of {run.chunking}" if cfg.chunk else "no chunking", cfg.output)
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver logs documents/s and ETA instead
 
-    memory_keys, error_ids = _existing_keys(store, spec.fingerprint)
-    existing_ref = ray.put((memory_keys, error_ids))
+    memory_keys, error_ids, chunk_counts = _existing_keys(store, spec.fingerprint)
+    existing_ref = ray.put((memory_keys, error_ids, chunk_counts))
     plan_ref = ray.put(plan) if plan is not None else None
-    raw = ray.data.read_binary_files([f.path for f in files], filesystem=fs, include_paths=True,
-                                     override_num_blocks=len(files))
-    prepared = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow").map_batches(
+    parsed = None
+    if readable:
+        raw = ray.data.read_binary_files([f.path for f in readable], filesystem=fs, include_paths=True,
+                                         override_num_blocks=len(readable))
+        parsed = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow")
+    if len(readable) < len(files):  # entries never read (links, FIFOs, names not UTF-8): one error row each
+        unread = ray.data.from_arrow(refused_rows(files))
+        parsed = parsed.union(unread) if parsed is not None else unread
+    prepared = parsed.map_batches(
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
         fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": run.steps,
                    "lr": run.lr, "target": run.target, "min_steps": run.min_steps, "chunk": cfg.chunk,
-                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref},
+                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref,
+                   "precision": run.precision},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     stale = _stale_chunks(prepared) if plan is not None else []
@@ -939,7 +1104,8 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
                                "fingerprint": spec.fingerprint, "steps": run.steps, "lr": run.lr, "target": run.target,
                                "min_steps": run.min_steps, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking,
+                               "precision": run.precision},
     )
     todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
     last_log = time.time()
@@ -983,7 +1149,8 @@ def compress(cfg: CompressConfig, mode: str = "compress") -> dict[str, Any]:
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
         "reader": cfg.reader, "input": cfg.input, "write_steps": run.steps, "write_lr": run.lr,
-        "write_target": run.target, "write_min_steps": run.min_steps, "m": spec.num_memory,
+        "write_target": run.target, "write_min_steps": run.min_steps, "write_precision": run.precision,
+        "m": spec.num_memory,
         "d": spec.d_model, "chunked": cfg.chunk, **run.chunking.describe(), **counts,
         "this_run": this_run(done.done, done.seconds, started),
         "readers": describe_readers(store), "served": store.served(),

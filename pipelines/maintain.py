@@ -39,13 +39,12 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from gradmem.config import declared
-from gradmem.store import MemoryStore, current_memories, describe_readers
+from gradmem.store import SETTING_COLUMNS, MemoryStore, current_memories, describe_readers
 from pipelines.compress import CompressConfig, RepairTarget, compress, open_run, this_run, write_pass
 from pipelines.storage import resolve
 
 logger = logging.getLogger(__name__)
 
-_SETTING = ("write_steps", "write_lr", "write_target", "write_min_steps")
 EXAMPLES = 10  # doc ids a report names of each kind
 
 
@@ -58,11 +57,12 @@ class RepairConfig:
 
 
 def plan_repair(store: MemoryStore, fingerprint: str, below: float,
-                setting: tuple[int, float, float | None, int]) -> tuple[dict[tuple[str, int], RepairTarget], int]:
-    """The weak memories of reader ``fingerprint`` to rewrite with ``setting`` (steps, lr, target, min_steps):
+                setting: tuple[int, float, float | None, int, str]) -> tuple[dict[tuple[str, int], RepairTarget], int]:
+    """The weak memories of reader ``fingerprint`` to rewrite with ``setting`` (steps, lr, target, min_steps,
+    precision):
     (doc_id, chunk) -> ``RepairTarget``, and how many weak ones are skipped because they already carry that
     setting (repaired before, or written with it in the first place)."""
-    table = store.read_memories(["doc_id", "chunk", "memory_id", "recon_accuracy", *_SETTING])
+    table = store.read_memories(["doc_id", "chunk", "memory_id", "recon_accuracy", *SETTING_COLUMNS])
     if table is None:
         return {}, 0
     table = table.filter(pc.equal(table.column("fingerprint"), fingerprint))
@@ -72,7 +72,8 @@ def plan_repair(store: MemoryStore, fingerprint: str, below: float,
     for row in current.to_pylist():
         if row["recon_accuracy"] >= below:
             continue
-        theirs = (row["write_steps"], row["write_lr"], row["write_target"], row["write_min_steps"] or 0)
+        theirs = (row["write_steps"], row["write_lr"], row["write_target"], row["write_min_steps"] or 0,
+                  row["write_precision"] or "float32")  # parts older than the columns: fixed K, float32
         if theirs == tuple(setting):
             already += 1
             continue
@@ -95,7 +96,8 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     if plan and not cfg.chunk and any(chunk > 0 for _, chunk in plan):
         raise ValueError("some memories to repair are chunks of a chunked document: pass --chunk, as the compression "
                          "did (without it their texts are too long to write)")
-    logger.info("repair: %d memories of reader %s under %.3f to rewrite with (steps, lr, target, min_steps) %s; %d "
+    logger.info("repair: %d memories of reader %s under %.3f to rewrite with (steps, lr, target, min_steps, "
+                "precision) %s; %d "
                 "already carry that setting", len(plan), fingerprint, rcfg.below, run.setting, already)
     done = write_pass(run, plan) if plan else None  # nothing weak: no pass, nothing written
     left, _ = plan_repair(store, fingerprint, rcfg.below, run.setting)
@@ -105,6 +107,7 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     report = {
         "reader_fingerprint": fingerprint, "reader": cfg.reader, "input": cfg.input, "below": rcfg.below,
         "write_steps": run.steps, "write_lr": run.lr, "write_target": run.target, "write_min_steps": run.min_steps,
+        "write_precision": run.precision,
         "planned": len(plan), "already_repaired": already, "rewritten": done.done["memories"] if done else 0,
         "stale": len(stale), "stale_examples": [list(k) for k in stale[:EXAMPLES]],
         "remaining": len(remaining), "still_weak": still_weak, "complete": not remaining,

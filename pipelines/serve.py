@@ -458,6 +458,9 @@ app = FastAPI(title="GradMem query service", version="1",
               description="Answers questions about compressed documents from their memories alone. Errors are "
                           "`{\"error\": message, \"status\": code}`; with a key set, send `Authorization: Bearer KEY`.")
 app.add_middleware(Guard)  # before @serve.ingress below: Serve copies the app as it is then
+# No redirect from "/v1/query/" to "/v1/query": Starlette's 307 would be outside the declared statuses and point at
+# whatever Host the client sent; an unknown path is a 404 in the one error shape
+app.router.redirect_slashes = False
 
 
 @app.exception_handler(ApiError)
@@ -467,7 +470,12 @@ async def _api_error(_: Request, exc: ApiError) -> Response:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-    """Routing's own errors (404 unknown route, 405 wrong method with its Allow header) in the same shape."""
+    """Routing's own errors (404 unknown route, 405 wrong method with its Allow header) in the same shape. FastAPI's
+    400 for a UTF-8 body its JSON parser gives up on (nested too deeply, an integer over Python's digit limit) is a
+    malformed request like any other: 422, as the OpenAPI document declares."""
+    if exc.status_code == 400:
+        return error_response(422, "malformed request: the body is not JSON this service can parse (nested too "
+                                   "deeply, or a number over the parser's limits)")
     return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
@@ -655,9 +663,11 @@ class GradMemService:
         self.chunking = self._store_chunking()  # as the new reader reads the store's records (the same, normally)
 
     # ------------------------------------------------------------------ helpers (blocking: worker threads only)
-    def _maybe_refresh(self, served: Served | None = None) -> None:
+    def _maybe_refresh(self, served: Served | None = None, force: bool = False) -> None:
+        """Re-list the store at most once per ``refresh_interval_s``; ``force``: now (an online write must see
+        every document the store holds before it decides that an id is free)."""
         served = served or self.served
-        if time.monotonic() - self.last_refresh >= self.cfg.refresh_interval_s:
+        if force or time.monotonic() - self.last_refresh >= self.cfg.refresh_interval_s:
             self.last_refresh = time.monotonic()
             added = served.index.refresh()
             if added:
@@ -849,7 +859,9 @@ class GradMemService:
         steps, lr, goal, floor = cfg.write_steps, cfg.write_lr, cfg.target_accuracy, cfg.min_write_steps
         mid = records.memory_id(served.fingerprint, steps, lr, ids, goal, floor)
         with self.store_lock:
-            self._maybe_refresh(served)
+            # a fresh listing, not the rate-limited one: a batch job may have published this id a moment ago, and
+            # the index keeps the first memory it sees for an id, so a stale look here would let this write win
+            self._maybe_refresh(served, force=True)
             known = served.index.by_doc.get((body.doc_id, 0))
             chunks = served.index.entries[(body.doc_id, 0)]["n_chunks"] if known is not None else 1
         if chunks > 1:

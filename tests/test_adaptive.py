@@ -190,7 +190,7 @@ def test_a_store_holds_one_write_setting_and_an_adaptive_one_varies_only_in_step
     fixed = records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["a", "b"], ids)
     old.write_part("memories", fixed.drop_columns(["steps_used", "write_target", "write_min_steps"]))  # written before the columns
     _check_output(old, spec, K_MAX, lr, None, 0)
-    with pytest.raises(ValueError, match="target=None, min_steps=0; this run uses .* target=0.9"):
+    with pytest.raises(ValueError, match="target=None, min_steps=0, precision=float32; this run uses .* target=0.9"):
         _check_output(old, spec, K_MAX, lr, 0.9, 0)
     old.write_part("memories", records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["c", "d"], ids))
     _check_output(old, spec, K_MAX, lr, None, 0)  # old and new fixed-K parts: one setting

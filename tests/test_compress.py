@@ -67,6 +67,68 @@ def test_parquet_and_text_files():
     assert row["reason"] == "not_text"
 
 
+def test_one_bad_element_of_a_json_array_is_its_own_error_and_the_others_are_read():
+    """A .json array that does not parse as a whole (an element nested too deeply, an integer over Python's limit,
+    a byte that is not UTF-8), pretty-printed or not, with or without a byte-order mark: every other element is
+    read, the bad one is its own error row, and data after the array is one more."""
+    good = [json.dumps({"id": f"arr{i}", "text": f"t{i}"}, indent=2).encode() for i in range(3)]
+    for bad in (b"[" * 100_000 + b"]" * 100_000, b'{"id": "big", "text": "x", "n": ' + b"9" * 5000 + b"}",
+                b'{"id": "u", "text": "a\xffb"}'):
+        for bom in (b"", b"\xef\xbb\xbf"):
+            rows = _parse("a.json", "json", bom + b"[" + b",\n".join([*good[:2], bad, good[2]]) + b"]")
+            assert [(r["source"], r["doc_id"], r["reason"]) for r in rows] == [
+                ("a.json[0]", "arr0", None), ("a.json[1]", "arr1", None), ("a.json[2]", None, "malformed"),
+                ("a.json[3]", "arr2", None)], rows
+    rows = _parse("b.json", "json", b"\xef\xbb\xbf" + json.dumps([{"id": "a", "text": "x"}]).encode() + b" trailing")
+    assert [(r["source"], r["doc_id"], r["reason"]) for r in rows] == [("b.json[0]", "a", None),
+                                                                       ("b.json[1]", None, "malformed")]
+    assert _parse("c.json", "json", b"\xef\xbb\xbf" + json.dumps([{"id": "a", "text": "x"}]).encode())[0]["doc_id"] == "a"
+    assert _parse("e.json", "json", b"[ ]") == []
+
+
+def test_a_parquet_value_that_is_not_utf8_is_its_own_error():
+    """pyarrow does not check UTF-8 when it reads: one bad value is its row's error, the file's other rows are read."""
+    def strings(*values: bytes) -> pa.Array:
+        return pa.array(values, pa.binary()).view(pa.string())  # bytes as they may sit in a file
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": strings(b"good", b"bad-text", b"\xffid"), "text": strings(b"ok", b"\xff\xfe", b"x")}),
+                   sink)
+    rows = _parse("p.parquet", "parquet", sink.getvalue())
+    assert [(r["doc_id"], r["reason"]) for r in rows] == [("good", None), ("bad-text", "not_text"), (None, "malformed")]
+    assert rows[0]["text"] == "ok" and "UTF-8" in rows[1]["message"] and "UTF-8" in rows[2]["message"]
+
+
+def test_an_input_directory_reads_regular_files_only_and_follows_no_link(tmp_path):
+    """Links inside the input directory (to a file or folder outside it, to /, to the directory itself), a FIFO
+    and a file name that is not UTF-8 are each listed once as refused, unread (the job makes each an error row:
+    ``refused_rows``); regular files are read; the walk never leaves the directory."""
+    from pipelines.compress import list_inputs, refused_rows
+
+    corpus, outside = tmp_path / "in", tmp_path / "outside"
+    (corpus / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the store")
+    (corpus / "ok.jsonl").write_text('{"id": "ok", "text": "hello"}\n')
+    (corpus / "sub" / "b.txt").write_text("x")
+    (corpus / "leak.txt").symlink_to(outside / "secret.txt")
+    (corpus / "linkdir").symlink_to(outside)
+    (corpus / "root").symlink_to("/")
+    (corpus / "sub" / "loop").symlink_to(corpus)
+    os.mkfifo(corpus / "fifo.jsonl")
+    with open(os.path.join(os.fsencode(corpus), b"bad\xffname.txt"), "wb"):  # a name that is not UTF-8
+        pass
+    _, files = list_inputs(str(corpus))
+    listed = {records.safe_text(f.name): f.refused for f in files}
+    assert sorted(listed) == ["bad\\udcffname.txt", "fifo.jsonl", "leak.txt", "linkdir", "ok.jsonl", "root", "sub/b.txt",
+                              "sub/loop"]
+    assert listed["ok.jsonl"] is None and listed["sub/b.txt"] is None
+    assert all("symbolic link" in listed[n] for n in ("leak.txt", "linkdir", "root", "sub/loop"))
+    assert "regular file" in listed["fifo.jsonl"] and "UTF-8" in listed["bad\\udcffname.txt"]
+    rows = refused_rows(files).to_pylist()
+    assert len(rows) == 6 and {r["reason"] for r in rows} == {"malformed"} and all(r["text"] is None for r in rows)
+
+
 def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
     reader = Reader.from_pretrained(kv_reader_dir)
     spec = reader.spec
@@ -80,7 +142,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         {"order": 4, "source": "f:5", "doc_id": None, "text": None, "reason": "malformed", "message": "bad"},
     ], schema=_PARSED)
     kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5, target=None,
-                  min_steps=0, existing_ref=(set(), set()))
+                  min_steps=0, existing_ref=(set(), set(), {}))
     duplicates = {"a": (0, "f:1")}
     prepared = prepare(batch, chunk=False, **kwargs)
     rows = prepared.to_pylist()  # every record has a row, duplicates not yet resolved (they need every id)
@@ -89,7 +151,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         (None, "error", "malformed")]
     assert rows[0]["token_ids"] == reader.encode_contexts([ctx])[0]
     assert rows[0]["memory_id"] == records.memory_id(spec.fingerprint, 2, 0.5, rows[0]["token_ids"])
-    resolved = resolve_duplicates(prepared, duplicates, (set(), set())).to_pylist()
+    resolved = resolve_duplicates(prepared, duplicates, (set(), set(), {})).to_pylist()
     assert [(r["doc_id"], r["status"], r["reason"]) for r in resolved] == [
         ("a", "write", None), ("b", "error", "empty"), ("c", "error", "too_long"), ("a", "error", "duplicate_id"),
         (None, "error", "malformed")]
@@ -102,7 +164,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
     assert sum(len(r["token_ids"]) for r in chunked) == 320 and all(len(r["token_ids"]) <= limit for r in chunked)
     # a duplicate of a chunked document is one error, even with its chunks split over batches
     twice = pa.concat_tables([chunked_table.slice(0, 3), chunked_table.slice(3)])
-    split = [resolve_duplicates(t, {"c": (-1, "g:1")}, (set(), set())).to_pylist() for t in (twice.slice(0, 3),
+    split = [resolve_duplicates(t, {"c": (-1, "g:1")}, (set(), set(), {})).to_pylist() for t in (twice.slice(0, 3),
                                                                                                twice.slice(3))]
     assert [r["reason"] for part in split for r in part if r["doc_id"] == "c"] == ["duplicate_id"]
     # the job's chunk size and overlap: 320 tokens in chunks of 60 every 40 tokens
@@ -112,7 +174,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
     assert len(pieces) == 8
     assert [r["n_chunks"] for r in overlapping if r["doc_id"] == "c"] == [8] * 8
 
-    done = {("a", 0, rows[0]["memory_id"])}, {records.error_id("f:2", "b", None, "empty")}
+    done = {("a", 0, rows[0]["memory_id"])}, {records.error_id("f:2", "b", None, "empty")}, {"a": {1}}
     again = prepare(batch, chunk=False, **{**kwargs, "existing_ref": done})
     assert [(r["doc_id"], r["status"]) for r in again.to_pylist()][:2] == [("a", "held"), ("b", "held")]
     resolved = resolve_duplicates(again, duplicates, done).to_pylist()
@@ -120,10 +182,21 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
                                                               (None, "malformed")]
 
     # an id the store holds with other content (an online write) is a conflict error, never a second memory
-    clash = {("a", 0, "0" * 32)}, set()
+    clash = {("a", 0, "0" * 32)}, set(), {"a": {1}}
     rows = prepare(batch, chunk=False, **{**kwargs, "existing_ref": clash}).to_pylist()
     assert (rows[0]["doc_id"], rows[0]["status"], rows[0]["reason"]) == ("a", "error", "conflict")
     assert "already holds another memory" in rows[0]["message"] and rows[0]["memory_id"] is None
+
+    # a text that chunks into another count is another text, even when its first chunks equal the stored ones:
+    # "c" stored as its 4 chunks of 100 tokens, then a longer text whose first 4 chunks are those (it grew) or a
+    # shorter one made of its first chunk (it shrank); neither mixes with nor hides behind the stored document
+    stored = {("c", r["chunk"], r["memory_id"]) for r in chunked}, set(), {"c": {4}}
+    for text in (long_text + ctx * 20, long_text[:100]):
+        grown = pa.Table.from_pylist([{"order": 9, "source": "f:9", "doc_id": "c", "text": text}], schema=_PARSED)
+        (row,) = prepare(grown, chunk=True, **{**kwargs, "existing_ref": stored}).to_pylist()
+        assert (row["status"], row["reason"]) == ("error", "conflict") and "4 chunk(s)" in row["message"], row
+    same = pa.Table.from_pylist([{"order": 9, "source": "f:9", "doc_id": "c", "text": long_text}], schema=_PARSED)
+    assert {r["status"] for r in prepare(same, chunk=True, **{**kwargs, "existing_ref": stored}).to_pylist()} == {"held"}
 
 
 def test_store_parts_are_content_named_and_atomic(tmp_path):
@@ -248,20 +321,32 @@ def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reade
     out = tmp_path / "out"
     assert compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out)))["complete"]
     (out / "manifest.json").unlink()  # as if the first run was killed before its manifest: the parts still bind
-    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None, min_steps=0; this run uses .* steps=3"):
+    with pytest.raises(ValueError, match="steps=2, lr=0.5, target=None, min_steps=0, precision=float32; this run uses .* steps=3"):
         compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), steps=3))
+    with pytest.raises(ValueError, match="precision=float32; this run uses .* precision=bfloat16"):
+        compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), precision="bfloat16"))
     make_reader("llama").save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="Use another --output"):
         compress(CompressConfig(reader=str(tmp_path / "other"), input=str(corpus), output=str(out)))
     # an adaptive write is another setting: refused here, written (and rerun as a no-op) into its own store
     adaptive = dict(reader=str(kv_reader_dir), input=str(corpus), target_accuracy=1.0, min_steps=1, steps=4)
-    with pytest.raises(ValueError, match="target=None, min_steps=0; this run uses .* target=1.0, min_steps=1"):
+    with pytest.raises(ValueError, match="target=None, min_steps=0, precision=float32; this run uses .* target=1.0, min_steps=1"):
         compress(CompressConfig(**adaptive, output=str(out)))
     manifest = compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))
     assert manifest["complete"] and (manifest["write_target"], manifest["write_min_steps"]) == (1.0, 1)
     (row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive")).read("memories").to_pylist()
     assert 1 <= row["steps_used"] <= 4 and row["write_steps"] == 4 and row["write_target"] == 1.0
     assert compress(CompressConfig(**adaptive, output=str(tmp_path / "adaptive")))["this_run"]["memories"] == 0
+    # a bf16 write is another setting too: its own store, its own memory ids, a memory close to the float32 one
+    bf16 = compress(CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(tmp_path / "bf16"),
+                                   precision="bfloat16"))
+    assert bf16["complete"] and bf16["write_precision"] == "bfloat16"
+    (fp32_row,) = MemoryStore(pafs.LocalFileSystem(), str(out)).read("memories").to_pylist()
+    (bf16_row,) = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "bf16")).read("memories").to_pylist()
+    assert (fp32_row["write_precision"], bf16_row["write_precision"]) == ("float32", "bfloat16")
+    assert bf16_row["memory_id"] != fp32_row["memory_id"]
+    fp32_memory, bf16_memory = torch.tensor(fp32_row["memory"]), torch.tensor(bf16_row["memory"])
+    assert 0 < (fp32_memory - bf16_memory).abs().max() < 0.02 * fp32_memory.abs().max()
 
 
 def test_the_writers_metrics_move_on_ray_prometheus_endpoint(ray_cluster, kv_reader_dir, tmp_path):
@@ -391,7 +476,12 @@ def test_a_hostile_corpus_runs_no_code_and_stops_nothing_and_chunk_reruns_comple
               json.dumps({"id": "twin-1", "text": exs[3].context}), json.dumps({"id": "twin-2", "text": exs[3].context}),
               json.dumps({"id": "long", "text": exs[4].context * 40}), "   "]
     (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    (corpus / "more.json").write_text(json.dumps([{"id": "arr-0", "text": exs[5].context}], indent=2))
+    # a .json array whose second element is nested too deeply for json.loads: the first is still read
+    (corpus / "more.json").write_text("[" + json.dumps({"id": "arr-0", "text": exs[5].context}, indent=2) + ",\n"
+                                      + "[" * 3000 + "]" * 3000 + "]")
+    (tmp_path / "outside.txt").write_text(exs[2].context)
+    (corpus / "leak.txt").symlink_to(tmp_path / "outside.txt")  # a link out of the input: never read
+    os.mkfifo(corpus / "pipe.jsonl")  # reading it would block the job: never read
     reader = Reader.from_pretrained(kv_reader_dir)
     store = MemoryStore(pafs.LocalFileSystem(), str(out))
     online = reader.write([exs[0].context])  # the service wrote "online" (d0's text) into the store earlier
@@ -404,15 +494,17 @@ def test_a_hostile_corpus_runs_no_code_and_stops_nothing_and_chunk_reruns_comple
     cfg = CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), greedy_check=False)
     first = compress(cfg)
     assert not marker.exists() and not stale.exists()
-    assert first["inputs"] == 11 and first["complete"], first
-    assert first["error_reasons"] == {"malformed": 3, "not_text": 1, "too_long": 1}
+    assert first["inputs"] == 14 and first["complete"], first
+    assert first["error_reasons"] == {"malformed": 6, "not_text": 1, "too_long": 1}
     assert first["skipped_parts"]["memories"] == 1 and first["other_memories"] == 1
     errors = {r["source"]: r for r in store.read("errors").to_pylist()}
     assert errors["evil.parquet#0"]["reason"] == "malformed" and errors["docs.jsonl:4"]["reason"] == "not_text"
+    assert "symbolic link" in errors["leak.txt"]["message"] and "regular file" in errors["pipe.jsonl"]["message"]
+    assert errors["more.json[1]"]["reason"] == "malformed" and "leak" not in set(store.read("memories").column("doc_id").to_pylist())
 
     second = compress(CompressConfig(**{**cfg.__dict__, "chunk": True}))  # what the too_long error advised
     assert second["complete"] and second["superseded_errors"] == 1 and "too_long" not in second["error_reasons"]
-    assert second["errors"] == 4 and second["this_run"]["memories"] == 4  # the 4 chunks of "long"
+    assert second["errors"] == 7 and second["this_run"]["memories"] == 4  # the 4 chunks of "long"
 
     index = MemoryIndex(MemoryStore(pafs.LocalFileSystem(), str(out)))
     index.refresh()

@@ -61,7 +61,7 @@ def test_the_current_memory_is_the_highest_revision_for_each_reader(tmp_path):
     inputs = pa.table({"order": [0, 1], "source": ["f:1", "f:2"], "doc_id": ["a", "b"]})
     counts = summarize(store, inputs, reader.fingerprint)
     assert counts["complete"] and counts["memories"] == 2 and counts["duplicates"] == 0
-    plan, already = plan_repair(store, reader.fingerprint, 1.01, (4, 0.5, None, 0))  # everything is "weak"
+    plan, already = plan_repair(store, reader.fingerprint, 1.01, (4, 0.5, None, 0, "float32"))  # everything is "weak"
     assert set(plan) == {("b", 0)} and already == 1  # "a" already carries the repair's setting
 
 

@@ -133,3 +133,19 @@ def test_write_tokens_is_write_on_token_ids_and_reconstruct_decodes_freely(reade
             hidden = reader.hidden(reader.project(memory), torch.tensor([out], dtype=torch.long).reshape(1, -1))  # (1, m + t, d)
             out.append(int(reader.write_head(hidden[:, -1]).argmax(-1)))
     assert batched[1].item() == pytest.approx(sum(a == b for a, b in zip(out, target)) / len(target))
+
+
+def test_bf16_written_memories_answer_as_the_float32_ones_do(kv_reader_dir):
+    """On a trained reader, memories written in bf16 arithmetic (``precision="bfloat16"``, what
+    ``jobs/compress.py --precision bfloat16`` runs) answer held-out questions as well as the float32 ones."""
+    from gradmem.memory import WRITE_PRECISIONS
+    from gradmem.tasks.kv import exact_match
+
+    reader = Reader.from_pretrained(kv_reader_dir)
+    exs = KVTask(1).examples(64, seed=[41, 1])
+    em = {}
+    for precision in WRITE_PRECISIONS:
+        memories = reader.write([e.context for e in exs], precision=precision)
+        answers = reader.answer(memories, [e.query for e in exs], max_new_tokens=4)
+        em[precision] = sum(exact_match(a, e.target) for a, e in zip(answers, exs)) / len(exs)
+    assert em["float32"] > 0.8 and em["bfloat16"] >= em["float32"] - 2 / 64, em

@@ -1,7 +1,10 @@
 """The memory record: Parquet round trip without Ray or pickle, content-addressed ids, refusals."""
 
+import hashlib
 import io
+import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -60,3 +63,27 @@ def test_records_of_another_reader_or_format_are_refused(reader, arch):
         records.from_table(pa.table({"doc_id": ["a"]}))
     with pytest.raises(ValueError, match="one doc_id"):
         records.to_table(mem, ["a"], ids)
+
+
+def test_a_bf16_write_is_its_own_setting_and_float32_ids_stay_as_they_were(reader):
+    """The precision is part of the write setting: recorded per row, in the id of every non-float32 memory, and
+    refused when mixed in one table; float32 ids are the ones computed before precisions existed."""
+    exs, mem, ids = _written(reader)
+    digest = hashlib.sha256(json.dumps([reader.fingerprint, 2, 0.5]).encode())  # the formula before precisions
+    digest.update(np.asarray(ids[0], dtype=np.int64).tobytes())
+    assert records.memory_id(reader.fingerprint, 2, 0.5, ids[0]) == digest.hexdigest()[:32]
+    bf16 = reader.write([e.context for e in exs], precision="bfloat16")
+    assert bf16.precision == "bfloat16" and bf16.tensor.dtype == torch.float32
+    gap = (bf16.tensor - mem.tensor).abs().max()
+    assert 0 < gap < 0.05 * mem.tensor.abs().max(), gap  # bf16 arithmetic: close, not equal
+    table = records.to_table(bf16, list("abcd"), ids)
+    assert table.column("write_precision").to_pylist() == ["bfloat16"] * 4
+    bf16_id = records.memory_id(reader.fingerprint, 2, 0.5, ids[0], precision="bfloat16")
+    assert table.column("memory_id")[0].as_py() == bf16_id != records.memory_id(reader.fingerprint, 2, 0.5, ids[0])
+    assert records.from_table(table)[1].precision == "bfloat16"
+    before = records.to_table(mem, list("abcd"), ids).drop_columns(["write_precision"])  # a part from before
+    assert records.from_table(before)[1].precision == "float32"
+    with pytest.raises(ValueError, match="mixes"):
+        records.from_table(pa.concat_tables([records.to_table(mem, list("abcd"), ids), table]))
+    with pytest.raises(ValueError, match="write precision must be one of"):
+        reader.write(["!ab:cd!|"], precision="float16")

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def service(ray_cluster, s3, kv_reader_dir, tmp_path_factory):
     """40 one-pair key-value documents and two long ones, "five" and "six" (5 and 6 one-pair contexts in a row),
     compressed to S3 in chunks of 8 tokens (one pair: what the reader was trained on), served at BASE (open) and
-    BASE/secured (API key) with at most 5 chunks per query."""
+    BASE/secured (API key; it re-lists the store at most once an hour) with at most 5 chunks per query."""
     from ray import serve
 
     fs = s3.filesystem()
@@ -56,7 +56,7 @@ def service(ray_cluster, s3, kv_reader_dir, tmp_path_factory):
     serve.run(build_app(args), name="open", route_prefix="/")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(KEY_ENV, KEY)  # the deploying process holds the key; build_app hands a salted hash to the replicas
-        serve.run(build_app(args), name="secured", route_prefix="/secured")
+        serve.run(build_app({**args, "refresh_interval_s": 3600.0}), name="secured", route_prefix="/secured")
     yield {"base": f"http://127.0.0.1:{port}", "port": port, "store": MemoryStore(fs, out), "exs": exs, "fs": fs,
            "memories": out, "five": long_exs[:5], "six": long_exs[5:]}
     serve.shutdown()
@@ -294,6 +294,48 @@ def test_online_write_then_query_then_metadata(service):
     # stored as the batch job stores it: same record, same place
     stored = service["store"].read("memories", ["memory_id", "doc_id"])
     assert ("online-1", mid) in set(zip(stored.column("doc_id").to_pylist(), stored.column("memory_id").to_pylist()))
+
+
+def test_an_online_write_sees_a_document_a_batch_job_published_a_moment_ago(service, kv_reader_dir):
+    """The secured deployment's rate-limited listing is an hour old: a document a batch job has just published is
+    not in it. An online write of the same id re-lists first, so it is a 409, and the document stays the batch
+    job's (before, the write won: the index keeps the first memory it sees for an id)."""
+    secured, auth = f"{service['base']}/secured", {"Authorization": f"Bearer {KEY}"}
+    batch_ex, online_ex = KVTask(1).examples(2, seed=[61, 1])
+    reader = Reader.from_pretrained(kv_reader_dir)
+    published = records.to_table(reader.write([batch_ex.context]), ["late"], reader.encode_contexts([batch_ex.context]))
+    service["store"].write_part("memories", published)  # the batch job's part, after the replica's last listing
+    r = requests.post(f"{secured}/v1/memories", json={"doc_id": "late", "text": online_ex.context}, headers=auth,
+                      timeout=60)
+    assert r.status_code == 409 and "other content" in r.json()["error"], r.text
+    answer = _query(secured, {"doc_id": "late", "questions": [batch_ex.query], "max_new_tokens": 4}, headers=auth)
+    assert answer.json()["memory_id"] == published.column("memory_id")[0].as_py(), answer.text
+
+
+def test_the_parsers_refusals_and_a_trailing_slash_are_errors_in_the_one_shape():
+    """In process (routing and parsing, no replica): FastAPI answers 400 for a UTF-8 body its JSON parser gives up
+    on (nested 3,000 deep; an integer over Python's 4,300 digits) and Starlette a 307 redirect for a trailing
+    slash, neither a declared status. Both are now errors in the one shape: 422 and 404."""
+    from fastapi.testclient import TestClient
+
+    from pipelines.serve import Guard, GuardSettings, app
+
+    before = Guard.settings
+    Guard.configure(GuardSettings(key=None, max_body_bytes=1_000_000))
+    try:
+        client = TestClient(app, raise_server_exceptions=False)
+        declared = {int(s) for s in app.openapi()["paths"]["/v1/query"]["post"]["responses"]}
+        deep = b'{"doc_id": "d", "questions": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+        huge = b'{"doc_id": "d", "questions": ["?"], "chunk": ' + b"1" * 4301 + b"}"
+        for route in ("/v1/query", "/v1/memories"):
+            for body in (deep, huge):
+                r = client.post(route, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 422 and r.json()["status"] == 422 and set(r.json()) == {"error", "status"}
+                assert r.status_code in declared
+        r = client.post("/v1/query/", json={"doc_id": "d", "questions": ["?"]}, follow_redirects=False)
+        assert r.status_code == 404 and r.json()["status"] == 404 and "location" not in r.headers
+    finally:
+        Guard.settings = before
 
 
 def test_api_key_is_enforced_when_set(service):
