@@ -81,8 +81,8 @@ class MemoryCell(nn.Module):
 
         Only local files are read (``local_files_only``); seed torch first for a reproducible M0."""
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, use_safetensors=True,
-                                                   local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                                                   local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         if tokenizer.pad_token is None:  # pads only fill masked positions; any id will do
             tokenizer.pad_token = tokenizer.eos_token
         return cls(lm, tokenizer, config or MemoryConfig())
@@ -95,8 +95,10 @@ class MemoryCell(nn.Module):
         fails here rather than writing memories no one can trust.
         """
         section = checkpoint.read_section(path)
-        lm = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto", attn_implementation="sdpa")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # never a directory's own code (config.json's auto_map): transformers would ask on stdin, and a "y" runs it
+        lm = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype="auto", attn_implementation="sdpa",
+                                                  trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         reader = cls(lm, tokenizer, MemoryConfig.from_dict(section["memory"]))
         extra = load_file(str(Path(path) / checkpoint.EXTRA_WEIGHTS))
         missing, unexpected = reader.load_state_dict(extra, strict=False)

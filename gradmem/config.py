@@ -70,8 +70,20 @@ def from_dict(cls: type[C], data: Mapping[str, Any] | None) -> C:
 
 
 def from_yaml(cls: type[C], path) -> C:
+    """``cls`` from a YAML file, read with ``yaml.safe_load`` (no tag constructs an object); YAML that does not
+    parse, or is not a mapping, is a ValueError naming the file."""
     with open(path) as f:
-        return from_dict(cls, yaml.safe_load(f) or {})
+        data = _safe_yaml(f, str(path))
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{path}: a config is a YAML mapping of sections, not a {type(data).__name__}")
+    return from_dict(cls, data or {})
+
+
+def _safe_yaml(source, where: str) -> Any:
+    try:
+        return yaml.safe_load(source)
+    except yaml.YAMLError as exc:  # a python/* tag, a syntax error, a tab: one clear line, never an object
+        raise ValueError(f"{where}: not YAML this tool reads: {str(exc).splitlines()[0]}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -99,7 +111,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"expected KEY=VALUE (e.g. optim.lr=3e-4), got {text!r}")
-    parsed = yaml.safe_load(value) if value.strip() else None
+    parsed = _safe_yaml(value, f"--set {key}") if value.strip() else None
     if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 as a string; a number is what was meant
         try:
             parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)

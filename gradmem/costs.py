@@ -379,7 +379,12 @@ def read_parts(store) -> list[PartRows]:
         tensor_type = pq.read_schema(path, filesystem=store.fs).field("memory").type
         m, d = (int(x) for x in tensor_type.shape)
         fingerprint = fingerprints.get(path, "")
-        rows = [{**row, "reader_fingerprint": fingerprint} for row in table.to_pylist()]
+        rows = [{**{c: None for c in ROW_COLUMNS}, **row, "reader_fingerprint": fingerprint} for row in table.to_pylist()]
+        whole = [r for r in rows if all(r[c] is not None for c in ROW_COLUMNS if c != "revision")]
+        if len(whole) < len(rows):  # a hand-made or damaged part: its rows without a figure are left out, said so
+            logger.warning("%s: %d of %d rows lack a figure the report needs; left out", path, len(rows) - len(whole),
+                           len(rows))
+        rows = whole
         out.append(PartRows(path, int(store.fs.get_file_info(path).size), fingerprint, m, d,
                             tensor_type.value_type.bit_width // 8, rows))
     return out

@@ -46,7 +46,7 @@ class ReaderSpec:
         """Read from a reader directory's config.json (the fingerprint stored by ``save_pretrained``)."""
         section = checkpoint.read_section(path)
         memory = MemoryConfig.from_dict(section["memory"])
-        backbone = AutoConfig.from_pretrained(path)
+        backbone = AutoConfig.from_pretrained(path, trust_remote_code=False)
         d = backbone.get_text_config().hidden_size
         limit = methods.max_context_tokens(memory.num_memory, max_positions(backbone), memory.max_context_tokens,
                                            methods.get(memory.method))

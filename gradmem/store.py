@@ -69,8 +69,20 @@ logger = logging.getLogger(__name__)
 KINDS = ("memories", "errors")
 _KEY_COLUMNS = {"memories": ("doc_id", "chunk", "memory_id"), "errors": ("error_id",)}
 _REQUIRED = {  # what a part of each kind must hold to be read at all
-    "memories": {"memory_id", "doc_id", "chunk", "n_chunks", "memory", "write_steps", "write_lr"},
+    "memories": {"memory_id", "doc_id", "chunk", "n_chunks", "memory", "write_steps", "write_lr", "recon_accuracy",
+                 "n_context_tokens"},
     "errors": {"error_id", "doc_id", "chunk", "n_chunks", "source", "reason"},
+}
+# The Arrow type each column of a part must have when present (a hand-made part with a list of doc ids or a text
+# chunk number would break every reader of the store, the service's index included): the part is skipped instead
+_STRING, _INTEGER, _FLOAT = pa.types.is_string, pa.types.is_integer, pa.types.is_floating
+_COLUMN_TYPES = {
+    "memories": {"memory_id": _STRING, "doc_id": _STRING, "chunk": _INTEGER, "n_chunks": _INTEGER,
+                 "write_steps": _INTEGER, "write_lr": _FLOAT, "write_target": _FLOAT, "write_min_steps": _INTEGER,
+                 "write_precision": _STRING, "steps_used": _INTEGER, "recon_accuracy": _FLOAT, "recon_greedy": _FLOAT,
+                 "n_context_tokens": _INTEGER, "write_time_s": _FLOAT, "revision": _INTEGER},
+    "errors": {"error_id": _STRING, "doc_id": _STRING, "chunk": _INTEGER, "n_chunks": _INTEGER, "source": _STRING,
+               "reason": _STRING, "message": _STRING, "excerpt": _STRING},
 }
 _ALTERNATIVES = 8  # names tried for one part when its own name is taken by a foreign file
 # How long a publish whose server-side copy got no answer waits for the object to show up whole. The AWS SDK gives
@@ -294,10 +306,22 @@ class MemoryStore:
             return "not a part: a key column has an extension type"
         if kind == "memories" and not isinstance(sch.field("memory").type, pa.FixedShapeTensorType):
             return f"not a memories part: 'memory' is {sch.field('memory').type}, not arrow.fixed_shape_tensor"
-        metadata = records.table_metadata(sch)
+        for name, is_type in _COLUMN_TYPES[kind].items():
+            if name not in sch.names:
+                continue
+            column_type = sch.field(name).type  # an optional column written all null may have Arrow's null type
+            if not (is_type(column_type) or (pa.types.is_null(column_type) and name not in _REQUIRED[kind])):
+                return f"not a {kind} part: column {name!r} has type {sch.field(name).type}"
+        try:
+            metadata = records.table_metadata(sch)
+        except UnicodeDecodeError:
+            return "not a part: its schema metadata is not UTF-8"
         fingerprint = metadata.get("reader_fingerprint")
         if kind == "memories" and not fingerprint:
             return "not a memories part: no gradmem.reader_fingerprint metadata"
+        if kind == "memories" and [metadata.get("m"), metadata.get("d")] != [str(n) for n in sch.field("memory").type.shape]:
+            return (f"not a memories part: its metadata says memories of ({metadata.get('m')}, {metadata.get('d')}), "
+                    f"its tensors are {tuple(sch.field('memory').type.shape)}")
         self._fingerprints[path] = fingerprint or ""
         self._metadata[path] = metadata
         return None
@@ -368,16 +392,28 @@ class MemoryStore:
     def served(self) -> dict[str, Any] | None:
         """The served-reader pointer (``write_served``), or None when no upgrade has set one."""
         pointer = self._read_json(SERVED)
-        if pointer is not None and not {"reader", "fingerprint"} <= set(pointer):
-            raise ValueError(f"{SERVED} in the store lacks 'reader' or 'fingerprint': {sorted(pointer)}")
+        if pointer is not None and not all(isinstance(pointer.get(k), str) for k in ("reader", "fingerprint")):
+            raise ValueError(f"{SERVED} in the store needs 'reader' and 'fingerprint' as strings; it holds keys "
+                             f"{sorted(pointer)[:10]}")
         return pointer
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON object file of the store, or None when absent; a ValueError naming the file when it is not one
+        (not UTF-8, not JSON, or JSON of another type): every caller then fails with that one clear message."""
         path = f"{self.root}/{name}"
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            raw = f.read()
+        try:
+            value = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{name} in the store is not a JSON document ({type(e).__name__}): rewrite or remove "
+                             "it") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} in the store is a JSON {type(value).__name__}, not an object: rewrite or "
+                             "remove it")
+        return value
 
     def read_memories(self, columns: Iterable[str]) -> pa.Table | None:
         """``columns`` of every memory row plus ``fingerprint`` (the reader its part names) and ``revision`` (0

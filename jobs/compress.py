@@ -22,7 +22,8 @@ Parquet file with string id and text columns, or a directory of such files and/o
 without .txt), local or s3://. Output:
 OUTPUT/memories/*.parquet, OUTPUT/errors/*.parquet (inputs that did not become memories, with the reason) and
 OUTPUT/manifest.json. Rerunning the same command writes only what is missing; the exit status is 1 when the
-run's inputs are not all accounted for (see the manifest's "complete").
+run's inputs are not all accounted for (see the manifest's "complete"), 2 when the job refuses to start (another
+reader's or setting's store, a missing input, a malformed manifest.json): one line says why.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
 
     connect_ray()
-    manifest = compress(cfg)
+    try:
+        manifest = compress(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # a store, reader, setting or input the job refuses up front
+        print(f"compress: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps({k: manifest[k] for k in ("inputs", "memories", "errors", "error_reasons", "complete")}))
     if not manifest["complete"]:
         print(f"the store at {cfg.output} does not account for every input exactly once: see its manifest.json",

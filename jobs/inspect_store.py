@@ -80,6 +80,8 @@ def reader_dir(cfg: costs.CostConfig, manifest: dict | None, weights: bool) -> t
     uri, origin = (cfg.reader, "--reader") if cfg.reader else ((manifest or {}).get("reader"), "the manifest")
     if not uri:
         return None, "no --reader given and the store has no manifest naming one"
+    if not isinstance(uri, str):
+        return None, f"the manifest's reader is not a location ({type(uri).__name__})"
     try:
         path = local_dir(uri, cfg.s3_endpoint, skip_suffixes=() if weights else (".safetensors",))
         from gradmem.checkpoint import read_section
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         result = report(cfg)
-    except Refused as exc:
+    except (Refused, ValueError) as exc:  # ValueError: the store's manifest.json is not a JSON object
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(costs.render(result, cfg.per_memory))

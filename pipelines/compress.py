@@ -531,7 +531,7 @@ def _tokenizer(reader_uri: str, s3_endpoint: str | None):
         from transformers import AutoTokenizer
 
         path = local_dir(reader_uri, s3_endpoint, skip_suffixes=(".safetensors", ".bin"))
-        _TOKENIZERS[reader_uri] = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[reader_uri] = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return _TOKENIZERS[reader_uri]
 
 

@@ -70,7 +70,7 @@ def plan_repair(store: MemoryStore, fingerprint: str, below: float,
     plan: dict[tuple[str, int], RepairTarget] = {}
     already = 0
     for row in current.to_pylist():
-        if row["recon_accuracy"] >= below:
+        if row["recon_accuracy"] is None or row["recon_accuracy"] >= below:  # null: nothing says it is weak
             continue
         theirs = (row["write_steps"], row["write_lr"], row["write_target"], row["write_min_steps"] or 0,
                   row["write_precision"] or "float32")  # parts older than the columns: fixed K, float32

@@ -771,7 +771,12 @@ class GradMemService:
         not mix readers)."""
         loaded = self._load_query(body, served)
         rows = []
+        reader = served.reader
+        shape = (reader.method.memory_slots(reader.num_memory, reader.max_context_tokens), reader.d_model)
         for entry, tensor, meta in loaded:
+            if tuple(tensor.shape) != shape:  # a part's own (m, d) can be any: this READ needs the reader's
+                raise ApiError(409, f"memory {entry['memory_id']} has shape {tuple(tensor.shape)}, not this reader's "
+                               f"{shape}, and cannot be read")
             if not torch.isfinite(tensor).all():
                 raise ApiError(409, f"memory {entry['memory_id']} holds NaN/inf and cannot be read")
             try:

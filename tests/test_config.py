@@ -70,6 +70,22 @@ def test_assignments_read_values_as_yaml_numbers_included():
         parse_assignment("optim.lr")
 
 
+def test_yaml_that_is_not_plain_data_is_one_clear_error_and_runs_nothing(tmp_path):
+    """yaml.safe_load never builds an object from a python/* tag; such YAML, YAML that does not parse, and YAML that
+    is not a mapping are a ValueError naming the file or the --set key (jobs print it in one line)."""
+    marker = tmp_path / "ran"
+    cases = {"tag.yaml": f"optim: !!python/object/apply:os.system ['touch {marker}']\n",
+             "syntax.yaml": "optim: [1\n", "tab.yaml": "optim:\n\tlr: 1\n", "list.yaml": "- 1\n- 2\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=name):
+            TrainConfig.from_yaml(str(tmp_path / name))
+    for value in (f"!!python/object/apply:os.system ['touch {marker}']", "[1", "!!python/name:os.system"):
+        with pytest.raises(ValueError, match="--set optim.lr"):
+            parse_assignment(f"optim.lr={value}")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("cls", [CompressConfig, ServeConfig, DistributedConfig, MemoryConfig])
 def test_every_field_is_a_flag_and_left_out_flags_keep_the_declared_defaults(cls):
     parser = argparse.ArgumentParser()

@@ -65,6 +65,20 @@ def test_the_current_memory_is_the_highest_revision_for_each_reader(tmp_path):
     assert set(plan) == {("b", 0)} and already == 1  # "a" already carries the repair's setting
 
 
+def test_a_repair_plan_leaves_out_a_memory_whose_accuracy_is_not_recorded(tmp_path):
+    """A hand-made part with a null recon_accuracy: nothing says the memory is weak, so the plan leaves it out
+    (before, the comparison raised TypeError and the repair job ended in a traceback)."""
+    reader = make_reader("llama")
+    store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
+    texts = ["!ab:cd!|", "!ef:gh!|"]
+    table = records.to_table(reader.write(texts, steps=1), ["a", "b"], reader.encode_contexts(texts))
+    column = table.schema.get_field_index("recon_accuracy")
+    table = table.set_column(column, table.schema.field(column).with_nullable(True), pa.array([None, 0.0], pa.float32()))
+    store.write_part("memories", table)
+    plan, already = plan_repair(store, reader.fingerprint, 0.5, (4, 0.5, None, 0, "float32"))
+    assert set(plan) == {("b", 0)} and already == 0
+
+
 def test_a_store_takes_another_reader_only_by_upgrade_and_a_repair_never_binds_the_setting(tmp_path):
     from pipelines.compress import _check_output
 

@@ -149,3 +149,27 @@ def test_bf16_written_memories_answer_as_the_float32_ones_do(kv_reader_dir):
         answers = reader.answer(memories, [e.query for e in exs], max_new_tokens=4)
         em[precision] = sum(exact_match(a, e.target) for a, e in zip(answers, exs)) / len(exs)
     assert em["float32"] > 0.8 and em["bfloat16"] >= em["float32"] - 2 / 64, em
+
+
+def test_a_reader_directory_s_own_code_is_never_run(tmp_path, monkeypatch):
+    """A reader directory whose config.json names code of its own (``auto_map``): transformers would ask on stdin
+    whether to run it, and a "y" (here: every prompt answered yes) would run it before any fingerprint check.
+    Every load says trust_remote_code=False: the code is never imported, whatever the answer."""
+    from gradmem.reader import ReaderSpec
+
+    make_reader("llama").save_pretrained(tmp_path / "reader")
+    marker = tmp_path / "ran"
+    (tmp_path / "reader" / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                                   "from transformers import LlamaConfig as EvilConfig\n"
+                                                   "from transformers import LlamaForCausalLM as EvilModel\n")
+    config = json.loads((tmp_path / "reader" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.EvilConfig", "AutoModelForCausalLM": "custom.EvilModel"}
+    config["model_type"] = "evil_arch"  # no class of transformers' own: it would have to ask
+    (tmp_path / "reader" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a, **k: "y")
+    for load in (lambda: ReaderSpec.from_dir(str(tmp_path / "reader")), lambda: Reader.from_pretrained(tmp_path / "reader")):
+        try:
+            load()
+        except ValueError:
+            pass  # refusing is fine too (the edited config no longer matches the fingerprint); running code is not
+    assert not marker.exists()

@@ -278,6 +278,20 @@ def test_a_memory_of_another_reader_is_refused(service):
     assert r.status_code == 409 and other.fingerprint in r.json()["error"], r.text
 
 
+def test_a_memory_of_another_shape_is_a_409_for_its_request_alone(service, kv_reader_dir):
+    """A hand-made part under the served reader's fingerprint whose memories are (2, 8), with metadata to match: its
+    query is a 409 before it reaches a READ batch (before, the batch's torch.cat failed every request in it)."""
+    from gradmem.memory import WriteStats
+
+    fingerprint = Reader.from_pretrained(kv_reader_dir).fingerprint
+    odd = Memories(torch.zeros(1, 2, 8), WriteStats(torch.zeros(1, 3), torch.ones(1), torch.tensor([8])), fingerprint,
+                   2, 0.5)
+    service["store"].write_part("memories", records.to_table(odd, ["misshapen"], [list(range(8))]))
+    r = _query(service["base"], {"doc_id": "misshapen", "questions": ["?!ab:"]})
+    assert r.status_code == 409 and "shape (2, 8)" in r.json()["error"], r.text
+    assert _query(service["base"], {"doc_id": "doc-0", "questions": ["?!ab:"]}).status_code == 200
+
+
 def test_online_write_then_query_then_metadata(service):
     base, ex = service["base"], KVTask(1).examples(1, seed=[99, 1])[0]
     r = requests.post(f"{base}/v1/memories", json={"doc_id": "online-1", "text": ex.context}, timeout=60)

@@ -378,3 +378,46 @@ def test_a_publish_whose_copy_outlasts_its_request_succeeds_only_if_the_part_arr
     left = sorted(p.name for p in (tmp_path / "store" / "memories").iterdir())
     assert not [n for n in left if n.startswith(TMP_PREFIX)], left  # no temporary object stays behind
     assert len(left) == (1 if lands else 0), left
+
+
+def test_hand_made_parts_with_wrong_types_or_metadata_are_skipped_and_every_reader_of_the_store_still_works(tmp_path):
+    """A part whose key column has another type (a list of doc ids, a text chunk number), whose schema metadata is
+    not UTF-8, or whose metadata's (m, d) disagrees with its tensors is skipped and counted, as a garbage part is:
+    the index, describe_readers and the reads of everything else go on (before, each stopped them all)."""
+    from gradmem.store import describe_readers
+
+    store = _store(tmp_path)
+    store.write_part("memories", _table([("good", [1, 2])]))
+    base = _table([("bad", [3])])
+    folder = Path(store.root) / "memories"
+
+    def plant(name: str, table: pa.Table) -> None:
+        pq.write_table(table, folder / f"part-{name}.parquet")
+
+    doc_lists = base.set_column(base.schema.get_field_index("doc_id"), "doc_id", pa.array([["bad"]]))
+    plant("doc-lists", doc_lists)
+    text_chunks = base.set_column(base.schema.get_field_index("chunk"), "chunk", pa.array(["x"]))
+    plant("text-chunks", text_chunks)
+    plant("meta-bytes", base.replace_schema_metadata({**base.schema.metadata, b"gradmem.\xff": b"\xff"}))
+    plant("meta-shape", base.replace_schema_metadata({**base.schema.metadata, b"gradmem.m": b"7"}))
+    plant("no-accuracy", base.drop_columns(["recon_accuracy"]))
+    fresh = MemoryStore(store.fs, store.root)
+    assert fresh.read("memories", ["doc_id"]).column("doc_id").to_pylist() == ["good"]
+    reasons = fresh.skipped["memories"]
+    assert len(reasons) == 5, reasons
+    assert any("'doc_id' has type list" in r for r in reasons.values())
+    assert any("not UTF-8" in r for r in reasons.values()) and any("(7, 4)" in r for r in reasons.values())
+    index = MemoryIndex(MemoryStore(store.fs, store.root))
+    assert index.refresh() == 1 and index.stats()["skipped_parts"] == 5
+    assert describe_readers(MemoryStore(store.fs, store.root))[FP]["memories"] == 1
+
+
+@pytest.mark.parametrize("name, content", [("manifest.json", b"[1]"), ("manifest.json", b"\xff{"),
+                                           ("manifest.json", b'"text"'), ("served.json", b"5"),
+                                           ("served.json", b'{"reader": 5, "fingerprint": "gm1-x"}')])
+def test_a_manifest_or_pointer_that_is_not_a_json_object_is_one_clear_error(tmp_path, name, content):
+    store = _store(tmp_path)
+    store.write_part("memories", _table([("a", [1])]))
+    (Path(store.root) / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{name} in the store"):
+        store.manifest() if name == "manifest.json" else store.served()
