@@ -69,6 +69,8 @@ def local_dir(uri: str, s3_endpoint: str | None = None, skip_suffixes: tuple[str
             if skip_suffixes and info.base_name.endswith(skip_suffixes):
                 continue
             dest = Path(target) / info.path[len(store.path) :].lstrip("/")
+            if not Path(os.path.normpath(dest)).is_relative_to(target):  # a key with "../" parts: never outside
+                raise ValueError(f"{uri}: the object {info.path!r} would land outside the download directory")
             dest.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(info.path, str(dest), source_filesystem=store.filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
