@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +62,18 @@ def safe_text(value: str | None) -> str | None:
         return value
     except UnicodeEncodeError:
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# The columns of a memory's write setting, and the one reading of them: parts and manifests written before the
+# adaptive and precision columns existed hold fixed-K float32 writes (target None, min steps 0, float32)
+SETTING_COLUMNS = ("write_steps", "write_lr", "write_target", "write_min_steps", "write_precision")
+
+
+def write_setting(row: Mapping[str, Any]) -> tuple[int, float, float | None, int, str]:
+    """(steps, lr, target, min_steps, precision) of a memory row or a manifest (keys ``SETTING_COLUMNS``), with
+    what older parts lack (absent or null) read as they were written."""
+    return (row.get("write_steps"), row.get("write_lr"), row.get("write_target"), row.get("write_min_steps") or 0,
+            row.get("write_precision") or "float32")
 
 
 def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int], target: float | None = None,
@@ -171,10 +183,8 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
     if missing:
         raise ValueError(f"malformed memory table: missing columns {sorted(missing)}")
     step_values = table.column("write_steps").to_pylist()
-    targets = _column(table, "write_target", [None] * table.num_rows)
-    floors = _column(table, "write_min_steps", [0] * table.num_rows)
-    precisions = [p or "float32" for p in _column(table, "write_precision", [None] * table.num_rows)]
-    settings = set(zip(step_values, table.column("write_lr").to_pylist(), targets, floors, precisions))
+    present = [c for c in SETTING_COLUMNS if c in table.column_names]  # a table from before a column: its default
+    settings = {write_setting(r) for r in table.select(present).to_pylist()}
     if len(settings) > 1:
         raise ValueError(f"one Memories object holds one write setting; this table mixes (steps, lr, target, "
                          f"min_steps, precision) {sorted(settings, key=str)}")

@@ -463,16 +463,13 @@ def current_memories(table: pa.Table | None) -> tuple[pa.Table | None, int]:
     return table.take(pa.array(sorted(keep.values()), pa.int64())), sum(ties.values())
 
 
-# The columns of a memory's write setting (gradmem.records); parts written before the last of them existed hold
-# float32 writes
-SETTING_COLUMNS = ("write_steps", "write_lr", "write_target", "write_min_steps", "write_precision")
-
-
 def describe_readers(store: MemoryStore) -> dict[str, dict[str, Any]]:
     """Which readers and write settings the store holds: per reader fingerprint, its memories (all rows and
     current ones), documents, and per write setting (steps, lr, target, min_steps, precision) and revision how many current
     memories have it. The manifest carries this, so a store of several readers says which is which."""
-    table = store.read_memories(["doc_id", "chunk", "memory_id", *SETTING_COLUMNS])
+    from gradmem import records
+
+    table = store.read_memories(["doc_id", "chunk", "memory_id", *records.SETTING_COLUMNS])
     current, _ = current_memories(table)
     out: dict[str, dict[str, Any]] = {}
     if table is None:
@@ -485,12 +482,11 @@ def describe_readers(store: MemoryStore) -> dict[str, dict[str, Any]]:
         entry = out[row["fingerprint"]]
         entry["memories"] += 1
         entry["documents"].add(row["doc_id"])
-        setting = json.dumps([row.get(c) for c in SETTING_COLUMNS[:-1]] + [row["write_precision"] or "float32",
-                              row["revision"]])
+        setting = json.dumps([*records.write_setting(row), row["revision"]])
         entry["settings"][setting] = entry["settings"].get(setting, 0) + 1
     for entry in out.values():
         entry["documents"] = len(entry["documents"])
-        entry["settings"] = [dict(zip([*SETTING_COLUMNS, "revision", "memories"], [*json.loads(k), n]))
+        entry["settings"] = [dict(zip([*records.SETTING_COLUMNS, "revision", "memories"], [*json.loads(k), n]))
                              for k, n in sorted(entry["settings"].items())]
     return out
 

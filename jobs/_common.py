@@ -5,8 +5,10 @@ imports its set-up from one place."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +40,19 @@ def connect_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}} if "RAY_ADDRESS" not in os.environ else None)
+
+
+@contextlib.contextmanager
+def refusals(command: str) -> Iterator[None]:
+    """A job's refusal to start (a ValueError or FileNotFoundError: another reader's or setting's store, a missing
+    input, a malformed manifest) as one line on stderr and exit 2. A Ray task's failure is not one: Ray's task
+    errors also subclass their cause's type, so they are let through with their traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as exc:
+        from ray.exceptions import RayError
+
+        if isinstance(exc, RayError):
+            raise
+        print(f"{command}: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -33,7 +33,7 @@ import json
 import sys
 
 import _common  # noqa: F401
-from _common import connect_ray, setup_logging
+from _common import connect_ray, refusals, setup_logging
 
 from gradmem.config import add_flags, from_flags
 from pipelines.compress import CompressConfig, compress
@@ -55,11 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
 
     connect_ray()
-    try:
+    with refusals("compress"):
         manifest = compress(cfg)
-    except (ValueError, FileNotFoundError) as exc:  # a store, reader, setting or input the job refuses up front
-        print(f"compress: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps({k: manifest[k] for k in ("inputs", "memories", "errors", "error_reasons", "complete")}))
     if not manifest["complete"]:
         print(f"the store at {cfg.output} does not account for every input exactly once: see its manifest.json",

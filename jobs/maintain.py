@@ -33,7 +33,7 @@ import json
 import sys
 
 import _common  # noqa: F401
-from _common import connect_ray, setup_logging
+from _common import connect_ray, refusals, setup_logging
 
 from gradmem.config import add_flags, from_flags
 from pipelines.compress import CompressConfig
@@ -74,11 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
 
     connect_ray()
-    try:
+    with refusals(command):  # a store, reader or setting the job refuses (checked before it writes anything)
         summary = run_repair(cfg, rcfg) if command == "repair" else run_upgrade(cfg)
-    except ValueError as exc:  # a store, reader or setting the job refuses (checked before it writes anything)
-        print(f"{command}: {exc}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(summary))
     if not summary["complete"]:
         print(f"{command} of {cfg.output} is not complete: rerun the same command (see its manifest.json)",

@@ -20,7 +20,7 @@ Guarantees
   pickled objects is refused unread (``malformed``), so no input can run code. A bad element of a .json array
   or a Parquet value that is not UTF-8 costs its own record only. Inside an input directory no symbolic link is
   followed and only regular files are read; a link, a FIFO or a name that is not UTF-8 is one error row, unread
-  (``list_inputs``, ``refused_rows``).
+  (``list_inputs``, ``unread_rows``).
 - The input is read, parsed, tokenized and content-addressed once: the prepared records are materialized (Ray
   spills them to disk when they outgrow the object store), the driver collects each record's (order, source,
   doc_id) from them, and duplicate ids are resolved before any WRITE: the first record in input order (files
@@ -73,7 +73,7 @@ from gradmem.chunking import Chunking
 from gradmem.config import declared
 from gradmem.memory import WRITE_PRECISIONS
 from gradmem.reader import ReaderSpec
-from gradmem.store import SETTING_COLUMNS, MemoryStore, current_memories, describe_readers
+from gradmem.store import MemoryStore, current_memories, describe_readers
 from gradmem.write import check_write
 from pipelines.metrics import WriterMetrics
 from pipelines.storage import local_dir, resolve
@@ -203,19 +203,14 @@ def _local_entries(root: str) -> list[tuple[str, str | None, bool]]:
     for folder, dirs, names in os.walk(os.fsencode(root), followlinks=False):
         for name in dirs:  # a linked directory is listed by os.walk but never entered
             if os.path.islink(os.path.join(folder, name)):
-                out.append((_decoded_path(os.path.join(folder, name)), _LINK, True))
+                out.append((os.fsdecode(os.path.join(folder, name)), _LINK, True))
         for name in names:
             path = os.path.join(folder, name)
             mode = os.lstat(path).st_mode
             why = _LINK if stat.S_ISLNK(mode) else None if stat.S_ISREG(mode) else _NOT_REGULAR
-            text = _decoded_path(path)
+            text = os.fsdecode(path)  # bytes that are not UTF-8 become lone surrogates (``_unencodable``)
             out.append((text, why or (_NOT_UTF8_NAME if _unencodable(text) else None), False))
     return out
-
-
-def _decoded_path(raw: bytes) -> str:
-    """A local path as text; bytes that are not UTF-8 become lone surrogates (``_unencodable``), never an error."""
-    return os.fsdecode(raw)
 
 
 _PARSED = pa.schema([
@@ -505,7 +500,7 @@ def parse(batch: pa.Table, files: dict[str, InputFile]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_PARSED)
 
 
-def refused_rows(files: list[InputFile]) -> pa.Table:
+def unread_rows(files: list[InputFile]) -> pa.Table:
     """One ``malformed`` row for each input entry that is never read (``InputFile.refused``), in ``parse``'s
     schema: the entry is accounted for like any unreadable file."""
     return pa.Table.from_pylist([_record(f.index << _LINE_BITS, f.name, reason="malformed", message=f.refused)
@@ -827,11 +822,8 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
     served = store.served()
     prior = store.manifest()
     if mode == "compress" and prior is not None and (served is None or prior.get("reader_fingerprint") == mine[0]):
-        _refuse_other(store, (prior.get("reader_fingerprint"), prior.get("write_steps"), prior.get("write_lr"),
-                              prior.get("write_target"), prior.get("write_min_steps", 0),
-                              prior.get("write_precision", "float32")), mine)
-    names = SETTING_COLUMNS
-    rows = store.read_memories(names)
+        _refuse_other(store, (prior.get("reader_fingerprint"), *records.write_setting(prior)), mine)
+    rows = store.read_memories(records.SETTING_COLUMNS)
     fingerprints = set(rows.column("fingerprint").to_pylist()) if rows is not None else set()
     if mode == "compress" and (served is None or served["fingerprint"] != spec.fingerprint):
         for fp in sorted(fingerprints - {spec.fingerprint}):
@@ -840,9 +832,7 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
     if rows is not None and mode != "repair":
         first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
                                     pc.equal(rows.column("revision"), 0)))
-        before = {"write_target": None, "write_min_steps": 0, "write_precision": "float32"}  # older parts' values
-        columns = [[before.get(c) if v is None else v for v in first.column(c).to_pylist()] for c in names]
-        for theirs in sorted(set(zip(*columns)), key=str):
+        for theirs in sorted({records.write_setting(r) for r in first.to_pylist()}, key=str):
             _refuse_other(store, (spec.fingerprint, *theirs), mine)
     _check_chunking(store, spec, chunking or Chunking(tokens=spec.max_context_tokens))  # None: unchunked
 
@@ -1072,7 +1062,7 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
                                          override_num_blocks=len(readable))
         parsed = raw.map_batches(parse, fn_kwargs={"files": by_path}, batch_size=1, batch_format="pyarrow")
     if len(readable) < len(files):  # entries never read (links, FIFOs, names not UTF-8): one error row each
-        unread = ray.data.from_arrow(refused_rows(files))
+        unread = ray.data.from_arrow(unread_rows(files))
         parsed = parsed.union(unread) if parsed is not None else unread
     prepared = parsed.map_batches(
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into

@@ -39,7 +39,8 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from gradmem.config import declared
-from gradmem.store import SETTING_COLUMNS, MemoryStore, current_memories, describe_readers
+from gradmem import records
+from gradmem.store import MemoryStore, current_memories, describe_readers
 from pipelines.compress import CompressConfig, RepairTarget, compress, open_run, this_run, write_pass
 from pipelines.storage import resolve
 
@@ -62,7 +63,7 @@ def plan_repair(store: MemoryStore, fingerprint: str, below: float,
     precision):
     (doc_id, chunk) -> ``RepairTarget``, and how many weak ones are skipped because they already carry that
     setting (repaired before, or written with it in the first place)."""
-    table = store.read_memories(["doc_id", "chunk", "memory_id", "recon_accuracy", *SETTING_COLUMNS])
+    table = store.read_memories(["doc_id", "chunk", "memory_id", "recon_accuracy", *records.SETTING_COLUMNS])
     if table is None:
         return {}, 0
     table = table.filter(pc.equal(table.column("fingerprint"), fingerprint))
@@ -72,8 +73,7 @@ def plan_repair(store: MemoryStore, fingerprint: str, below: float,
     for row in current.to_pylist():
         if row["recon_accuracy"] is None or row["recon_accuracy"] >= below:  # null: nothing says it is weak
             continue
-        theirs = (row["write_steps"], row["write_lr"], row["write_target"], row["write_min_steps"] or 0,
-                  row["write_precision"] or "float32")  # parts older than the columns: fixed K, float32
+        theirs = records.write_setting(row)
         if theirs == tuple(setting):
             already += 1
             continue

@@ -102,8 +102,8 @@ def test_a_parquet_value_that_is_not_utf8_is_its_own_error():
 def test_an_input_directory_reads_regular_files_only_and_follows_no_link(tmp_path):
     """Links inside the input directory (to a file or folder outside it, to /, to the directory itself), a FIFO
     and a file name that is not UTF-8 are each listed once as refused, unread (the job makes each an error row:
-    ``refused_rows``); regular files are read; the walk never leaves the directory."""
-    from pipelines.compress import list_inputs, refused_rows
+    ``unread_rows``); regular files are read; the walk never leaves the directory."""
+    from pipelines.compress import list_inputs, unread_rows
 
     corpus, outside = tmp_path / "in", tmp_path / "outside"
     (corpus / "sub").mkdir(parents=True)
@@ -125,7 +125,7 @@ def test_an_input_directory_reads_regular_files_only_and_follows_no_link(tmp_pat
     assert listed["ok.jsonl"] is None and listed["sub/b.txt"] is None
     assert all("symbolic link" in listed[n] for n in ("leak.txt", "linkdir", "root", "sub/loop"))
     assert "regular file" in listed["fifo.jsonl"] and "UTF-8" in listed["bad\\udcffname.txt"]
-    rows = refused_rows(files).to_pylist()
+    rows = unread_rows(files).to_pylist()
     assert len(rows) == 6 and {r["reason"] for r in rows} == {"malformed"} and all(r["text"] is None for r in rows)
 
 
