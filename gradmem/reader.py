@@ -18,14 +18,14 @@ import torch
 from transformers import AutoConfig
 
 from gradmem import checkpoint, methods
-from gradmem.attention import attention_path
+from gradmem.attention import attention_path, write_attention
 from gradmem.cell import MemoryCell, max_positions
 from gradmem.config import MemoryConfig
 from gradmem.data import pad, tokenize
 from gradmem.memory import Memories, NonFiniteWriteError, WriteStats, check_precision
 from gradmem.read import chunk_totals, compose, greedy_generate
 
-INFERENCE_ATTENTION = "sdpa"  # first-order writes and answers may use PyTorch's fastest kernels
+INFERENCE_ATTENTION = "sdpa"  # first-order answers may use PyTorch's fastest kernels (writes: write_attention)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Reader(MemoryCell):
 
     def write(
         self, contexts: Sequence[str], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
-        attention: str = INFERENCE_ATTENTION, target: float | None = None, min_steps: int | None = None,
+        attention: str | None = None, target: float | None = None, min_steps: int | None = None,
         precision: str = "float32",
     ) -> Memories:
         """Write each context into its own memory (inference mode: first-order, weights untouched).
@@ -110,7 +110,9 @@ class Reader(MemoryCell):
         context for ``min_steps``, then until its reconstruction accuracy reaches it, ``steps`` at most (None: the
         reader's ``target_accuracy`` and ``min_write_steps``, by default no target: always ``steps``);
         ``Memories.steps_used`` says how many it took. ``precision``: the WRITE's arithmetic
-        (``gradmem.memory.WRITE_PRECISIONS``: bfloat16 runs it under autocast; part of the write setting)."""
+        (``gradmem.memory.WRITE_PRECISIONS``: bfloat16 runs it under autocast; part of the write setting).
+        ``attention``: a path of ``gradmem.attention.ATTENTION_PATHS``; None takes the fastest measured for the
+        device and precision (``write_attention``)."""
         return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention, target, min_steps,
                                    precision)
 
@@ -125,7 +127,7 @@ class Reader(MemoryCell):
 
     def write_tokens(
         self, ids: Sequence[Sequence[int]], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
-        attention: str = INFERENCE_ATTENTION, target: float | None = None, min_steps: int | None = None,
+        attention: str | None = None, target: float | None = None, min_steps: int | None = None,
         precision: str = "float32",
     ) -> Memories:
         """``write`` on token ids already produced by this reader's tokenizer (batch jobs tokenize upstream)."""
@@ -133,7 +135,7 @@ class Reader(MemoryCell):
         return self._write_checked(ids, steps, lr, batch_size, attention, target, min_steps, precision)
 
     def _write_checked(
-        self, ids: Sequence[Sequence[int]], steps: int | None, lr: float | None, batch_size: int, attention: str,
+        self, ids: Sequence[Sequence[int]], steps: int | None, lr: float | None, batch_size: int, attention: str | None,
         target: float | None = None, min_steps: int | None = None, precision: str = "float32",
     ) -> Memories:
         """Length-bucketed inference WRITEs of token lists already checked by ``check_tokens``."""
@@ -144,6 +146,7 @@ class Reader(MemoryCell):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_precision(precision)
+        attention = attention or write_attention(self.device.type, precision)
         n = len(ids)
         slots = self.method.memory_slots(self.num_memory, self.max_context_tokens)
         tensor = torch.zeros(n, slots, self.d_model, dtype=self.memory.dtype)  # (n, P, d)

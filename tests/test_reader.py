@@ -151,6 +151,25 @@ def test_bf16_written_memories_answer_as_the_float32_ones_do(kv_reader_dir):
     assert em["float32"] > 0.8 and em["bfloat16"] >= em["float32"] - 2 / 64, em
 
 
+def test_a_bf16_write_on_cpu_takes_the_eager_attention_path_and_computes_what_sdpa_does():
+    """``write_attention``: a write that names no path takes eager attention for bf16 on CPU (the faster there) and
+    SDPA otherwise; the two paths write the same memories up to bf16 rounding, and float32 ones to float32's."""
+    from gradmem.attention import write_attention
+
+    assert [write_attention(d, p) for d in ("cpu", "cuda") for p in ("float32", "bfloat16")] == [
+        "sdpa", "eager", "sdpa", "sdpa"]
+    reader = make_reader("llama").freeze()
+    contexts = [e.context for e in KVTask(3).examples(8, seed=5)]
+    for precision, tolerance in (("float32", 1e-5), ("bfloat16", 2e-2)):
+        default = reader.write(contexts, precision=precision)
+        chosen = reader.write(contexts, precision=precision, attention=write_attention("cpu", precision))
+        other = reader.write(contexts, precision=precision, attention="eager" if precision == "float32" else "sdpa")
+        assert torch.equal(default.tensor, chosen.tensor), precision
+        scale = float(default.tensor.abs().max())
+        assert (default.tensor - other.tensor).abs().max() <= tolerance * scale, precision
+        assert torch.allclose(default.stats.losses, other.stats.losses, rtol=tolerance, atol=tolerance), precision
+
+
 def test_a_reader_directory_s_own_code_is_never_run(tmp_path, monkeypatch):
     """A reader directory whose config.json names code of its own (``auto_map``): transformers would ask on stdin
     whether to run it, and a "y" (here: every prompt answered yes) would run it before any fingerprint check.
