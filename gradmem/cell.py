@@ -154,7 +154,7 @@ class MemoryCell(nn.Module):
 
     @property
     def compiled(self) -> bool:
-        """Whether ``compile()`` was called: WRITEs and teacher-forced READs then run the compiled backbone."""
+        """Whether ``compile()`` was called: the backbone runs as one compiled graph (see ``inference_steps``)."""
         return self._compiled_forward is not None
 
     @property

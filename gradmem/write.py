@@ -181,13 +181,14 @@ def inference_steps(
     steps_used = torch.full((batch,), steps, dtype=torch.long, device=ctx_ids.device)
     active = torch.arange(batch, device=ctx_ids.device)  # (b,) rows still writing
     current, ids, mask = memory.clone(), ctx_ids, ctx_mask  # (b, m, d), (b, L'), (b, L')
-    # M_K is measured without autograd, compiled or not: a compiled backbone then runs a second graph (dynamo
-    # guards on grad mode; one more compile, once per process), and that graph saves nothing for a backward.
-    # Measured on the paper's reader, compiled, bf16: 7.5% more contexts/s than measuring M_K with gradients on.
+    # A compiled backbone measures M_K with gradients on, as its steps do: dynamo guards on grad mode, and a
+    # forward without them would compile the whole backbone a second time (measured on a cold Inductor cache:
+    # tests/test_write.py's compiled write test 73 s -> 49 s). Eager skips the graph it would not use.
+    same_graph = cell.compiled
     for k in range(steps + 1 if final_stats else steps):
         stepping = k < steps
-        current = current.detach().requires_grad_(stepping)
-        with torch.set_grad_enabled(stepping):
+        current = current.detach().requires_grad_(stepping or same_graph)
+        with torch.set_grad_enabled(stepping or same_graph):
             loss, acc = cell.write_loss(cell.project(current), ids, mask)  # (b,), (b,)
         losses[active, k] = loss.detach().float()
         if not stepping:  # M_K, measured after the last step: the final statistics
