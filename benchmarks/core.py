@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="which tables to measure")
     args = parser.parse_args(argv)
     setup_logging("WARNING")
-    # one compiled backbone serves every inference cell: 2 attention paths x 2 precisions x grad on and off are 8
-    # graphs, dynamo's default limit for one function (past it, calls silently run eager)
+    # one compiled backbone serves every inference cell, a graph per attention path and precision: over dynamo's
+    # default limit of 8 graphs per function, a call would silently run eager
     torch._dynamo.config.recompile_limit = 16
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, K = 2, m = 8, d = 128; "
           f"medians of {args.rounds} rounds, the cells of a table taking turns")
