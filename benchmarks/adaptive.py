@@ -32,14 +32,13 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import ROOT, device_name, git_commit, jsonable, pct, save_figure, write_atomic, write_json_atomic
-from gradmem import Reader, methods
+from gradmem import Reader, WriteSetting, methods
 from gradmem.config import from_yaml
 from gradmem.read import read_teacher_forced
 from gradmem.runtime import configure_cpu, setup_logging
@@ -52,19 +51,11 @@ HELD_OUT_SEED = ("adaptive_writes", 0)  # not a training stream's seed (those ar
 BINS = 5
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One WRITE setting: K (K_max for an adaptive write), the target (None: fixed K) and the floor of steps."""
-
-    steps: int
-    target: float | None = None
-    min_steps: int = 0
-
-    @property
-    def label(self) -> str:
-        if self.target is None:
-            return f"K={self.steps}"
-        return f"target {self.target:g}, K {self.min_steps}..{self.steps}"
+def label(setting: WriteSetting) -> str:
+    """A setting's name in the results: K (fixed), or the target and the range of steps (adaptive)."""
+    if setting.target is None:
+        return f"K={setting.steps}"
+    return f"target {setting.target:g}, K {setting.min_steps}..{setting.steps}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,11 +87,10 @@ def floats(text: str) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def measure(reader: Reader, task: Task, samples: int, settings: list[Setting], batch_size: int,
+def measure(reader: Reader, task: Task, samples: int, settings: list[WriteSetting], batch_size: int,
             repeats: int) -> dict[str, Any]:
     """Per setting: per-context correctness, reconstruction accuracy and steps used, and the WRITE seconds."""
     samples = task.eval_size(samples)
-    lr = reader.config.write_lr
     per = {s: {"correct": [], "recon": [], "steps_used": [], "write_s": 0.0} for s in settings}
     for i, start in enumerate(range(0, samples, batch_size)):
         n = min(batch_size, samples - start)
@@ -110,7 +100,7 @@ def measure(reader: Reader, task: Task, samples: int, settings: list[Setting], b
             seconds = []
             for _ in range(repeats):  # the same deterministic write each time
                 began = time.perf_counter()
-                out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, setting.steps, lr, mode="inference",
+                out = methods.write(reader, batch.ctx_ids, batch.ctx_mask, setting.steps, setting.lr, mode="inference",
                                     target=setting.target, min_steps=setting.min_steps)
                 seconds.append(time.perf_counter() - began)
             per[setting]["write_s"] += min(seconds)
@@ -120,10 +110,10 @@ def measure(reader: Reader, task: Task, samples: int, settings: list[Setting], b
             per[setting]["recon"] += out.accuracy.float().tolist()
             per[setting]["steps_used"] += out.steps_used.tolist()
         logger.info("%s: %d/%d contexts", task.name if hasattr(task, "name") else "task", start + n, samples)
-    return {s.label: summarize(s, per[s]) for s in settings}
+    return {label(s): summarize(s, per[s]) for s in settings}
 
 
-def summarize(setting: Setting, raw: dict[str, Any]) -> dict[str, Any]:
+def summarize(setting: WriteSetting, raw: dict[str, Any]) -> dict[str, Any]:
     n = len(raw["correct"])
     used = raw["steps_used"]
     return {
@@ -244,7 +234,8 @@ def run_task(name: str, description: str, reader_dir: str, task: Task, samples: 
     reader = Reader.from_pretrained(reader_dir)
     trained = reader.config.write_steps
     mins = sorted({trained if f.strip() == "K" else int(f) for f in floors})
-    settings = [Setting(k) for k in fixed] + [Setting(k_max, t, m) for m in mins for t in targets]
+    lr = reader.config.write_lr
+    settings = [WriteSetting(k, lr) for k in fixed] + [WriteSetting(k_max, lr, t, m) for m in mins for t in targets]
     logger.info("%s: reader %s (trained K=%d, alpha=%g), %d settings", name, reader.fingerprint,
                 reader.config.write_steps, reader.config.write_lr, len(settings))
     return {"description": description, "reader": reader_dir, "fingerprint": reader.fingerprint,

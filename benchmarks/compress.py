@@ -49,9 +49,10 @@ def precision_cells(path: Path, ids: list[list[int]]) -> dict[str, float]:
     eager, compiled = Reader.from_pretrained(path), Reader.from_pretrained(path).compile()
     for name, reader, precision in (("inprocess_batched_bf16", eager, "bfloat16"), ("inprocess_compiled", compiled,
                                     "float32"), ("inprocess_compiled_bf16", compiled, "bfloat16")):
-        reader.write_tokens(ids[:64], batch_size=64, precision=precision)  # warm-up (the compile, for compiled)
+        setting = reader.write_setting(precision=precision)
+        reader.write_tokens(ids[:64], setting, batch_size=64)  # warm-up (the compile, for compiled)
         start = time.perf_counter()
-        reader.write_tokens(ids, batch_size=64, precision=precision)
+        reader.write_tokens(ids, setting, batch_size=64)
         out[f"{name}_ctx_s"] = rate(len(ids), time.perf_counter() - start)
     return out
 

@@ -18,7 +18,7 @@ import logging
 from gradmem.cell import MemoryCell
 from gradmem.config import METHODS, MemoryConfig
 from gradmem.data import Batch, Example, collate
-from gradmem.memory import Memories, NonFiniteWriteError, WriteStats
+from gradmem.memory import Memories, NonFiniteWriteError, WriteSetting, WriteStats
 from gradmem.reader import Reader
 from gradmem.read import ReadOutput, read_teacher_forced
 from gradmem.write import WriteOutput, write_memory
@@ -37,6 +37,6 @@ class _RopeWindowNotice(logging.Filter):
 logging.getLogger("transformers.modeling_rope_utils").addFilter(_RopeWindowNotice())
 
 __all__ = [
-    "Batch", "Example", "METHODS", "Memories", "MemoryCell", "MemoryConfig", "NonFiniteWriteError", "ReadOutput", "Reader", "WriteOutput",
+    "Batch", "Example", "METHODS", "Memories", "MemoryCell", "MemoryConfig", "NonFiniteWriteError", "ReadOutput", "Reader", "WriteOutput", "WriteSetting",
     "WriteStats", "collate", "read_teacher_forced", "write_memory",
 ]

@@ -20,6 +20,42 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+@dataclass(frozen=True)
+class WriteSetting:
+    """How memories are written: what, with the reader and the text, makes a memory (``records.memory_id``).
+
+    ``steps`` is K (for an adaptive write the most a context takes), ``lr`` alpha; an adaptive write stops a
+    context once its reconstruction accuracy reaches ``target`` (None: a fixed-K write), after at least
+    ``min_steps``; ``precision`` is the WRITE's arithmetic (``WRITE_PRECISIONS``; the memory is float32 either
+    way). One object, so that choosing a setting (``resolve``), content-addressing, checking a store against it and
+    recording it (``gradmem.records``) all read the same five values."""
+
+    steps: int
+    lr: float
+    target: float | None = None
+    min_steps: int = 0
+    precision: str = "float32"
+
+    @classmethod
+    def resolve(cls, defaults, steps: int | None = None, lr: float | None = None, target: float | None = None,
+                min_steps: int | None = None, precision: str = "float32") -> "WriteSetting":
+        """The setting a write with these arguments uses, checked: None takes the reader's own (``defaults``: a
+        ``MemoryConfig`` or a ``ReaderSpec``: ``write_steps``, ``write_lr``, ``target_accuracy``,
+        ``min_write_steps``); a reader's own floor applies only with a target."""
+        from gradmem.write import check_write  # gradmem.write imports nothing of this module's
+
+        steps = defaults.write_steps if steps is None else int(steps)
+        lr = defaults.write_lr if lr is None else float(lr)
+        target = defaults.target_accuracy if target is None else float(target)
+        min_steps = (defaults.min_write_steps if target is not None else 0) if min_steps is None else int(min_steps)
+        check_write("inference", steps, target, min_steps)
+        return cls(steps, float(lr), target, min_steps, check_precision(precision))
+
+    def describe(self) -> str:
+        return (f"steps={self.steps}, lr={self.lr}, target={self.target}, min_steps={self.min_steps}, "
+                f"precision={self.precision}")
+
+
 @dataclass
 class WriteStats:
     """Per-sample statistics of a WRITE (B samples, K steps)."""
@@ -37,28 +73,20 @@ class WriteStats:
 
 @dataclass
 class Memories:
-    """Memories for B contexts. ``fingerprint`` names the reader that wrote them; only that reader may read them.
-
-    The write setting is (``steps``, ``lr``, ``target``, ``min_steps``, ``precision``): K, alpha, for an adaptive
-    write the target accuracy and the steps every context took first (then K is the most steps a context got;
-    ``steps_used`` says how many each did), and the precision of the WRITE's arithmetic (``WRITE_PRECISIONS``; the
-    memory itself is float32 either way)."""
+    """Memories for B contexts. ``fingerprint`` names the reader that wrote them; only that reader may read them;
+    ``setting`` says how (an adaptive write's contexts differ in ``steps_used``, never in the setting)."""
 
     tensor: torch.Tensor  # (B, m, d), on CPU
     stats: WriteStats
     fingerprint: str
-    steps: int
-    lr: float
-    target: float | None = None
-    min_steps: int = 0
-    precision: str = "float32"
+    setting: WriteSetting
 
     @property
     def steps_used(self) -> torch.Tensor:
-        """(B,) int64 SGD steps each memory got (all ``steps`` for a fixed-K write)."""
+        """(B,) int64 SGD steps each memory got (all ``setting.steps`` for a fixed-K write)."""
         if self.stats.steps_used is not None:
             return self.stats.steps_used
-        return torch.full((len(self),), self.steps, dtype=torch.long)
+        return torch.full((len(self),), self.setting.steps, dtype=torch.long)
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
@@ -66,8 +94,7 @@ class Memories:
     def __getitem__(self, index: int | slice | list[int]) -> "Memories":
         if isinstance(index, int):
             index = [index]
-        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.steps, self.lr, self.target,
-                        self.min_steps, self.precision)
+        return Memories(self.tensor[index], self.stats.select(index), self.fingerprint, self.setting)
 
     def finite(self) -> torch.Tensor:
         """(B,) True where the memory and its final write loss are finite."""

@@ -22,7 +22,7 @@ from gradmem.attention import attention_path, write_attention
 from gradmem.cell import MemoryCell, max_positions
 from gradmem.config import MemoryConfig
 from gradmem.data import pad, tokenize
-from gradmem.memory import Memories, NonFiniteWriteError, WriteStats, check_precision
+from gradmem.memory import Memories, NonFiniteWriteError, WriteSetting, WriteStats, check_precision
 from gradmem.read import chunk_totals, compose, greedy_generate
 
 INFERENCE_ATTENTION = "sdpa"  # first-order answers may use PyTorch's fastest kernels (writes: write_attention)
@@ -113,8 +113,13 @@ class Reader(MemoryCell):
         (``gradmem.memory.WRITE_PRECISIONS``: bfloat16 runs it under autocast; part of the write setting).
         ``attention``: a path of ``gradmem.attention.ATTENTION_PATHS``; None takes the fastest measured for the
         device and precision (``write_attention``)."""
-        return self._write_checked(self.encode_contexts(contexts), steps, lr, batch_size, attention, target, min_steps,
-                                   precision)
+        setting = self.write_setting(steps, lr, target, min_steps, precision)
+        return self._write_checked(self.encode_contexts(contexts), setting, batch_size, attention)
+
+    def write_setting(self, steps: int | None = None, lr: float | None = None, target: float | None = None,
+                      min_steps: int | None = None, precision: str = "float32") -> WriteSetting:
+        """The setting a write with these arguments uses (None: this reader's own, ``MemoryConfig``), checked."""
+        return WriteSetting.resolve(self.config, steps, lr, target, min_steps, precision)
 
     def check_tokens(self, ids: Sequence[Sequence[int]]) -> None:
         """A clear ValueError for any empty or over-long token list (what ``encode_contexts`` checks on text)."""
@@ -126,26 +131,23 @@ class Reader(MemoryCell):
                 raise ValueError(f"context {i} has {len(seq)} tokens, over this reader's maximum of {limit}")
 
     def write_tokens(
-        self, ids: Sequence[Sequence[int]], steps: int | None = None, lr: float | None = None, batch_size: int = 64,
-        attention: str | None = None, target: float | None = None, min_steps: int | None = None,
-        precision: str = "float32",
+        self, ids: Sequence[Sequence[int]], setting: WriteSetting | None = None, batch_size: int = 64,
+        attention: str | None = None,
     ) -> Memories:
-        """``write`` on token ids already produced by this reader's tokenizer (batch jobs tokenize upstream)."""
+        """``write`` on token ids already produced by this reader's tokenizer, with a setting already resolved
+        (batch jobs and the service tokenize, resolve the setting and content-address upstream; None: this
+        reader's own, ``write_setting()``)."""
         self.check_tokens(ids)
-        return self._write_checked(ids, steps, lr, batch_size, attention, target, min_steps, precision)
+        return self._write_checked(ids, setting or self.write_setting(), batch_size, attention)
 
     def _write_checked(
-        self, ids: Sequence[Sequence[int]], steps: int | None, lr: float | None, batch_size: int, attention: str | None,
-        target: float | None = None, min_steps: int | None = None, precision: str = "float32",
+        self, ids: Sequence[Sequence[int]], setting: WriteSetting, batch_size: int, attention: str | None,
     ) -> Memories:
         """Length-bucketed inference WRITEs of token lists already checked by ``check_tokens``."""
-        steps = self.config.write_steps if steps is None else int(steps)
-        lr = self.config.write_lr if lr is None else float(lr)
-        target = self.config.target_accuracy if target is None else float(target)
-        min_steps = (self.config.min_write_steps if target is not None else 0) if min_steps is None else int(min_steps)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_precision(precision)
+        steps, lr, target, min_steps, precision = (setting.steps, setting.lr, setting.target, setting.min_steps,
+                                                   check_precision(setting.precision))  # the rest: methods.write
         attention = attention or write_attention(self.device.type, precision)
         n = len(ids)
         slots = self.method.memory_slots(self.num_memory, self.max_context_tokens)
@@ -170,7 +172,7 @@ class Reader(MemoryCell):
                     steps_used[chunk] = out.steps_used.cpu()
         n_tokens = torch.tensor([len(s) for s in ids])
         stats = WriteStats(losses, accuracy, n_tokens, steps_used if target is not None else None)
-        memories = Memories(tensor, stats, self.fingerprint, steps, lr, target, min_steps, precision)
+        memories = Memories(tensor, stats, self.fingerprint, setting)
         bad = (~memories.finite()).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteWriteError(bad, memories)

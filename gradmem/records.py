@@ -43,7 +43,7 @@ import pyarrow as pa
 import torch
 
 from gradmem.chunking import Chunking
-from gradmem.memory import Memories, WriteStats, check_precision
+from gradmem.memory import Memories, WriteSetting, WriteStats, check_precision
 
 RECORD_FORMAT_VERSION = 1
 _META = "gradmem."
@@ -69,21 +69,26 @@ def safe_text(value: str | None) -> str | None:
 SETTING_COLUMNS = ("write_steps", "write_lr", "write_target", "write_min_steps", "write_precision")
 
 
-def write_setting(row: Mapping[str, Any]) -> tuple[int, float, float | None, int, str]:
-    """(steps, lr, target, min_steps, precision) of a memory row or a manifest (keys ``SETTING_COLUMNS``), with
-    what older parts lack (absent or null) read as they were written."""
-    return (row.get("write_steps"), row.get("write_lr"), row.get("write_target"), row.get("write_min_steps") or 0,
-            row.get("write_precision") or "float32")
+def write_setting(row: Mapping[str, Any]) -> WriteSetting:
+    """The write setting of a memory row or a manifest (keys ``SETTING_COLUMNS``), with what older parts lack
+    (absent or null) read as they were written. Values as stored, unchecked: a store is compared, not trusted."""
+    return WriteSetting(row.get("write_steps"), row.get("write_lr"), row.get("write_target"),
+                        row.get("write_min_steps") or 0, row.get("write_precision") or "float32")
 
 
-def memory_id(fingerprint: str, steps: int, lr: float, token_ids: Sequence[int], target: float | None = None,
-              min_steps: int = 0, precision: str = "float32") -> str:
-    """Content address of a memory: same reader, settings and tokens -> same id, in any process. A fixed-K
+def setting_columns(setting: WriteSetting) -> dict[str, Any]:
+    """``SETTING_COLUMNS`` -> the setting's values: what a part's rows and a manifest record (``write_setting``
+    reads them back)."""
+    return dict(zip(SETTING_COLUMNS, (setting.steps, setting.lr, setting.target, setting.min_steps, setting.precision)))
+
+
+def memory_id(fingerprint: str, setting: WriteSetting, token_ids: Sequence[int]) -> str:
+    """Content address of a memory: same reader, setting and tokens -> same id, in any process. A fixed-K
     float32 write (``target`` None) keeps the id it had before adaptive writes and precisions existed."""
-    adaptive = [float(target), int(min_steps)] if target is not None else []
-    arithmetic = [check_precision(precision)] if precision != "float32" else []
-    setting = [fingerprint, int(steps), float(lr)] + adaptive + arithmetic
-    digest = hashlib.sha256(json.dumps(setting).encode())
+    adaptive = [float(setting.target), int(setting.min_steps)] if setting.target is not None else []
+    arithmetic = [check_precision(setting.precision)] if setting.precision != "float32" else []
+    parts = [fingerprint, int(setting.steps), float(setting.lr)] + adaptive + arithmetic
+    digest = hashlib.sha256(json.dumps(parts).encode())
     digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return digest.hexdigest()[:32]
 
@@ -134,23 +139,18 @@ def to_table(
     tensor = memories.tensor.detach().to(torch.float32).cpu().numpy()  # (B, m, d)
     used = memories.steps_used.tolist()
     losses = memories.stats.losses.float().tolist()
-    if memories.target is not None:  # the steps taken only: the rest repeat the final loss (padded back on load)
+    if memories.setting.target is not None:  # the steps taken only: the rest repeat the final loss (padded back on load)
         losses = [row[: k + 1] for row, k in zip(losses, used)]
     columns = {
         "memory_id": list(memory_ids) if memory_ids is not None else [
-            memory_id(memories.fingerprint, memories.steps, memories.lr, t, memories.target, memories.min_steps,
-                      memories.precision) for t in token_ids],
+            memory_id(memories.fingerprint, memories.setting, t) for t in token_ids],
         "doc_id": [str(x) for x in doc_ids],
         "chunk": list(chunks) if chunks is not None else [0] * n,
         "n_chunks": list(n_chunks) if n_chunks is not None else [1] * n,
         "memory": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(tensor)),
         "n_context_tokens": memories.stats.n_tokens.tolist(),
-        "write_steps": [memories.steps] * n,
-        "write_lr": [memories.lr] * n,
+        **{name: [value] * n for name, value in setting_columns(memories.setting).items()},
         "write_losses": losses,
-        "write_target": [memories.target] * n,
-        "write_min_steps": [memories.min_steps] * n,
-        "write_precision": [memories.precision] * n,
         "steps_used": used,
         "recon_accuracy": memories.stats.accuracy.float().tolist(),
         "recon_greedy": [float(x) for x in recon_greedy] if recon_greedy is not None else [None] * n,
@@ -186,9 +186,10 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
     present = [c for c in SETTING_COLUMNS if c in table.column_names]  # a table from before a column: its default
     settings = {write_setting(r) for r in table.select(present).to_pylist()}
     if len(settings) > 1:
-        raise ValueError(f"one Memories object holds one write setting; this table mixes (steps, lr, target, "
-                         f"min_steps, precision) {sorted(settings, key=str)}")
-    steps, lr, target, min_steps, precision = settings.pop() if settings else (0, 0.0, None, 0, "float32")
+        raise ValueError("one Memories object holds one write setting; this table mixes "
+                         + "; ".join(sorted(s.describe() for s in settings)))
+    setting = settings.pop() if settings else WriteSetting(0, 0.0)
+    check_precision(setting.precision)
     memory = table.column("memory").combine_chunks().to_numpy_ndarray()  # (B, m, d)
     if memory.shape[1:] != (int(meta["m"]), int(meta["d"])):
         raise ValueError(f"memory shape {memory.shape[1:]} does not match the metadata ({meta['m']}, {meta['d']})")
@@ -197,10 +198,9 @@ def from_table(table: pa.Table, fingerprint: str | None = None) -> tuple[list[st
         losses=_carried_forward(table.column("write_losses").to_pylist()),
         accuracy=torch.tensor(table.column("recon_accuracy").to_pylist(), dtype=torch.float32),
         n_tokens=torch.tensor(table.column("n_context_tokens").to_pylist()),
-        steps_used=torch.tensor(used, dtype=torch.long) if target is not None else None,
+        steps_used=torch.tensor(used, dtype=torch.long) if setting.target is not None else None,
     )
-    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by, steps, lr, target, min_steps,
-                        check_precision(precision))
+    memories = Memories(torch.from_numpy(np.array(memory)), stats, written_by, setting)
     return table.column("doc_id").to_pylist(), memories
 
 

@@ -482,7 +482,7 @@ def describe_readers(store: MemoryStore) -> dict[str, dict[str, Any]]:
         entry = out[row["fingerprint"]]
         entry["memories"] += 1
         entry["documents"].add(row["doc_id"])
-        setting = json.dumps([*records.write_setting(row), row["revision"]])
+        setting = json.dumps([*records.setting_columns(records.write_setting(row)).values(), row["revision"]])
         entry["settings"][setting] = entry["settings"].get(setting, 0) + 1
     for entry in out.values():
         entry["documents"] = len(entry["documents"])

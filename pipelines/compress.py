@@ -71,10 +71,9 @@ from pydantic import Field, model_validator
 from gradmem import records
 from gradmem.chunking import Chunking
 from gradmem.config import declared
-from gradmem.memory import WRITE_PRECISIONS
+from gradmem.memory import WRITE_PRECISIONS, WriteSetting
 from gradmem.reader import ReaderSpec
 from gradmem.store import MemoryStore, current_memories, describe_readers
-from gradmem.write import check_write
 from pipelines.metrics import WriterMetrics
 from pipelines.storage import local_dir, resolve
 
@@ -570,9 +569,8 @@ def _error_row(row: dict, reason: str, message: str, error_ids: set, **extra) ->
             "excerpt": (row.get("excerpt") or (row.get("text") or "")[:EXCERPT_CHARS]), **extra}
 
 
-def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, steps: int, lr: float,
-            target: float | None, min_steps: int, chunk: bool, existing_ref,
-            chunking: Chunking | None = None, plan_ref=None, precision: str = "float32") -> pa.Table:
+def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dict, setting: WriteSetting,
+            chunk: bool, existing_ref, chunking: Chunking | None = None, plan_ref=None) -> pa.Table:
     """Validate, tokenize, chunk and content-address records, marking what the store already holds (Ray Data
     task). Duplicate ids need every record's id, so they are resolved after this, by ``resolve_duplicates``.
     ``chunking``: how ``chunk`` splits a document (None: chunks of the reader's maximum, no overlap).
@@ -597,17 +595,16 @@ def prepare(batch: pa.Table, reader_uri: str, s3_endpoint: str | None, spec: dic
             error(row, "not_text", f"the tokenizer refused this text: {failures[i]}")
         else:
             try:
-                out.extend(_prepare_row(row, text, ids, error, spec, steps, lr, target, min_steps, chunk, chunking,
-                                        memory_keys, error_ids, plan, precision, chunk_counts))
+                out.extend(_prepare_row(row, text, ids, error, spec, setting, chunk, chunking, memory_keys,
+                                        error_ids, plan, chunk_counts))
             except Exception as e:  # noqa: BLE001 - one record never stops a job
                 logger.exception("preparing %s failed", row["source"])
                 error(row, "malformed", f"cannot prepare this record: {type(e).__name__}")
     return pa.Table.from_pylist(out, schema=_PREPARED)
 
 
-def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, steps: int, lr: float,
-                 target: float | None, min_steps: int, chunk: bool, chunking: Chunking, memory_keys: set,
-                 error_ids: set, plan: dict | None = None, precision: str = "float32",
+def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict, setting: WriteSetting, chunk: bool,
+                 chunking: Chunking, memory_keys: set, error_ids: set, plan: dict | None = None,
                  chunk_counts: dict[str, set[int]] | None = None) -> list[dict]:
     """The chunks of one valid record, each to write or held (``error`` records why there are none). Without
     ``chunk`` a record fits one WRITE or is ``too_long``; with it, it is split by ``chunking`` (a record that
@@ -620,7 +617,7 @@ def _prepare_row(row: dict, text: str, ids: list[int] | None, error, spec: dict,
         error(row, "too_long", f"{len(ids)} tokens, over the reader's maximum of {limit} (use --chunk to split)")
         return []
     pieces = chunking.split(ids) if chunk else [ids]
-    mids = [records.memory_id(spec["fingerprint"], steps, lr, piece, target, min_steps, precision) for piece in pieces]
+    mids = [records.memory_id(spec["fingerprint"], setting, piece) for piece in pieces]
     if plan is not None:
         return _repair_rows(row, text, pieces, mids, spec["fingerprint"], plan, memory_keys)
     counts = (chunk_counts or {}).get(row["doc_id"])
@@ -653,11 +650,7 @@ class RepairTarget:
     text is the memory's own: the id is a content address) and its revision (the repair writes the next)."""
 
     memory_id: str
-    steps: int
-    lr: float
-    target: float | None
-    min_steps: int
-    precision: str
+    setting: WriteSetting
     revision: int
 
 
@@ -671,8 +664,7 @@ def _repair_rows(row: dict, text: str, pieces: list[list[int]], mids: list[str],
         weak: RepairTarget | None = plan.get((row["doc_id"], c))
         status = "held"
         if weak is not None:
-            was = records.memory_id(fingerprint, weak.steps, weak.lr, piece, weak.target, weak.min_steps,
-                                    weak.precision)
+            was = records.memory_id(fingerprint, weak.setting, piece)
             status = ("stale" if was != weak.memory_id else
                       "held" if (row["doc_id"], c, mid) in memory_keys else "write")
         out.append({"order": row["order"], "source": row["source"], "doc_id": row["doc_id"], "chunk": c,
@@ -732,9 +724,9 @@ class MemoryWriter:
     """A Ray Data actor: loads the reader once, WRITEs each call's contexts in length-sorted batches and
     writes that call's memory and error parts to the store before returning a one-row summary."""
 
-    def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str, steps: int,
-                 lr: float, target: float | None, min_steps: int, batch_size: int, greedy_check: bool, compile: bool,
-                 threads: int, chunking: Chunking | None = None, precision: str = "float32"):
+    def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str,
+                 setting: WriteSetting, batch_size: int, greedy_check: bool, compile: bool, threads: int,
+                 chunking: Chunking | None = None):
         import torch
 
         from gradmem import Reader
@@ -750,7 +742,7 @@ class MemoryWriter:
             self.reader.compile()
         where = resolve(output, s3_endpoint)
         self.store = MemoryStore(where.filesystem, where.path)
-        self.steps, self.lr, self.target, self.min_steps, self.precision = steps, lr, target, min_steps, precision
+        self.setting = setting  # the one the memory ids were computed for, upstream
         self.batch_size, self.greedy_check = batch_size, greedy_check
         self.chunking = chunking  # recorded in each memories part's metadata
         self.metrics = WriterMetrics()  # memories written, error rows by reason, write seconds, steps used
@@ -767,8 +759,7 @@ class MemoryWriter:
         memories, keep = None, list(range(len(good)))
         if good:
             try:
-                memories = self.reader.write_tokens(ids, self.steps, self.lr, self.batch_size, target=self.target,
-                                                    min_steps=self.min_steps, precision=self.precision)
+                memories = self.reader.write_tokens(ids, self.setting, self.batch_size)
             except NonFiniteWriteError as e:
                 memories = e.memories
                 bad = set(e.bad)
@@ -804,9 +795,8 @@ class MemoryWriter:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, target: float | None,
-                  min_steps: int, chunking: Chunking | None = None, mode: str = "compress",
-                  precision: str = "float32") -> None:
+def _check_output(store: MemoryStore, spec: ReaderSpec, setting: WriteSetting, chunking: Chunking | None = None,
+                  mode: str = "compress") -> None:
     """One reader's first writes into a store share one write setting (K, alpha, the adaptive target and min
     steps, the precision): refuse to mix (memories could not be served together). An adaptive store's memories
     differ in ``steps_used``, never in the setting. The parts themselves are checked, not only the manifest: a
@@ -818,11 +808,11 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
     this one (an upgraded store: the old reader's memories stay beside it); "upgrade" (another reader's memories
     are the point) and "repair" (a repair writes its own setting as later revisions) relax what they must.
     Repaired memories (revision > 0) never bind the setting."""
-    mine = (spec.fingerprint, steps, lr, target, min_steps, precision)
+    mine = (spec.fingerprint, setting)
     served = store.served()
     prior = store.manifest()
     if mode == "compress" and prior is not None and (served is None or prior.get("reader_fingerprint") == mine[0]):
-        _refuse_other(store, (prior.get("reader_fingerprint"), *records.write_setting(prior)), mine)
+        _refuse_other(store, (prior.get("reader_fingerprint"), records.write_setting(prior)), mine)
     rows = store.read_memories(records.SETTING_COLUMNS)
     fingerprints = set(rows.column("fingerprint").to_pylist()) if rows is not None else set()
     if mode == "compress" and (served is None or served["fingerprint"] != spec.fingerprint):
@@ -833,7 +823,7 @@ def _check_output(store: MemoryStore, spec: ReaderSpec, steps: int, lr: float, t
         first = rows.filter(pc.and_(pc.equal(rows.column("fingerprint"), spec.fingerprint),
                                     pc.equal(rows.column("revision"), 0)))
         for theirs in sorted({records.write_setting(r) for r in first.to_pylist()}, key=str):
-            _refuse_other(store, (spec.fingerprint, *theirs), mine)
+            _refuse_other(store, (spec.fingerprint, theirs), mine)
     _check_chunking(store, spec, chunking or Chunking(tokens=spec.max_context_tokens))  # None: unchunked
 
 
@@ -849,12 +839,12 @@ def _check_chunking(store: MemoryStore, spec: ReaderSpec, chunking: Chunking) ->
                              f"{theirs.overlap}, or use another --output.")
 
 
-def _refuse_other(store: MemoryStore, theirs: tuple, mine: tuple) -> None:
+def _refuse_other(store: MemoryStore, theirs: tuple[str, WriteSetting], mine: tuple[str, WriteSetting]) -> None:
+    """Refuse (reader fingerprint, setting) ``mine`` in a store holding ``theirs``, naming both."""
     if theirs != mine:
-        raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with steps={theirs[1]}, "
-                         f"lr={theirs[2]}, target={theirs[3]}, min_steps={theirs[4]}, precision={theirs[5]}; this run "
-                         f"uses reader {mine[0]} with steps={mine[1]}, lr={mine[2]}, target={mine[3]}, "
-                         f"min_steps={mine[4]}, precision={mine[5]}. Use another --output.")
+        raise ValueError(f"output {store.root} holds memories of reader {theirs[0]} written with "
+                         f"{theirs[1].describe()}; this run uses reader {mine[0]} with {mine[1].describe()}. "
+                         "Use another --output.")
 
 
 def _existing_keys(store: MemoryStore, fingerprint: str) -> tuple[set, set, dict[str, set[int]]]:
@@ -990,20 +980,9 @@ class Run:
 
     cfg: CompressConfig
     spec: ReaderSpec
-    steps: int
-    lr: float
-    target: float | None
-    min_steps: int
+    setting: WriteSetting
     store: MemoryStore
     chunking: Chunking  # how --chunk splits a document (recorded in parts and the manifest)
-
-    @property
-    def precision(self) -> str:
-        return self.cfg.precision
-
-    @property
-    def setting(self) -> tuple[int, float, float | None, int, str]:
-        return self.steps, self.lr, self.target, self.min_steps, self.precision
 
 
 @dataclass
@@ -1021,17 +1000,14 @@ def open_run(cfg: CompressConfig, mode: str = "compress") -> Run:
     """Resolve the reader and the write setting, clean what killed runs left and check that this pass may write
     into the store (``_check_output``; ``mode``: compress, repair or upgrade)."""
     spec = ReaderSpec.from_dir(local_dir(cfg.reader, cfg.s3_endpoint))
-    steps = spec.write_steps if cfg.steps is None else int(cfg.steps)
-    lr = spec.write_lr if cfg.lr is None else float(cfg.lr)
-    goal = spec.target_accuracy if cfg.target_accuracy is None else float(cfg.target_accuracy)
-    floor = (spec.min_write_steps if goal is not None else 0) if cfg.min_steps is None else int(cfg.min_steps)
-    check_write("inference", steps, goal, floor)  # before any record is prepared
+    # checked before any record is prepared; None takes the reader's own
+    setting = WriteSetting.resolve(spec, cfg.steps, cfg.lr, cfg.target_accuracy, cfg.min_steps, cfg.precision)
     chunking = cfg.chunking(spec.max_context_tokens)
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
     store.clean_temporaries()  # what killed runs left behind
-    _check_output(store, spec, steps, lr, goal, floor, chunking, mode, cfg.precision)
-    return Run(cfg, spec, steps, lr, goal, floor, store, chunking)
+    _check_output(store, spec, setting, chunking, mode)
+    return Run(cfg, spec, setting, store, chunking)
 
 
 def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None) -> Pass:
@@ -1045,9 +1021,8 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
     fs, files = list_inputs(cfg.input, cfg.s3_endpoint)
     readable = [f for f in files if f.refused is None]
     by_path = {f.path: f for f in readable}
-    logger.info("%s %d files from %s with reader %s (K=%d, lr=%g, %s, %s) into %s", "compressing" if plan is None else
-                f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.steps, run.lr,
-                run.precision,
+    logger.info("%s %d files from %s with reader %s (%s, %s) into %s", "compressing" if plan is None else
+                f"repairing {len(plan)} memories from", len(files), cfg.input, spec.fingerprint, run.setting.describe(),
                 f"chunks of {run.chunking}" if cfg.chunk else "no chunking", cfg.output)
 
     ctx = ray.data.DataContext.get_current()
@@ -1067,10 +1042,9 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
     prepared = parsed.map_batches(
         prepare, batch_format="pyarrow", num_cpus=cfg.cpus_per_prepare_task,  # its own CPU tasks, not fused into
         # the writer actors: tokenizing never holds a GPU actor
-        fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec), "steps": run.steps,
-                   "lr": run.lr, "target": run.target, "min_steps": run.min_steps, "chunk": cfg.chunk,
-                   "existing_ref": existing_ref, "chunking": run.chunking, "plan_ref": plan_ref,
-                   "precision": run.precision},
+        fn_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "spec": asdict(spec),
+                   "setting": run.setting, "chunk": cfg.chunk, "existing_ref": existing_ref, "chunking": run.chunking,
+                   "plan_ref": plan_ref},
     ).materialize()  # the input is read and tokenized once; duplicate ids need every record's id before a WRITE
     input_keys = _collect_keys(prepared.select_columns(["order", "source", "doc_id"]))
     stale = _stale_chunks(prepared) if plan is not None else []
@@ -1091,11 +1065,9 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
         MemoryWriter, batch_format="pyarrow", batch_size=cfg.batch_size * cfg.batches_per_call,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         fn_constructor_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "output": cfg.output,
-                               "fingerprint": spec.fingerprint, "steps": run.steps, "lr": run.lr, "target": run.target,
-                               "min_steps": run.min_steps, "batch_size": cfg.batch_size,
+                               "fingerprint": spec.fingerprint, "setting": run.setting, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking,
-                               "precision": run.precision},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
     )
     todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
     last_log = time.time()
@@ -1138,9 +1110,7 @@ def compress(cfg: CompressConfig, mode: str = "compress") -> dict[str, Any]:
     counts = summarize(store, done.inputs, spec.fingerprint)
     manifest = {
         "format_version": records.RECORD_FORMAT_VERSION, "reader_fingerprint": spec.fingerprint,
-        "reader": cfg.reader, "input": cfg.input, "write_steps": run.steps, "write_lr": run.lr,
-        "write_target": run.target, "write_min_steps": run.min_steps, "write_precision": run.precision,
-        "m": spec.num_memory,
+        "reader": cfg.reader, "input": cfg.input, **records.setting_columns(run.setting), "m": spec.num_memory,
         "d": spec.d_model, "chunked": cfg.chunk, **run.chunking.describe(), **counts,
         "this_run": this_run(done.done, done.seconds, started),
         "readers": describe_readers(store), "served": store.served(),

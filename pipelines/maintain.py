@@ -40,6 +40,7 @@ from pydantic import Field
 
 from gradmem.config import declared
 from gradmem import records
+from gradmem.memory import WriteSetting
 from gradmem.store import MemoryStore, current_memories, describe_readers
 from pipelines.compress import CompressConfig, RepairTarget, compress, open_run, this_run, write_pass
 from pipelines.storage import resolve
@@ -58,11 +59,10 @@ class RepairConfig:
 
 
 def plan_repair(store: MemoryStore, fingerprint: str, below: float,
-                setting: tuple[int, float, float | None, int, str]) -> tuple[dict[tuple[str, int], RepairTarget], int]:
-    """The weak memories of reader ``fingerprint`` to rewrite with ``setting`` (steps, lr, target, min_steps,
-    precision):
-    (doc_id, chunk) -> ``RepairTarget``, and how many weak ones are skipped because they already carry that
-    setting (repaired before, or written with it in the first place)."""
+                setting: WriteSetting) -> tuple[dict[tuple[str, int], RepairTarget], int]:
+    """The weak memories of reader ``fingerprint`` to rewrite with ``setting``: (doc_id, chunk) ->
+    ``RepairTarget``, and how many weak ones are skipped because they already carry that setting (repaired
+    before, or written with it in the first place)."""
     table = store.read_memories(["doc_id", "chunk", "memory_id", "recon_accuracy", *records.SETTING_COLUMNS])
     if table is None:
         return {}, 0
@@ -74,10 +74,10 @@ def plan_repair(store: MemoryStore, fingerprint: str, below: float,
         if row["recon_accuracy"] is None or row["recon_accuracy"] >= below:  # null: nothing says it is weak
             continue
         theirs = records.write_setting(row)
-        if theirs == tuple(setting):
+        if theirs == setting:
             already += 1
             continue
-        plan[(row["doc_id"], row["chunk"])] = RepairTarget(row["memory_id"], *theirs, revision=row["revision"])
+        plan[(row["doc_id"], row["chunk"])] = RepairTarget(row["memory_id"], theirs, revision=row["revision"])
     return plan, already
 
 
@@ -96,9 +96,8 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     if plan and not cfg.chunk and any(chunk > 0 for _, chunk in plan):
         raise ValueError("some memories to repair are chunks of a chunked document: pass --chunk, as the compression "
                          "did (without it their texts are too long to write)")
-    logger.info("repair: %d memories of reader %s under %.3f to rewrite with (steps, lr, target, min_steps, "
-                "precision) %s; %d "
-                "already carry that setting", len(plan), fingerprint, rcfg.below, run.setting, already)
+    logger.info("repair: %d memories of reader %s under %.3f to rewrite with %s; %d already carry that setting",
+                len(plan), fingerprint, rcfg.below, run.setting.describe(), already)
     done = write_pass(run, plan) if plan else None  # nothing weak: no pass, nothing written
     left, _ = plan_repair(store, fingerprint, rcfg.below, run.setting)
     stale = done.stale if done is not None else []
@@ -106,8 +105,7 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     still_weak = _still_weak(store, fingerprint, rcfg.below)
     report = {
         "reader_fingerprint": fingerprint, "reader": cfg.reader, "input": cfg.input, "below": rcfg.below,
-        "write_steps": run.steps, "write_lr": run.lr, "write_target": run.target, "write_min_steps": run.min_steps,
-        "write_precision": run.precision,
+        **records.setting_columns(run.setting),
         "planned": len(plan), "already_repaired": already, "rewritten": done.done["memories"] if done else 0,
         "stale": len(stale), "stale_examples": [list(k) for k in stale[:EXAMPLES]],
         "remaining": len(remaining), "still_weak": still_weak, "complete": not remaining,

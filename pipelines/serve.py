@@ -860,9 +860,8 @@ class GradMemService:
         if len(ids) > limit:  # the store's chunk size, at most the reader's maximum: a memory as the store's hold
             raise ApiError(413, f"text has {len(ids)} tokens, over this store's chunk size of {limit} (the batch job, "
                            "jobs/compress.py --chunk, splits longer documents)")
-        cfg = served.reader.config  # the reader's own write setting, an adaptive target included
-        steps, lr, goal, floor = cfg.write_steps, cfg.write_lr, cfg.target_accuracy, cfg.min_write_steps
-        mid = records.memory_id(served.fingerprint, steps, lr, ids, goal, floor)
+        setting = served.reader.write_setting()  # the reader's own, an adaptive target included; float32
+        mid = records.memory_id(served.fingerprint, setting, ids)
         with self.store_lock:
             # a fresh listing, not the rate-limited one: a batch job may have published this id a moment ago, and
             # the index keeps the first memory it sees for an id, so a stale look here would let this write win
@@ -879,7 +878,7 @@ class GradMemService:
                            "use a new doc_id")
         start = time.perf_counter()
         try:
-            memories = served.reader.write_tokens([ids], steps, lr, target=goal, min_steps=floor)
+            memories = served.reader.write_tokens([ids], setting)
         except NonFiniteWriteError as e:
             raise ApiError(422, f"the WRITE produced NaN/inf for this text: {e}") from e
         greedy = served.reader.reconstruct(memories, [ids]).tolist()

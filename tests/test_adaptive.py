@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradmem import methods, records
+from gradmem import WriteSetting, methods, records
 from gradmem.config import ConfigError, MemoryConfig
 from gradmem.data import pad, tokenize
 from gradmem.write import write_memory
@@ -94,10 +94,10 @@ def test_min_steps_are_taken_before_the_target_is_checked(frozen):
     with pytest.raises(ValueError, match="min_steps must be in"):
         write_memory(frozen, ctx_ids, ctx_mask, K_MAX, LR, mode="inference", target=0.5, min_steps=K_MAX + 1)
     mem = frozen.write([EASY, HARD], steps=K_MAX, lr=LR, target=target, min_steps=floor)
-    assert mem.steps_used.tolist() == [floor, K_MAX] and mem.min_steps == floor
+    assert mem.steps_used.tolist() == [floor, K_MAX] and mem.setting.min_steps == floor
     back = _parquet_round_trip(records.to_table(mem, ["easy", "hard"], tokenize(frozen.tokenizer, [EASY, HARD])))
     assert back.column("write_min_steps").to_pylist() == [floor, floor]
-    assert records.from_table(back)[1].min_steps == floor
+    assert records.from_table(back)[1].setting.min_steps == floor
 
 
 def test_a_target_met_by_every_context_at_once_runs_no_step(frozen):
@@ -113,9 +113,9 @@ def test_reader_write_keeps_steps_used_per_memory_in_input_order(frozen):
     # length bucketing reorders (the easy context is shorter); batch_size=1 writes each alone
     for batch_size in (1, 3):
         mem = frozen.write([HARD, EASY, HARD], steps=K_MAX, lr=LR, target=target, batch_size=batch_size)
-        assert mem.steps_used.tolist() == [K_MAX, j, K_MAX] and mem.target == target and mem.steps == K_MAX
+        assert mem.steps_used.tolist() == [K_MAX, j, K_MAX] and mem.setting.target == target and mem.setting.steps == K_MAX
     fixed = frozen.write([HARD, EASY], steps=K_MAX, lr=LR)
-    assert fixed.target is None and fixed.steps_used.tolist() == [K_MAX, K_MAX]
+    assert fixed.setting.target is None and fixed.steps_used.tolist() == [K_MAX, K_MAX]
 
 
 def test_adaptive_write_settings_are_checked(frozen):
@@ -143,36 +143,35 @@ def test_records_keep_steps_used_and_the_target(frozen):
     ctx_ids, ctx_mask = _batch(frozen)
     target, j = _easy_target(_trajectory(frozen, ctx_ids, ctx_mask))
     ids = tokenize(frozen.tokenizer, [EASY, HARD])
-    mem = frozen.write_tokens(ids, steps=K_MAX, lr=LR, target=target)
+    mem = frozen.write_tokens(ids, WriteSetting(K_MAX, LR, target))
     back = _parquet_round_trip(records.to_table(mem, ["easy", "hard"], ids))
     assert back.column("steps_used").to_pylist() == [j, K_MAX]
     assert back.column("write_steps").to_pylist() == [K_MAX, K_MAX]  # the setting: K_max
     assert back.column("write_target").to_pylist() == pytest.approx([target, target])
     assert [len(x) for x in back.column("write_losses").to_pylist()] == [j + 1, K_MAX + 1]  # the steps taken
     _, loaded = records.from_table(back, frozen.fingerprint)
-    assert loaded.steps_used.tolist() == [j, K_MAX] and loaded.target == pytest.approx(target)
+    assert loaded.steps_used.tolist() == [j, K_MAX] and loaded.setting.target == pytest.approx(target)
     assert torch.equal(loaded.tensor, mem.tensor)
     assert torch.allclose(loaded.stats.losses, mem.stats.losses)  # padded back with the final loss
     # the target is part of the content address; a fixed-K memory keeps the id it always had
-    assert records.memory_id(frozen.fingerprint, K_MAX, LR, ids[0], target) != records.memory_id(
-        frozen.fingerprint, K_MAX, LR, ids[0])
-    assert back.column("memory_id").to_pylist()[0] == records.memory_id(frozen.fingerprint, K_MAX, LR, ids[0], target)
+    assert records.memory_id(frozen.fingerprint, WriteSetting(K_MAX, LR, target), ids[0]) != records.memory_id(
+        frozen.fingerprint, WriteSetting(K_MAX, LR), ids[0])
+    assert back.column("memory_id").to_pylist()[0] == records.memory_id(frozen.fingerprint, mem.setting, ids[0])
 
 
 def test_a_table_without_the_adaptive_columns_still_loads(frozen):
     ids = tokenize(frozen.tokenizer, [EASY, HARD])
-    mem = frozen.write_tokens(ids, steps=2, lr=LR)
+    mem = frozen.write_tokens(ids, WriteSetting(2, LR))
     old = records.to_table(mem, ["a", "b"], ids).drop_columns(["steps_used", "write_target", "write_min_steps"])
     _, loaded = records.from_table(_parquet_round_trip(old), frozen.fingerprint)
-    assert loaded.steps_used.tolist() == [2, 2] and loaded.target is None and loaded.steps == 2
-    assert loaded.min_steps == 0
+    assert loaded.steps_used.tolist() == [2, 2] and loaded.setting == WriteSetting(2, LR)
     assert torch.equal(loaded.tensor, mem.tensor)
 
 
 def test_one_table_of_mixed_write_settings_is_refused(frozen):
     ids = tokenize(frozen.tokenizer, [EASY, HARD])
-    adaptive = records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=LR, target=0.9), ["a", "b"], ids)
-    fixed = records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=LR), ["c", "d"], ids)
+    adaptive = records.to_table(frozen.write_tokens(ids, WriteSetting(K_MAX, LR, 0.9)), ["a", "b"], ids)
+    fixed = records.to_table(frozen.write_tokens(ids, WriteSetting(K_MAX, LR)), ["c", "d"], ids)
     records.from_table(adaptive)  # varying steps_used under one setting is one setting
     with pytest.raises(ValueError, match="one write setting"):
         records.from_table(pa.concat_tables([adaptive, fixed]))
@@ -187,24 +186,24 @@ def test_a_store_holds_one_write_setting_and_an_adaptive_one_varies_only_in_step
     ids = tokenize(frozen.tokenizer, [EASY, HARD])
     spec, lr = frozen.spec, LR
     old = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "old"))
-    fixed = records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["a", "b"], ids)
+    fixed = records.to_table(frozen.write_tokens(ids, WriteSetting(K_MAX, lr)), ["a", "b"], ids)
     old.write_part("memories", fixed.drop_columns(["steps_used", "write_target", "write_min_steps"]))  # written before the columns
-    _check_output(old, spec, K_MAX, lr, None, 0)
+    _check_output(old, spec, WriteSetting(K_MAX, lr))
     with pytest.raises(ValueError, match="target=None, min_steps=0, precision=float32; this run uses .* target=0.9"):
-        _check_output(old, spec, K_MAX, lr, 0.9, 0)
-    old.write_part("memories", records.to_table(frozen.write_tokens(ids, steps=K_MAX, lr=lr), ["c", "d"], ids))
-    _check_output(old, spec, K_MAX, lr, None, 0)  # old and new fixed-K parts: one setting
+        _check_output(old, spec, WriteSetting(K_MAX, lr, 0.9))
+    old.write_part("memories", records.to_table(frozen.write_tokens(ids, WriteSetting(K_MAX, lr)), ["c", "d"], ids))
+    _check_output(old, spec, WriteSetting(K_MAX, lr))  # old and new fixed-K parts: one setting
     assert old.read("memories", ["doc_id", "steps_used"]).num_rows == 4  # old parts read, with null steps_used
 
     adaptive = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "adaptive"))
     target, j = _easy_target(_trajectory(frozen, *_batch(frozen)))
-    mem = frozen.write_tokens(ids, steps=K_MAX, lr=lr, target=target)
+    mem = frozen.write_tokens(ids, WriteSetting(K_MAX, lr, target))
     assert mem.steps_used.tolist() == [j, K_MAX]  # the steps used differ ...
     adaptive.write_part("memories", records.to_table(mem, ["a", "b"], ids))
-    _check_output(adaptive, spec, K_MAX, lr, target, 0)  # ... under one setting
+    _check_output(adaptive, spec, WriteSetting(K_MAX, lr, target))  # ... under one setting
     for other in ((K_MAX, lr, None, 0), (K_MAX, lr, 0.99, 0), (K_MAX + 1, lr, target, 0), (K_MAX, lr, target, 1)):
         with pytest.raises(ValueError, match="Use another --output"):
-            _check_output(adaptive, spec, *other)
+            _check_output(adaptive, spec, WriteSetting(*other))
 
 
 def test_the_compression_writer_stores_adaptive_memories_with_their_setting(frozen, tmp_path):
@@ -214,9 +213,9 @@ def test_the_compression_writer_stores_adaptive_memories_with_their_setting(froz
     frozen.save_pretrained(tmp_path / "reader")
     ids = tokenize(frozen.tokenizer, [EASY, HARD])
     target, j = _easy_target(_trajectory(frozen, *_batch(frozen)))
-    writer = MemoryWriter(str(tmp_path / "reader"), None, str(tmp_path / "store"), frozen.fingerprint, K_MAX, LR,
-                          target, 0, batch_size=8, greedy_check=False, compile=False, threads=1)
-    mids = [records.memory_id(frozen.fingerprint, K_MAX, LR, t, target, 0) for t in ids]
+    writer = MemoryWriter(str(tmp_path / "reader"), None, str(tmp_path / "store"), frozen.fingerprint,
+                          WriteSetting(K_MAX, LR, target), batch_size=8, greedy_check=False, compile=False, threads=1)
+    mids = [records.memory_id(frozen.fingerprint, WriteSetting(K_MAX, LR, target), t) for t in ids]
     rows = [{"doc_id": d, "chunk": 0, "n_chunks": 1, "token_ids": t, "memory_id": mid, "reason": None}
             for d, t, mid in zip(["easy", "hard"], ids, mids)]
     summary = writer(pa.Table.from_pylist(rows)).to_pylist()[0]

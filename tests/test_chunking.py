@@ -118,7 +118,7 @@ def test_a_documents_chunks_come_back_in_order_however_the_parts_lay_them_out(tm
         index.refresh()
         entries = index.document("long")
         assert [e["chunk"] for e in entries] == [0, 1, 2, 3, 4], layout
-        expected = [records.memory_id(reader.fingerprint, memories.steps, memories.lr, ids)
+        expected = [records.memory_id(reader.fingerprint, memories.setting, ids)
                     for ids in reader.encode_contexts(texts)]
         assert [e["memory_id"] for e in entries] == expected, layout
         assert [e["chunk"] for e in index.document("other")] == [0, 1] and index.document("nope") is None

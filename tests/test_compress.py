@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradmem import Reader, records
+from gradmem import Reader, WriteSetting, records
 from gradmem.chunking import Chunking, recorded
 from gradmem.data import tokenize
 from gradmem.store import MemoryStore
@@ -141,8 +141,8 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         {"order": 3, "source": "f:4", "doc_id": "a", "text": ctx + ctx},
         {"order": 4, "source": "f:5", "doc_id": None, "text": None, "reason": "malformed", "message": "bad"},
     ], schema=_PARSED)
-    kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, steps=2, lr=0.5, target=None,
-                  min_steps=0, existing_ref=(set(), set(), {}))
+    kwargs = dict(reader_uri=str(kv_reader_dir), s3_endpoint=None, spec=spec.__dict__, setting=WriteSetting(2, 0.5),
+                  existing_ref=(set(), set(), {}))
     duplicates = {"a": (0, "f:1")}
     prepared = prepare(batch, chunk=False, **kwargs)
     rows = prepared.to_pylist()  # every record has a row, duplicates not yet resolved (they need every id)
@@ -150,7 +150,7 @@ def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
         ("a", "write", None), ("b", "error", "empty"), ("c", "error", "too_long"), ("a", "write", None),
         (None, "error", "malformed")]
     assert rows[0]["token_ids"] == reader.encode_contexts([ctx])[0]
-    assert rows[0]["memory_id"] == records.memory_id(spec.fingerprint, 2, 0.5, rows[0]["token_ids"])
+    assert rows[0]["memory_id"] == records.memory_id(spec.fingerprint, WriteSetting(2, 0.5), rows[0]["token_ids"])
     resolved = resolve_duplicates(prepared, duplicates, (set(), set(), {})).to_pylist()
     assert [(r["doc_id"], r["status"], r["reason"]) for r in resolved] == [
         ("a", "write", None), ("b", "error", "empty"), ("c", "error", "too_long"), ("a", "error", "duplicate_id"),
@@ -399,7 +399,7 @@ def test_chunked_documents_become_ordered_memories(ray_cluster, kv_reader_dir, t
     assert manifest["memories"] == 30 + 40 and manifest["inputs"] == 30
     reader = Reader.from_pretrained(kv_reader_dir)
     chunking = Chunking(tokens=60, overlap=20)
-    expected = [(d, c, records.memory_id(reader.fingerprint, reader.config.write_steps, reader.config.write_lr, piece))
+    expected = [(d, c, records.memory_id(reader.fingerprint, reader.write_setting(), piece))
                 for d, ids in zip(texts, tokenize(reader.tokenizer, list(texts.values())))
                 for c, piece in enumerate(chunking.split(ids))]
     assert sorted((r["doc_id"], r["chunk"], r["memory_id"]) for r in rows) == sorted(expected)  # the very tokens

@@ -19,7 +19,7 @@ import requests
 import torch
 
 from conftest import _port, make_reader, wait_for
-from gradmem import Reader, records
+from gradmem import Reader, WriteSetting, records
 from gradmem.store import MemoryIndex, MemoryStore, current_memories
 from gradmem.tasks.kv import KVTask, exact_match
 from pipelines.compress import CompressConfig, compress, summarize
@@ -61,7 +61,7 @@ def test_the_current_memory_is_the_highest_revision_for_each_reader(tmp_path):
     inputs = pa.table({"order": [0, 1], "source": ["f:1", "f:2"], "doc_id": ["a", "b"]})
     counts = summarize(store, inputs, reader.fingerprint)
     assert counts["complete"] and counts["memories"] == 2 and counts["duplicates"] == 0
-    plan, already = plan_repair(store, reader.fingerprint, 1.01, (4, 0.5, None, 0, "float32"))  # everything is "weak"
+    plan, already = plan_repair(store, reader.fingerprint, 1.01, WriteSetting(4, 0.5))  # everything is "weak"
     assert set(plan) == {("b", 0)} and already == 1  # "a" already carries the repair's setting
 
 
@@ -75,7 +75,7 @@ def test_a_repair_plan_leaves_out_a_memory_whose_accuracy_is_not_recorded(tmp_pa
     column = table.schema.get_field_index("recon_accuracy")
     table = table.set_column(column, table.schema.field(column).with_nullable(True), pa.array([None, 0.0], pa.float32()))
     store.write_part("memories", table)
-    plan, already = plan_repair(store, reader.fingerprint, 0.5, (4, 0.5, None, 0, "float32"))
+    plan, already = plan_repair(store, reader.fingerprint, 0.5, WriteSetting(4, 0.5))
     assert set(plan) == {("b", 0)} and already == 0
 
 
@@ -87,17 +87,17 @@ def test_a_store_takes_another_reader_only_by_upgrade_and_a_repair_never_binds_t
     ids = old.encode_contexts(["!ab:cd!|"])
     store.write_part("memories", records.to_table(old.write(["!ab:cd!|"], steps=2), ["a"], ids))
     store.write_part("memories", records.to_table(old.write(["!ab:cd!|"], steps=8), ["a"], ids, revisions=[1]))
-    _check_output(store, old.spec, 2, 0.5, None, 0)  # the repaired revision's setting does not bind the store
+    _check_output(store, old.spec, WriteSetting(2, 0.5))  # the repaired revision's setting does not bind the store
     with pytest.raises(ValueError, match="steps=2.*this run uses .* steps=8"):
-        _check_output(store, old.spec, 8, 0.5, None, 0)
+        _check_output(store, old.spec, WriteSetting(8, 0.5))
     with pytest.raises(ValueError, match="maintain.py upgrade"):
-        _check_output(store, new.spec, 2, 0.5, None, 0)
-    _check_output(store, new.spec, 2, 0.5, None, 0, mode="upgrade")
+        _check_output(store, new.spec, WriteSetting(2, 0.5))
+    _check_output(store, new.spec, WriteSetting(2, 0.5), mode="upgrade")
     store.write_part("memories", records.to_table(new.write(["!ab:cd!|"]), ["a"], new.encode_contexts(["!ab:cd!|"])))
     store.write_served("reader-v2", new.fingerprint)  # after the upgrade: the new reader's store, the old one's refused
-    _check_output(store, new.spec, 2, 0.5, None, 0)
+    _check_output(store, new.spec, WriteSetting(2, 0.5))
     with pytest.raises(ValueError, match=f"holds memories of reader {new.fingerprint}"):
-        _check_output(store, old.spec, 2, 0.5, None, 0)
+        _check_output(store, old.spec, WriteSetting(2, 0.5))
 
 
 def test_a_repair_with_a_reader_that_wrote_nothing_there_is_a_clear_error(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gradmem import NonFiniteWriteError, Reader
+from gradmem import NonFiniteWriteError, Reader, WriteSetting
 from gradmem.tasks.kv import KVTask
 from conftest import make_reader
 
@@ -21,7 +21,7 @@ def test_write_returns_memories_and_stats(reader):
     assert mem.tensor.shape == (5, reader.num_memory, reader.d_model)
     assert mem.stats.losses.shape == (5, 4) and mem.stats.accuracy.shape == (5,)
     assert mem.stats.n_tokens.tolist() == [len(e.context) for e in exs]
-    assert mem.fingerprint == reader.fingerprint and mem.steps == 3 and mem.lr == reader.config.write_lr
+    assert mem.fingerprint == reader.fingerprint and mem.setting == WriteSetting(3, reader.config.write_lr)
     assert len(mem[1:3]) == 2 and torch.equal(mem[2].tensor[0], mem.tensor[2])
 
 

@@ -225,7 +225,7 @@ def test_chunks_come_back_in_order_from_any_part_layout_and_a_missing_chunk_is_a
     questions = [e.query for e in exs]
     r = _query(base, {"doc_id": "scattered", "questions": questions, "max_new_tokens": 4})
     assert r.status_code == 200, r.text
-    expected = [records.memory_id(reader.fingerprint, memories.steps, memories.lr, t) for t in ids]
+    expected = [records.memory_id(reader.fingerprint, memories.setting, t) for t in ids]
     assert r.json()["chunks"] == [0, 1, 2, 3, 4] and r.json()["memory_ids"] == expected
     local = reader.answer(memories[[i for _ in questions for i in range(5)]], questions, max_new_tokens=4,
                           chunks=[5] * 5)
@@ -281,11 +281,11 @@ def test_a_memory_of_another_reader_is_refused(service):
 def test_a_memory_of_another_shape_is_a_409_for_its_request_alone(service, kv_reader_dir):
     """A hand-made part under the served reader's fingerprint whose memories are (2, 8), with metadata to match: its
     query is a 409 before it reaches a READ batch (before, the batch's torch.cat failed every request in it)."""
-    from gradmem.memory import WriteStats
+    from gradmem.memory import WriteSetting, WriteStats
 
     fingerprint = Reader.from_pretrained(kv_reader_dir).fingerprint
     odd = Memories(torch.zeros(1, 2, 8), WriteStats(torch.zeros(1, 3), torch.ones(1), torch.tensor([8])), fingerprint,
-                   2, 0.5)
+                   WriteSetting(2, 0.5))
     service["store"].write_part("memories", records.to_table(odd, ["misshapen"], [list(range(8))]))
     r = _query(service["base"], {"doc_id": "misshapen", "questions": ["?!ab:"]})
     assert r.status_code == 409 and "shape (2, 8)" in r.json()["error"], r.text
@@ -553,12 +553,12 @@ def test_a_slow_store_read_does_not_stall_other_requests(service):
     the replica waited for it."""
     import threading
 
-    from gradmem import Memories, WriteStats
+    from gradmem import Memories, WriteSetting, WriteStats
 
     base, n = service["base"], 40_000
     fingerprint = requests.get(f"{base}/healthz", timeout=30).json()["reader_fingerprint"]
     memories = Memories(torch.randn(n, 4, 32), WriteStats(torch.zeros(n, 3), torch.zeros(n), torch.full((n,), 8)),
-                        fingerprint, 2, 0.5)
+                        fingerprint, WriteSetting(2, 0.5))
     table = records.to_table(memories, [f"bulk-{i}" for i in range(n)], [[i] for i in range(n)])
     service["store"].write_part("memories", table)
     _assert_error_shape(requests.get(f"{base}/v1/memories/{'e' * 32}", timeout=120), 404)  # re-lists: indexes it

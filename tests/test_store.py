@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradmem import records
+from gradmem import WriteSetting, records
 from gradmem.memory import Memories, WriteStats
 from gradmem.store import TMP_PREFIX, MemoryIndex, MemoryStore, part_name
 from pipelines.compress import InputFile, parse, summarize
@@ -31,7 +31,7 @@ def _table(docs: list[tuple[str, list[int]]], chunks: list[int] | None = None, n
     n = len(docs)
     tensor = torch.stack([torch.full((2, 4), float(sum(t) * 31 + len(t))) for _, t in docs])
     mem = Memories(tensor, WriteStats(torch.zeros(n, 3), torch.ones(n), torch.tensor([len(t) for _, t in docs])),
-                   fingerprint, 2, 0.5)
+                   fingerprint, WriteSetting(2, 0.5))
     return records.to_table(mem, [d for d, _ in docs], [t for _, t in docs], chunks=chunks, n_chunks=n_chunks,
                             write_time_s=write_time_s)
 
@@ -315,7 +315,7 @@ class _Model:
 
 
 def _mid(text: int) -> str:
-    return records.memory_id(FP, 2, 0.5, _tokens(text))
+    return records.memory_id(FP, WriteSetting(2, 0.5), _tokens(text))
 
 
 def row_keys_of(store: MemoryStore) -> list[tuple]:
