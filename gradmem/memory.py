@@ -8,9 +8,10 @@ import torch
 
 
 # The arithmetic of an inference WRITE: float32, or bfloat16 autocast (matrix products in bf16, the loss and the
-# memory in float32; the paper's key-value reader on an AMD EPYC with AVX-512 bf16: 1.16x float32's contexts/s on
-# one thread, eager or compiled, and 2.0x compiled on two threads; docs/results/README.md). A bf16-written memory differs from the float32 one (largest difference 3e-3 of the largest value
-# there), so the precision is part of the write setting and of every memory_id that is not float32.
+# memory in float32; the paper's key-value reader on an AMD EPYC with AVX-512 bf16, one thread, eager attention
+# (gradmem.attention.write_attention): 1.55x float32's contexts/s, 1.95x compiled; docs/results/README.md). A
+# bf16-written memory differs from the float32 one (largest difference 3e-3 of the largest value there), so the
+# precision is part of the write setting and of every memory_id that is not float32.
 WRITE_PRECISIONS = ("float32", "bfloat16")
 
 
