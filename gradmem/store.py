@@ -244,6 +244,14 @@ class MemoryStore:
             return
         write_atomic(path, body)
 
+    def check_writable_layout(self) -> None:
+        """A clear ValueError, before any work, when the store's root or one of its part folders (``KINDS``) is a
+        file: every part write would fail there, after the WRITEs that produced it had been paid for."""
+        for directory in (self.root, *(self._dir(k) for k in KINDS)):
+            if self.fs.get_file_info(directory).type == pafs.FileType.File:
+                raise ValueError(f"{directory} is a file, not a folder of a memory store: nothing could be written "
+                                 "there (use another output, or move the file away)")
+
     def clean_temporaries(self, grace_s: float = TMP_GRACE_S) -> int:
         """Delete temporary files older than ``grace_s`` that killed writers left (a live writer's are younger:
         a part takes seconds). Returns how many were deleted."""

@@ -24,7 +24,7 @@ import json
 import logging
 
 import _common  # noqa: F401
-from _common import setup_logging
+from _common import refusals, setup_logging
 
 from gradmem import Reader
 from gradmem.tasks.dataset import evaluate_generated
@@ -63,6 +63,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     setup_logging()
+    with refusals("evaluate"):  # a reader, data file or setting it refuses: one line, exit 2
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     reader = Reader.from_pretrained(args.reader)
     steps = [int(s) for s in args.steps.split(",")]
     lr = args.lr if args.lr is not None else reader.config.write_lr

@@ -58,6 +58,7 @@ import os
 import re
 import stat
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any, Literal
@@ -158,14 +159,30 @@ class InputFile:
 _LINK = "a symbolic link: not followed (a link could read files outside the input directory)"
 _NOT_REGULAR = "not a regular file (a FIFO, socket or device is never read)"
 _NOT_UTF8_NAME = "the file name is not valid UTF-8"
+_CONTROL_NAME = ("the file name holds a control character (a newline, a tab, ...) that Ray's path handling does not "
+                 "keep, so the file could not be opened: rename it")
+_UNLISTABLE_NAME = "the store listed this object's name with U+FFFD: it lost characters the object's key holds"
+
+
+def _odd_name(path: str, s3: bool) -> str | None:
+    """Why an input name cannot be read through ``ray.data.read_binary_files`` (None: it can). Ray drops newlines
+    and other control characters from the paths it is given (the file it then asks for does not exist, and the
+    whole read fails), and an S3 store lists a key it cannot represent with U+FFFD (a key that does not exist)."""
+    if any(unicodedata.category(ch) == "Cc" for ch in path):
+        return _CONTROL_NAME
+    if s3 and "\ufffd" in path:
+        return _UNLISTABLE_NAME
+    return None
 
 
 def list_inputs(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, list[InputFile]]:
     """The input files in a stable order. Names starting with '.' or '_' (markers, temporaries) are skipped,
     and so, with a warning, are files of other types. Inside a local input directory, symbolic links are not
     followed and nothing but regular files is read: each such entry with an input suffix (and each linked
-    directory) is listed ``refused``, as is a file whose name is not UTF-8 (the job's error rows say so). The
-    input path itself is the operator's and is taken as given."""
+    directory) is listed ``refused``, as is a file whose name is not UTF-8 (the job's error rows say so). Local
+    or on S3, a name that Ray could not open (``_odd_name``: control characters; U+FFFD in an S3 listing) is
+    ``refused`` too: one error row, never a failed job. The input path itself is the operator's and is taken as
+    given."""
     store = resolve(uri, s3_endpoint)
     info = store.filesystem.get_file_info(store.path)
     if info.type == pafs.FileType.File:
@@ -187,6 +204,7 @@ def list_inputs(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSyst
         if kind is None and not linked_dir:
             logger.warning("skipping %s: not one of %s", records.safe_text(path), sorted(INPUT_SUFFIXES))
             continue
+        refused = refused or _odd_name(path, store.is_s3)
         if refused is not None:
             logger.warning("not reading %s: %s", records.safe_text(path), refused)
         files.append(InputFile(len(files), path, kind or "refused", name, refused))
@@ -1005,6 +1023,7 @@ def open_run(cfg: CompressConfig, mode: str = "compress") -> Run:
     chunking = cfg.chunking(spec.max_context_tokens)
     target = resolve(cfg.output, cfg.s3_endpoint)
     store = MemoryStore(target.filesystem, target.path)
+    store.check_writable_layout()  # a file where the store or a part folder goes: refused before any work
     store.clean_temporaries()  # what killed runs left behind
     _check_output(store, spec, setting, chunking, mode)
     return Run(cfg, spec, setting, store, chunking)

@@ -184,17 +184,34 @@ class KeyDigest:
         return hmac.compare_digest(given, self.digest)
 
 
+def checked_key(raw: str, where: str) -> str:
+    """The key as a client sends it: surrounding whitespace stripped (a Secret's file or variable often ends in a
+    newline, which no header can carry), and only visible ASCII: a header is read as Latin-1 while a client sends
+    UTF-8, so a key of other characters could never match, and a service no client can use is refused at start
+    instead. Blank (after stripping) is refused too: a key was meant, so the service must not run open."""
+    key = raw.strip()
+    if not key:
+        raise ValueError(f"the API key in {where} is blank")
+    if not all("!" <= ch <= "~" for ch in key):
+        raise ValueError(f"the API key in {where} holds characters no client could send in a header (non-ASCII, "
+                         "spaces or control characters): use letters, digits and punctuation, e.g. openssl rand -hex 32")
+    return key
+
+
+def env_key(cfg: ServeConfig) -> str | None:
+    """The key in ``cfg.api_key_env`` (checked: ``checked_key``); None when the variable is unset or empty."""
+    raw = os.environ.get(cfg.api_key_env)
+    return checked_key(raw, f"${cfg.api_key_env}") if raw else None
+
+
 def replica_key(cfg: ServeConfig) -> KeyDigest | None:
     """The key a replica checks: the hash from build_app, else the key file, else the variable on the node.
     A configured key file that cannot be read stops the replica (fail closed, never open)."""
     if cfg.api_key_sha256:
         return KeyDigest.parse(cfg.api_key_sha256)
     if cfg.api_key_file:
-        key = FilePath(cfg.api_key_file).read_text().strip()
-        if not key:
-            raise ValueError(f"the API key file {cfg.api_key_file} is empty")
-        return KeyDigest.of(key)
-    key = os.environ.get(cfg.api_key_env)
+        return KeyDigest.of(checked_key(FilePath(cfg.api_key_file).read_text(), f"the file {cfg.api_key_file}"))
+    key = env_key(cfg)
     return KeyDigest.of(key) if key else None
 
 
@@ -905,8 +922,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ``pipelines.serve:build_app``). A key in this process's environment reaches the replicas only as a salted
     hash in the deployment's arguments: never in a runtime_env, which Ray's dashboard lists."""
     cfg = from_dict(ServeConfig, args)
-    key = os.environ.get(cfg.api_key_env)
-    if key and not cfg.api_key_sha256:
+    key = env_key(cfg) if not cfg.api_key_sha256 else None
+    if key:
         cfg = override(cfg, {"api_key_sha256": str(KeyDigest.of(key))})
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
     deployment = GradMemService.options(

@@ -115,18 +115,20 @@ def test_an_input_directory_reads_regular_files_only_and_follows_no_link(tmp_pat
     (corpus / "linkdir").symlink_to(outside)
     (corpus / "root").symlink_to("/")
     (corpus / "sub" / "loop").symlink_to(corpus)
+    (corpus / "tab\tname.jsonl").write_text('{"id": "t", "text": "x"}\n')  # Ray's paths drop control characters
     os.mkfifo(corpus / "fifo.jsonl")
     with open(os.path.join(os.fsencode(corpus), b"bad\xffname.txt"), "wb"):  # a name that is not UTF-8
         pass
     _, files = list_inputs(str(corpus))
     listed = {records.safe_text(f.name): f.refused for f in files}
     assert sorted(listed) == ["bad\\udcffname.txt", "fifo.jsonl", "leak.txt", "linkdir", "ok.jsonl", "root", "sub/b.txt",
-                              "sub/loop"]
+                              "sub/loop", "tab\tname.jsonl"]
     assert listed["ok.jsonl"] is None and listed["sub/b.txt"] is None
     assert all("symbolic link" in listed[n] for n in ("leak.txt", "linkdir", "root", "sub/loop"))
     assert "regular file" in listed["fifo.jsonl"] and "UTF-8" in listed["bad\\udcffname.txt"]
+    assert "control character" in listed["tab\tname.jsonl"]
     rows = unread_rows(files).to_pylist()
-    assert len(rows) == 6 and {r["reason"] for r in rows} == {"malformed"} and all(r["text"] is None for r in rows)
+    assert len(rows) == 7 and {r["reason"] for r in rows} == {"malformed"} and all(r["text"] is None for r in rows)
 
 
 def test_prepare_validates_chunks_dedups_and_skips_what_exists(kv_reader_dir):
@@ -314,6 +316,20 @@ def _writer_actors(address: str) -> set[str]:
     return {a.actor_id for a in list_actors(address=address, limit=10_000) if "MemoryWriter" in a.class_name}
 
 
+def test_an_output_that_is_a_file_or_holds_one_as_a_part_folder_is_refused_before_any_work(kv_reader_dir, tmp_path):
+    """Before, the WRITEs ran and the writer actor's first part write failed the job with an actor traceback."""
+    from pipelines.compress import open_run
+
+    for where in ("out", "out/memories", "out/errors"):
+        out = tmp_path / where.replace("/", "_")
+        path = tmp_path / where.replace("out", out.name, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("a file")
+        with pytest.raises(ValueError, match="is a file, not a folder of a memory store"):
+            open_run(CompressConfig(reader=str(kv_reader_dir), input=str(tmp_path), output=str(out)))
+    open_run(CompressConfig(reader=str(kv_reader_dir), input=str(tmp_path), output=str(tmp_path / "fresh")))
+
+
 def test_an_output_store_belongs_to_one_reader_and_setting(ray_cluster, kv_reader_dir, tmp_path):
     corpus = tmp_path / "in"
     corpus.mkdir()
@@ -482,6 +498,7 @@ def test_a_hostile_corpus_runs_no_code_and_stops_nothing_and_chunk_reruns_comple
     (tmp_path / "outside.txt").write_text(exs[2].context)
     (corpus / "leak.txt").symlink_to(tmp_path / "outside.txt")  # a link out of the input: never read
     os.mkfifo(corpus / "pipe.jsonl")  # reading it would block the job: never read
+    (corpus / "line\nbreak.txt").write_text(exs[1].context)  # Ray cannot open this name: one error row, not a stop
     reader = Reader.from_pretrained(kv_reader_dir)
     store = MemoryStore(pafs.LocalFileSystem(), str(out))
     online = reader.write([exs[0].context])  # the service wrote "online" (d0's text) into the store earlier
@@ -494,17 +511,18 @@ def test_a_hostile_corpus_runs_no_code_and_stops_nothing_and_chunk_reruns_comple
     cfg = CompressConfig(reader=str(kv_reader_dir), input=str(corpus), output=str(out), greedy_check=False)
     first = compress(cfg)
     assert not marker.exists() and not stale.exists()
-    assert first["inputs"] == 14 and first["complete"], first
-    assert first["error_reasons"] == {"malformed": 6, "not_text": 1, "too_long": 1}
+    assert first["inputs"] == 15 and first["complete"], first
+    assert first["error_reasons"] == {"malformed": 7, "not_text": 1, "too_long": 1}
     assert first["skipped_parts"]["memories"] == 1 and first["other_memories"] == 1
     errors = {r["source"]: r for r in store.read("errors").to_pylist()}
     assert errors["evil.parquet#0"]["reason"] == "malformed" and errors["docs.jsonl:4"]["reason"] == "not_text"
     assert "symbolic link" in errors["leak.txt"]["message"] and "regular file" in errors["pipe.jsonl"]["message"]
+    assert "control character" in errors["line\nbreak.txt"]["message"]
     assert errors["more.json[1]"]["reason"] == "malformed" and "leak" not in set(store.read("memories").column("doc_id").to_pylist())
 
     second = compress(CompressConfig(**{**cfg.__dict__, "chunk": True}))  # what the too_long error advised
     assert second["complete"] and second["superseded_errors"] == 1 and "too_long" not in second["error_reasons"]
-    assert second["errors"] == 7 and second["this_run"]["memories"] == 4  # the 4 chunks of "long"
+    assert second["errors"] == 8 and second["this_run"]["memories"] == 4  # the 4 chunks of "long"
 
     index = MemoryIndex(MemoryStore(pafs.LocalFileSystem(), str(out)))
     index.refresh()

@@ -352,6 +352,29 @@ def test_the_parsers_refusals_and_a_trailing_slash_are_errors_in_the_one_shape()
         Guard.settings = before
 
 
+def test_an_api_key_is_stripped_and_one_no_client_could_send_is_refused_at_start(tmp_path, monkeypatch):
+    """A key with the newline a Secret's file or variable often ends in matches the key as sent (before, only the
+    key file was stripped: a variable's newline made a service no client could use); a key of characters a header
+    cannot carry as sent (curl sends UTF-8, the header is read as Latin-1) or a blank one is refused at start."""
+    from pipelines.serve import ServeConfig, replica_key
+
+    cfg = ServeConfig(reader="r", memories="m", api_key_env="GM_TEST_KEY_STRIP")
+    monkeypatch.setenv("GM_TEST_KEY_STRIP", "asciikey123\n")
+    assert replica_key(cfg).matches("asciikey123") and not replica_key(cfg).matches("asciikey123\n")
+    (tmp_path / "key").write_text("  filekey-456\n")
+    assert replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / "key"))).matches("filekey-456")
+    for bad, message in (("clé-ü-key", "no client could send"), ("two words", "no client could send"),
+                         ("  \n", "blank")):
+        monkeypatch.setenv("GM_TEST_KEY_STRIP", bad)
+        with pytest.raises(ValueError, match=message):
+            replica_key(cfg)
+        (tmp_path / "key").write_text(bad)
+        with pytest.raises(ValueError, match=message):
+            replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / "key")))
+    monkeypatch.setenv("GM_TEST_KEY_STRIP", "")  # unset or empty: no key, as documented
+    assert replica_key(cfg) is None
+
+
 def test_api_key_is_enforced_when_set(service):
     base = f"{service['base']}/secured"
     body = {"doc_id": "doc-0", "questions": ["?!ab:"], "max_new_tokens": 4}

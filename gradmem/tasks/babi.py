@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from gradmem.data import Example
-from gradmem.tasks.dataset import ExampleSet, data_root
+from gradmem.tasks.dataset import ExampleSet, data_root, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def parse(text: str, task: str = "") -> list[BabiQuestion]:
         if not line.strip():
             continue
         number, _, rest = line.partition(" ")
-        if not number.isdigit() or not rest:
+        if not _is_id(number) or not rest:
             raise ValueError(f"{task or 'bAbI'} line {lineno}: expected 'ID text', got {line!r}")
         line_id = int(number)
         if line_id == 1:
@@ -96,9 +96,17 @@ def parse(text: str, task: str = "") -> list[BabiQuestion]:
             raise ValueError(f"{task or 'bAbI'} line {lineno}: a question line needs question, answer and "
                              f"supporting ids separated by tabs, got {line!r}")
         question, answer, supporting = (f.strip() for f in fields)
-        questions.append(BabiQuestion(task, story, tuple(facts), question, answer,
-                                      tuple(int(s) for s in supporting.split())))
+        ids = supporting.split()
+        if not question or not answer or not all(_is_id(s) and int(s) < line_id for s in ids):
+            raise ValueError(f"{task or 'bAbI'} line {lineno}: a question line needs a question, an answer and the "
+                             f"ids of earlier lines of its story as supporting facts, got {line!r}")
+        questions.append(BabiQuestion(task, story, tuple(facts), question, answer, tuple(int(s) for s in ids)))
     return questions
+
+
+def _is_id(text: str) -> bool:
+    """A line id: ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def task_file(root: str | os.PathLike, babi_set: str, task: str, part: str) -> Path:
@@ -130,7 +138,13 @@ def load_questions(
     out: list[BabiQuestion] = []
     for task in tasks:
         part = "test" if split == "test" else "train"
-        questions = parse(task_file(root, babi_set, task, part).read_text(), task)
+        path = task_file(root, babi_set, task, part)
+        try:
+            questions = parse(read_text(path), task)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        if not questions:
+            raise ValueError(f"{path}: no questions")
         if split != "test":
             held_out = validation_stories(max(q.story for q in questions) + 1, validation_fraction, split_seed)
             questions = [q for q in questions if (q.story in held_out) == (split == "validation")]

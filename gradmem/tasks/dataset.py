@@ -45,6 +45,15 @@ def data_root(files: str) -> Path:
     return Path(root)
 
 
+def read_text(path: Path) -> str:
+    """A released data file's text: a file that is not UTF-8 is one ValueError naming it and where it breaks."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})") from None
+
+
 # prediction, gold answers -> metric name -> value in [0, 1]
 Metric = Callable[[str, Sequence[str]], dict[str, float]]
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from gradmem.data import Example
-from gradmem.tasks.dataset import ExampleSet, data_root
+from gradmem.tasks.dataset import ExampleSet, data_root, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +81,39 @@ def sentences(text: str) -> list[str]:
     return [piece for piece in re.split(r"(?<=[.!?])\s+", text.strip()) if piece]
 
 
-def parse(data: dict) -> list[SquadQuestion]:
-    """Every question of a SQuAD v1.1 JSON document, in file order."""
-    if not str(data.get("version", "")).startswith("1."):
-        raise ValueError(f"expected SQuAD v1.x, got version {data.get('version')!r}")
+def parse(data: object) -> list[SquadQuestion]:
+    """Every question of a SQuAD v1.1 JSON document, in file order. A document of another shape is one
+    ValueError naming where (``data[3].paragraphs[0].qas[2].answers``) and what was expected there."""
+    version = data.get("version", "") if isinstance(data, dict) else None
+    if not str(version).startswith("1."):
+        got = f"version {version!r}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(f"expected a SQuAD v1.x JSON object, got {got}")
     out: list[SquadQuestion] = []
-    for a, article in enumerate(data["data"]):
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                answers = tuple(ans["text"] for ans in qa["answers"])
+    for a, article in enumerate(_field(data, "data", list, "document")):
+        where = f"data[{a}]"
+        title = _field(article, "title", str, where)
+        for p, paragraph in enumerate(_field(article, "paragraphs", list, where)):
+            here = f"{where}.paragraphs[{p}]"
+            context = _field(paragraph, "context", str, here)
+            for q, qa in enumerate(_field(paragraph, "qas", list, here)):
+                at = f"{here}.qas[{q}]"
+                answers = tuple(_field(ans, "text", str, f"{at}.answers[{i}]")
+                                for i, ans in enumerate(_field(qa, "answers", list, at)))
                 if not answers:
-                    raise ValueError(f"question {qa['id']} has no answer (SQuAD v1.1 always has one)")
-                out.append(SquadQuestion(qa["id"], a, article["title"], paragraph["context"], qa["question"], answers))
+                    raise ValueError(f"{at}: a question without an answer (SQuAD v1.1 always has one)")
+                out.append(SquadQuestion(_field(qa, "id", str, at), a, title, context, _field(qa, "question", str, at),
+                                         answers))
+    if not out:
+        raise ValueError("no questions")
     return out
+
+
+def _field(item: object, key: str, kind: type, where: str):
+    """``item[key]`` when ``item`` is an object holding a ``kind`` there, else a ValueError naming ``where``."""
+    value = item.get(key) if isinstance(item, dict) else None
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def article_splits(n_articles: int, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -115,7 +135,10 @@ def load_questions(
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     path = Path(path) if path else default_path()
-    questions = parse(json.loads(path.read_text()))
+    try:
+        questions = parse(json.loads(read_text(path)))
+    except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: {exc}") from None
     n_articles = max(q.article for q in questions) + 1
     keep = set(article_splits(n_articles, validation_fraction, test_fraction, split_seed)[split])
     out = [q for q in questions if q.article in keep]
