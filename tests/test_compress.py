@@ -103,7 +103,7 @@ def test_an_input_directory_reads_regular_files_only_and_follows_no_link(tmp_pat
     """Links inside the input directory (to a file or folder outside it, to /, to the directory itself), a FIFO
     and a file name that is not UTF-8 are each listed once as refused, unread (the job makes each an error row:
     ``unread_rows``); regular files are read; the walk never leaves the directory."""
-    from pipelines.compress import list_inputs, unread_rows
+    from pipelines.compress import _odd_name, list_inputs, unread_rows
 
     corpus, outside = tmp_path / "in", tmp_path / "outside"
     (corpus / "sub").mkdir(parents=True)
@@ -127,6 +127,7 @@ def test_an_input_directory_reads_regular_files_only_and_follows_no_link(tmp_pat
     assert all("symbolic link" in listed[n] for n in ("leak.txt", "linkdir", "root", "sub/loop"))
     assert "regular file" in listed["fifo.jsonl"] and "UTF-8" in listed["bad\\udcffname.txt"]
     assert "control character" in listed["tab\tname.jsonl"]
+    assert _odd_name("in/a\ufffdb.txt", s3=True) and _odd_name("in/a\ufffdb.txt", s3=False) is None  # S3 lost a byte
     rows = unread_rows(files).to_pylist()
     assert len(rows) == 7 and {r["reason"] for r in rows} == {"malformed"} and all(r["text"] is None for r in rows)
 
