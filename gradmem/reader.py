@@ -137,6 +137,9 @@ class Reader(MemoryCell):
         """``write`` on token ids already produced by this reader's tokenizer, with a setting already resolved
         (batch jobs and the service tokenize, resolve the setting and content-address upstream; None: this
         reader's own, ``write_setting()``)."""
+        if setting is not None and not isinstance(setting, WriteSetting):
+            raise TypeError(f"setting must be a WriteSetting (reader.write_setting(steps=..., ...)), got "
+                            f"{type(setting).__name__}")
         self.check_tokens(ids)
         return self._write_checked(ids, setting or self.write_setting(), batch_size, attention)
 

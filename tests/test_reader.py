@@ -123,6 +123,8 @@ def test_write_tokens_is_write_on_token_ids_and_reconstruct_decodes_freely(reade
     torch.testing.assert_close(reader.write_tokens(ids).tensor, mem.tensor)
     with pytest.raises(ValueError, match="has no tokens"):
         reader.write_tokens([ids[0], []])
+    with pytest.raises(TypeError, match="must be a WriteSetting"):
+        reader.write_tokens(ids, 2)  # the old positional steps
     batched = reader.reconstruct(mem, ids)
     alone = torch.cat([reader.reconstruct(mem[i], [ids[i]]) for i in range(len(ids))])
     torch.testing.assert_close(batched, alone)
