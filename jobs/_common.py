@@ -44,12 +44,13 @@ def connect_ray() -> None:
 
 @contextlib.contextmanager
 def refusals(command: str) -> Iterator[None]:
-    """A job's refusal to start (a ValueError or FileNotFoundError: another reader's or setting's store, a missing
-    input, a malformed manifest) as one line on stderr and exit 2. A Ray task's failure is not one: Ray's task
-    errors also subclass their cause's type, so they are let through with their traceback."""
+    """A job's refusal to start (a ValueError, FileNotFoundError or FileExistsError: another reader's or setting's
+    store, a missing input, a malformed manifest or data file, a run that already exists) as one line on stderr and
+    exit 2. A Ray task's failure is not one: Ray's task errors also subclass their cause's type, so they are let
+    through with their traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         from ray.exceptions import RayError
 
         if isinstance(exc, RayError):

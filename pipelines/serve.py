@@ -40,12 +40,12 @@ import hmac
 import json
 import logging
 import os
+import stat
 import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from pathlib import Path as FilePath
 from typing import Annotated, Any, Awaitable, Callable, Iterator, NamedTuple
 
 import pyarrow.parquet as pq
@@ -111,8 +111,8 @@ class ServeConfig:
     default_new_tokens: int = Field(16, ge=1, description="answer tokens when a request does not say")
     api_key_env: str = Field("GRADMEM_API_KEY", description="the variable holding the key; unset or empty: no key "
                              "required")
-    api_key_file: str | None = Field(None, description="or a file on every node holding the key (e.g. a mounted "
-                                     "Secret)")
+    api_key_file: str | None = Field(None, min_length=1, description="or a file on every node holding the key (e.g. "
+                                     "a mounted Secret); never set together with the variable")
     # Set by build_app from the deploying process's key: "sha256:<salt hex>:<digest hex>". Deployment arguments
     # can show up in Ray's views; a salted hash of a high-entropy key reveals nothing usable, the key would.
     api_key_sha256: str | None = Field(None, description="set by build_app from the key; never the key itself")
@@ -198,6 +198,24 @@ def checked_key(raw: str, where: str) -> str:
     return key
 
 
+MAX_KEY_FILE_BYTES = 4096  # a key is tens of bytes; a bigger "key file" is a wrong path, never read whole
+
+
+def file_key(path: str) -> str:
+    """The key in an api_key_file: a regular file of at most ``MAX_KEY_FILE_BYTES`` UTF-8 bytes (checked before it is
+    opened: a FIFO would block the replica's start forever, a huge file fill its memory), else one ValueError
+    naming the file. Fail closed: the replica does not start."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_KEY_FILE_BYTES:
+            raise ValueError(f"the API key file {path} is not a regular file of at most {MAX_KEY_FILE_BYTES} bytes")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_KEY_FILE_BYTES + 1).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the API key file {path} cannot be read as text: {type(exc).__name__}") from None
+    return checked_key(raw, f"the file {path}")
+
+
 def env_key(cfg: ServeConfig) -> str | None:
     """The key in ``cfg.api_key_env`` (checked: ``checked_key``); None when the variable is unset or empty."""
     raw = os.environ.get(cfg.api_key_env)
@@ -209,8 +227,8 @@ def replica_key(cfg: ServeConfig) -> KeyDigest | None:
     A configured key file that cannot be read stops the replica (fail closed, never open)."""
     if cfg.api_key_sha256:
         return KeyDigest.parse(cfg.api_key_sha256)
-    if cfg.api_key_file:
-        return KeyDigest.of(checked_key(FilePath(cfg.api_key_file).read_text(), f"the file {cfg.api_key_file}"))
+    if cfg.api_key_file is not None:
+        return KeyDigest.of(file_key(cfg.api_key_file))
     key = env_key(cfg)
     return KeyDigest.of(key) if key else None
 
@@ -923,6 +941,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     hash in the deployment's arguments: never in a runtime_env, which Ray's dashboard lists."""
     cfg = from_dict(ServeConfig, args)
     key = env_key(cfg) if not cfg.api_key_sha256 else None
+    if key and cfg.api_key_file is not None:  # two keys: clients given the file's would get 401, and nothing said why
+        raise ValueError(f"both ${cfg.api_key_env} and api_key_file {cfg.api_key_file} are set: give the key one way")
     if key:
         cfg = override(cfg, {"api_key_sha256": str(KeyDigest.of(key))})
     actor_options: dict[str, Any] = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}

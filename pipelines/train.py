@@ -88,7 +88,14 @@ class DistributedConfig:
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    """The DeepSpeed config's ZeRO stage (0 when absent); a section or stage of another type is a ValueError."""
+    section = ds_config.get("zero_optimization") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"deepspeed zero_optimization must be an object, got {type(section).__name__}")
+    stage = section.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, (int, str)) or not str(stage).isdecimal():
+        raise ValueError(f"deepspeed zero_optimization.stage must be a whole number, got {stage!r}")
+    return int(stage)
 
 
 # ------------------------------------------------------------------------------------------------ engines

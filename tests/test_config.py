@@ -152,3 +152,13 @@ def test_serve_replicas_are_fixed_unless_max_replicas_asks_for_autoscaling():
         from_dict(ServeConfig, {**base, "replicas": 5, "max_replicas": 4})
     with pytest.raises(ConfigError, match="must lie within min_replicas"):
         from_dict(ServeConfig, {**base, "min_replicas": 3, "max_replicas": 2, "replicas": 2})
+
+
+@pytest.mark.parametrize("ds_config", [{"zero_optimization": "yes"}, {"zero_optimization": {"stage": [3]}},
+                                       {"zero_optimization": {"stage": True}}, {"zero_optimization": {"stage": "two"}}])
+def test_a_deepspeed_config_of_the_wrong_types_is_a_config_error_not_a_traceback(ds_config):
+    """Before, ``zero_stage`` raised AttributeError / TypeError inside the validator: jobs/train.py printed a
+    traceback instead of its one-line refusal."""
+    with pytest.raises(ValueError, match="zero_optimization"):
+        DistributedConfig(deepspeed=ds_config)
+    assert DistributedConfig(deepspeed={"zero_optimization": {"stage": 2}}).deepspeed["zero_optimization"]["stage"] == 2

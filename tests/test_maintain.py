@@ -147,6 +147,28 @@ def _rows(store: MemoryStore) -> dict[tuple, dict]:
     return {(r["fingerprint"], r["doc_id"], r["chunk"], r["memory_id"]): r for r in table.to_pylist()}
 
 
+def test_a_repair_completes_beside_weak_memories_the_input_cannot_rewrite_and_ones_without_an_accuracy(
+        ray_cluster, kv_reader_dir, tmp_path):
+    """A weak memory of a document the input does not hold (an online write) is reported ``not_in_input``, not
+    ``remaining`` (before, every rerun said "not complete: rerun"), and a memory with a null accuracy no longer
+    stops the report (before, a TypeError after the repaired parts were written, on every rerun)."""
+    _kv_corpus(tmp_path / "in", 4, seed=43)
+    out = tmp_path / "out"
+    base = dict(reader=str(kv_reader_dir), input=str(tmp_path / "in"), output=str(out), greedy_check=False)
+    assert compress(CompressConfig(**base, steps=1, lr=0.1))["complete"]
+    reader = Reader.from_pretrained(kv_reader_dir)
+    texts = ["!ab:cd!|", "!ef:gh!|"]
+    table = records.to_table(reader.write(texts, steps=1, lr=0.1), ["online", "unmeasured"], reader.encode_contexts(texts))
+    column = table.schema.get_field_index("recon_accuracy")
+    table = table.set_column(column, table.schema.field(column).with_nullable(True), pa.array([0.0, None], pa.float32()))
+    store = MemoryStore(pafs.LocalFileSystem(), str(out))
+    store.write_part("memories", table)
+    for _ in range(2):  # and its rerun
+        report = repair(CompressConfig(**base, steps=8, lr=0.1), RepairConfig(below=1.0))
+        assert report["complete"] and report["remaining"] == 0, report
+        assert report["not_in_input"] == 1 and report["not_in_input_examples"] == [["online", 0]]
+
+
 def test_repair_rewrites_only_the_weak_memories_and_a_rerun_changes_nothing(ray_cluster, kv_reader_dir, tmp_path):
     docs = _kv_corpus(tmp_path / "in", 24, seed=41)
     out = tmp_path / "out"

@@ -120,3 +120,15 @@ def test_a_tiny_pretrained_lm_trains_on_each_task(model_dir, task, tmp_path_fact
     assert reader.tokenizer.eos_token == "<|im_end|>" and reader.mem_proj is not None
     answers = reader.answer(reader.write(["Mary moved to the bathroom."]), ["Where is Mary?"], max_new_tokens=2)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_a_file_that_is_not_gguf_is_one_line_and_exit_2(tmp_path):
+    """Before: a struct.error traceback for a file cut short, an OSError about huggingface.co for a missing path."""
+    (tmp_path / "short.gguf").write_bytes(b"GGUF\x03\x00")
+    (tmp_path / "text.gguf").write_text("not a model")
+    for path in ("short.gguf", "text.gguf", "missing.gguf"):
+        proc = subprocess.run([sys.executable, "jobs/prepare_model.py", "--output", str(tmp_path / "out"), "--gguf",
+                               str(tmp_path / path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and err[-1].startswith("prepare_model: ") and path in err[-1], proc.stderr[-1500:]
+        assert not (tmp_path / "out").exists()

@@ -172,6 +172,15 @@ def test_a_bf16_write_on_cpu_takes_the_eager_attention_path_and_computes_what_sd
         assert torch.allclose(default.stats.losses, other.stats.losses, rtol=tolerance, atol=tolerance), precision
 
 
+def test_a_reader_directory_whose_config_is_not_a_json_object_is_one_clear_error(tmp_path):
+    make_reader("llama").save_pretrained(tmp_path / "reader")
+    for content, message in ((b"[1, 2]", "not a JSON object"), (b'"text"', "not a JSON object"),
+                             (b"{not json", "not a JSON document"), (b"\xff\xfe", "not a JSON document")):
+        (tmp_path / "reader" / "config.json").write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            Reader.from_pretrained(tmp_path / "reader")
+
+
 def test_a_reader_directory_s_own_code_is_never_run(tmp_path, monkeypatch):
     """A reader directory whose config.json names code of its own (``auto_map``): transformers would ask on stdin
     whether to run it, and a "y" (here: every prompt answered yes) would run it before any fingerprint check.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -373,6 +374,30 @@ def test_an_api_key_is_stripped_and_one_no_client_could_send_is_refused_at_start
             replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / "key")))
     monkeypatch.setenv("GM_TEST_KEY_STRIP", "")  # unset or empty: no key, as documented
     assert replica_key(cfg) is None
+
+
+def test_an_api_key_file_that_is_no_key_file_stops_the_start_with_one_error_and_never_hangs(tmp_path, monkeypatch):
+    """A directory, a FIFO (before: the replica's start blocked forever), a huge file (before: read whole), bytes
+    that are not UTF-8, a missing file: one ValueError naming it. An empty path is a config error, not "no key"
+    (before: the service ran open), and a key in both the variable and a file is refused (before: the file's was
+    silently ignored)."""
+    from pydantic import ValidationError
+
+    from pipelines.serve import ServeConfig, build_app, replica_key
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "huge").write_bytes(b"k" * 10_000)
+    (tmp_path / "latin1").write_bytes(b"cl\xe9")
+    for name in ("fifo", "dir", "huge", "latin1", "missing"):
+        with pytest.raises(ValueError, match=f"the API key file {tmp_path / name}"):
+            replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / name)))
+    with pytest.raises(ValidationError):
+        ServeConfig(reader="r", memories="m", api_key_file="")
+    (tmp_path / "key").write_text("filekey-456\n")
+    monkeypatch.setenv("GM_TEST_KEY_BOTH", "envkey-789")
+    with pytest.raises(ValueError, match="give the key one way"):
+        build_app({"reader": "r", "memories": "m", "api_key_env": "GM_TEST_KEY_BOTH", "api_key_file": str(tmp_path / "key")})
 
 
 def test_api_key_is_enforced_when_set(service):

@@ -3,6 +3,7 @@
 tracebacks that named neither). No released data needed: the hostile files are written here."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -78,3 +79,15 @@ def test_evaluate_answers_a_malformed_data_file_with_one_line_and_exit_2(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and err[-1].startswith("evaluate: ") and str(bad) in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_train_refuses_a_malformed_babi_file_in_one_line_before_any_worker_starts(tmp_path):
+    """Before, each Ray Train worker failed on the file and the job ended in a WorkerGroupError traceback."""
+    root = _babi_root(tmp_path, STORY.replace("\t1\n", "\tone\n"))
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--config", "jobs/configs/kv_tiny.yaml", "--set", "task.name=babi",
+         "--set", f"task.path={root}", "--set", "task.babi_set=en", "--storage", str(tmp_path / "runs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and err[-1].startswith("train: ") and "supporting facts" in err[-1], proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # nothing started
