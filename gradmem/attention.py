@@ -33,9 +33,10 @@ def write_attention(device_type: str, precision: str) -> str:
 
     SDPA everywhere but one case: on CPU in bfloat16, SDPA's CPU flash kernel (forward and, above all, its
     backward) is slower than the plain matrix products and softmax of the eager path, which Inductor also fuses.
-    Measured on the paper's key-value reader (N = 16, batch 64, one thread, AMD EPYC, 2026-12-01): 62.1 against
-    42.3 contexts/s uncompiled, 81.9 against 48.8 compiled. In float32 SDPA is the faster (36.8 against 33.3).
-    Both paths compute the same attention; the choice changes rounding only, never a memory's id."""
+    Measured on the paper's key-value reader (N = 16, batch 64, one thread, AMD EPYC, 2026-12-01; figures in
+    docs/results/README.md): 62.3 against 42.6 contexts/s uncompiled, 80.5 against 48.8 compiled. In float32
+    SDPA is the faster or equal (36.9 against 33.6). Both paths compute the same attention; the choice changes
+    rounding only, never a memory's id."""
     if device_type == "cpu" and precision == "bfloat16":
         return "eager"
     return "sdpa"

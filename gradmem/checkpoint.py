@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import torch
 
+from gradmem.config import json_object
+
 FORMAT_VERSION = 1
 EXTRA_WEIGHTS = "gradmem.safetensors"
 CONFIG_SECTION = "gradmem"
@@ -75,7 +77,7 @@ def is_reader_dir(path: str | os.PathLike) -> bool:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a model directory: {config_file} is missing")
-    return isinstance(json.loads(config_file.read_text()).get(CONFIG_SECTION), dict)
+    return isinstance(json_object(config_file.read_bytes(), str(config_file)).get(CONFIG_SECTION), dict)
 
 
 def read_section(path: str | os.PathLike) -> dict[str, Any]:
@@ -83,13 +85,7 @@ def read_section(path: str | os.PathLike) -> dict[str, Any]:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a reader directory: {config_file} is missing")
-    try:
-        config = json.loads(config_file.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON (JSONDecodeError and UnicodeDecodeError)
-        raise ValueError(f"{config_file} is not a JSON document: {type(exc).__name__}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} is not a JSON object (a {type(config).__name__})")
-    section = config.get(CONFIG_SECTION)
+    section = json_object(config_file.read_bytes(), str(config_file)).get(CONFIG_SECTION)
     if not isinstance(section, dict):
         raise ValueError(
             f"{path} holds a plain language model, not a GradMem reader (no {CONFIG_SECTION!r} section in "

@@ -79,6 +79,19 @@ def from_yaml(cls: type[C], path) -> C:
     return from_dict(cls, data or {})
 
 
+def json_object(raw: bytes, where: str) -> dict[str, Any]:
+    """The JSON object in ``raw``, or one ValueError naming ``where``: bytes that are not UTF-8, not JSON (nested
+    too deeply included) or JSON of another type. The one reading of the JSON documents the tools are handed (a
+    reader's config.json, a store's manifest.json and served.json)."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{where} is not a JSON document ({type(exc).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} is not a JSON object (a JSON {type(value).__name__})")
+    return value
+
+
 def _safe_yaml(source, where: str) -> Any:
     try:
         return yaml.safe_load(source)

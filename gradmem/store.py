@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 
 from gradmem.atomic import TMP_PREFIX, write_atomic  # one temporary-name prefix: clean_temporaries finds both
 from gradmem.chunking import Chunking, recorded
+from gradmem.config import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -412,16 +413,7 @@ class MemoryStore:
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(path) as f:
-            raw = f.read()
-        try:
-            value = json.loads(raw.decode())
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise ValueError(f"{name} in the store is not a JSON document ({type(e).__name__}): rewrite or remove "
-                             "it") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"{name} in the store is a JSON {type(value).__name__}, not an object: rewrite or "
-                             "remove it")
-        return value
+            return json_object(f.read(), f"{name} in the store (rewrite or remove it)")
 
     def read_memories(self, columns: Iterable[str]) -> pa.Table | None:
         """``columns`` of every memory row plus ``fingerprint`` (the reader its part names) and ``revision`` (0
