@@ -317,9 +317,12 @@ def _writer_actors(address: str) -> set[str]:
     return {a.actor_id for a in list_actors(address=address, limit=10_000) if "MemoryWriter" in a.class_name}
 
 
-def test_an_output_that_is_a_file_or_holds_one_as_a_part_folder_is_refused_before_any_work(kv_reader_dir, tmp_path):
+def test_an_output_that_is_a_file_or_holds_one_as_a_part_folder_is_refused_before_any_work(tmp_path):
     """Before, the WRITEs ran and the writer actor's first part write failed the job with an actor traceback."""
     from pipelines.compress import open_run
+
+    kv_reader_dir = tmp_path / "reader"  # untrained: only its spec is read
+    make_reader("llama").save_pretrained(kv_reader_dir)
 
     for where in ("out", "out/memories", "out/errors"):
         out = tmp_path / where.replace("/", "_")

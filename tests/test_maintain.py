@@ -65,15 +65,20 @@ def test_the_current_memory_is_the_highest_revision_for_each_reader(tmp_path):
     assert set(plan) == {("b", 0)} and already == 1  # "a" already carries the repair's setting
 
 
+def _accuracies(table: pa.Table, values: list[float | None]) -> pa.Table:
+    """A hand-made part: ``table`` with its recon_accuracy replaced by ``values`` (None: not recorded)."""
+    column = table.schema.get_field_index("recon_accuracy")
+    return table.set_column(column, table.schema.field(column).with_nullable(True), pa.array(values, pa.float32()))
+
+
 def test_a_repair_plan_leaves_out_a_memory_whose_accuracy_is_not_recorded(tmp_path):
     """A hand-made part with a null recon_accuracy: nothing says the memory is weak, so the plan leaves it out
     (before, the comparison raised TypeError and the repair job ended in a traceback)."""
     reader = make_reader("llama")
     store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
     texts = ["!ab:cd!|", "!ef:gh!|"]
-    table = records.to_table(reader.write(texts, steps=1), ["a", "b"], reader.encode_contexts(texts))
-    column = table.schema.get_field_index("recon_accuracy")
-    table = table.set_column(column, table.schema.field(column).with_nullable(True), pa.array([None, 0.0], pa.float32()))
+    table = _accuracies(records.to_table(reader.write(texts, steps=1), ["a", "b"], reader.encode_contexts(texts)),
+                        [None, 0.0])
     store.write_part("memories", table)
     plan, already = plan_repair(store, reader.fingerprint, 0.5, WriteSetting(4, 0.5))
     assert set(plan) == {("b", 0)} and already == 0
@@ -158,9 +163,8 @@ def test_a_repair_completes_beside_weak_memories_the_input_cannot_rewrite_and_on
     assert compress(CompressConfig(**base, steps=1, lr=0.1))["complete"]
     reader = Reader.from_pretrained(kv_reader_dir)
     texts = ["!ab:cd!|", "!ef:gh!|"]
-    table = records.to_table(reader.write(texts, steps=1, lr=0.1), ["online", "unmeasured"], reader.encode_contexts(texts))
-    column = table.schema.get_field_index("recon_accuracy")
-    table = table.set_column(column, table.schema.field(column).with_nullable(True), pa.array([0.0, None], pa.float32()))
+    table = _accuracies(records.to_table(reader.write(texts, steps=1, lr=0.1), ["online", "unmeasured"],
+                                         reader.encode_contexts(texts)), [0.0, None])
     store = MemoryStore(pafs.LocalFileSystem(), str(out))
     store.write_part("memories", table)
     for _ in range(2):  # and its rerun

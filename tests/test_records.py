@@ -98,7 +98,7 @@ def test_a_write_setting_takes_the_reader_s_own_values_where_none_is_given_and_i
     assert reader.write_setting() == WriteSetting(cfg.write_steps, cfg.write_lr, 0.9, 1)
     assert reader.write_setting(steps=4, lr=0.1, target=0.5) == WriteSetting(4, 0.1, 0.5, 1)
     assert make_reader("llama").write_setting(min_steps=None) == WriteSetting(cfg.write_steps, cfg.write_lr)
-    for bad, message in (({"precision": "float16"}, "precision"), ({"steps": -1}, "steps"),
+    for bad, message in (({"precision": "float16"}, "precision"), ({"steps": -1}, "steps must be >= 0"),
                          ({"target": 1.5}, "target accuracy"), ({"steps": 1, "min_steps": 2}, "min_steps")):
         with pytest.raises(ValueError, match=message):
             reader.write_setting(**bad)

