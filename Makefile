@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench venv clean
+.PHONY: demo test test-fast bench gpu-bench venv clean
 
 venv: $(STAMP)
 
@@ -59,5 +59,10 @@ test-fast: $(STAMP)  # the algorithm and everything in-process: no services, no 
 bench: $(STAMP)
 	$(PY) -m benchmarks.core
 
+# On a GPU machine, one command (README "GPU bench"): benchmarks/gpu_bench.sh says what it does. Its settings pass
+# through: GPU_PYTHON (the Python holding the CUDA torch), WHEELS=DIR (offline), GPU_OUT, GPU_BENCH_ARGS, SMOKE=1.
+gpu-bench:
+	bash benchmarks/gpu_bench.sh
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) .venv-gpu runs

@@ -57,6 +57,16 @@ def precision_cells(path: Path, ids: list[list[int]]) -> dict[str, float]:
     return out
 
 
+def write_corpus(corpus: Path, texts: list[str], shards: int = 8) -> Path:
+    """``texts`` as ``shards`` jsonl files of {"id": "d<i>", "text": ...} records: the batch job's input."""
+    corpus.mkdir(parents=True)
+    for shard in range(shards):
+        with open(corpus / f"shard-{shard}.jsonl", "w") as f:
+            for i in range(shard, len(texts), shards):
+                f.write(json.dumps({"id": f"d{i}", "text": texts[i]}) + "\n")
+    return corpus
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
@@ -96,12 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipelines.compress import CompressConfig, compress
 
-    corpus = work / "corpus"
-    corpus.mkdir()
-    for shard in range(8):
-        with open(corpus / f"shard-{shard}.jsonl", "w") as f:
-            for i in range(shard, len(texts), 8):
-                f.write(json.dumps({"id": f"d{i}", "text": texts[i]}) + "\n")
+    corpus = write_corpus(work / "corpus", texts)
     ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
     for actors in (1, 2):
         out = work / f"out-{actors}"

@@ -182,6 +182,90 @@ def first_call_seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def bench_ray(device: torch.device, smoke: bool, docs: int, batch: int, clients: int, seconds: float) -> dict:
+    """The Ray parts on the device, each against the same work in-process, in one local Ray:
+
+    - the compression job (``pipelines.compress``, jsonl in, Parquet out) with 1 and 2 writer actors sharing the
+      GPU (``gpus_per_actor`` 1 and 0.5), against in-process writes of the same reader, batch and precision;
+    - the query service (``pipelines.serve``, one replica on the GPU, ``@serve.batch`` up to 32 questions) under
+      CLIENTS threads for SECONDS: requests/s and latency.
+
+    The paper's key-value reader (N = 16, 113-token contexts, K = 2), bf16 writes on CUDA (float32 on CPU)."""
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    from benchmarks.common import ROOT
+    from benchmarks.compress import reader_dir, write_corpus
+    from benchmarks.loadtest_serve import load, store_memories
+    from gradmem.runtime import free_port
+    from pipelines.compress import CompressConfig, compress
+    from pipelines.serve import build_app
+
+    cuda = device.type == "cuda"
+    precision = "bfloat16" if cuda else "float32"
+    work = Path(tempfile.mkdtemp(prefix="gm-gpu-bench-ray-"))
+    path = reader_dir(work / "reader")
+    reader = Reader.from_pretrained(path, device=device)
+    exs = KVTask(4 if smoke else 16).examples(docs, seed=[0, 0])
+    texts = [e.context for e in exs]
+    ids = reader.encode_contexts(texts)
+    setting = reader.write_setting(precision=precision)
+    reader.write_tokens(ids[:batch], setting, batch)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    memories = reader.write_tokens(ids, setting, batch)
+    sync(device)
+    out: dict = {"docs": docs, "batch": batch, "precision": precision, "context_tokens": len(ids[0]),
+                 "inprocess_ctx_s": docs / (time.perf_counter() - start)}
+    corpus = write_corpus(work / "corpus", texts)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, log_to_driver=False)  # the bench's lines only
+    try:
+        for actors in (1, 2):
+            manifest = compress(CompressConfig(
+                reader=str(path), input=str(corpus), output=str(work / f"out-{actors}"), batch_size=batch,
+                actors=actors, gpus_per_actor=1 / actors if cuda else 0, precision=precision, greedy_check=False,
+                progress_every_s=30))
+            if not (manifest["complete"] and manifest["memories"] == docs):
+                raise RuntimeError(f"the compression job did not write every document: {manifest}")
+            run = manifest["this_run"]
+            out[f"ray_{actors}_actor_ctx_s"] = docs / run["write_pass_s"]
+            out[f"ray_{actors}_actor_in_actor_ctx_s"] = docs / (run["write_s"] / actors)
+        doc_ids = store_memories(work / "memories", memories, ids)
+        queries = {d: e.query for d, e in zip(doc_ids, exs)}
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
+        serve.run(build_app({"reader": str(path), "memories": str(work / "memories"), "max_batch_size": 32,
+                             "gpus_per_replica": 1 if cuda else 0}), name="bench", route_prefix="/bench")
+        url = f"http://127.0.0.1:{port}/bench/v1/query"
+        load(url, doc_ids, queries, clients=2, seconds=2)  # warm the replica's cache and code paths
+        out["serve"] = {"clients": clients, "seconds": seconds, **load(url, doc_ids, queries, clients, seconds)}
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    out["ray_1_actor_over_inprocess"] = out["ray_1_actor_ctx_s"] / out["inprocess_ctx_s"]
+    out["ray_1_actor_in_actor_over_inprocess"] = out["ray_1_actor_in_actor_ctx_s"] / out["inprocess_ctx_s"]
+    out["ray_2_actors_over_1"] = out["ray_2_actor_ctx_s"] / out["ray_1_actor_ctx_s"]
+    return out
+
+
+def render_ray(r: dict) -> list[str]:
+    s = r["serve"]
+    return ["", f"Ray on the device (the key-value reader, {r['docs']} contexts of {r['context_tokens']} tokens, batch "
+            f"{r['batch']}, {r['precision']} writes):", "",
+            "| cell | contexts/s | against in-process |", "|---|---|---|",
+            f"| in-process writes | {r['inprocess_ctx_s']:.0f} | 1.00x |",
+            f"| compression job, 1 writer actor (write pass) | {r['ray_1_actor_ctx_s']:.0f} | "
+            f"{r['ray_1_actor_over_inprocess']:.2f}x |",
+            f"| compression job, 1 writer actor (time in its calls) | {r['ray_1_actor_in_actor_ctx_s']:.0f} | "
+            f"{r['ray_1_actor_in_actor_over_inprocess']:.2f}x |",
+            f"| compression job, 2 writer actors sharing the GPU | {r['ray_2_actor_ctx_s']:.0f} | "
+            f"{r['ray_2_actor_ctx_s'] / r['inprocess_ctx_s']:.2f}x ({r['ray_2_actors_over_1']:.2f}x 1 actor) |",
+            "", f"Query service (one replica, {s['clients']} clients, {s['seconds']:g} s): {s['rps']:.0f} requests/s, "
+            f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, {s['errors']} errors."]
+
+
 def render(results: list[dict], meta: dict) -> str:
     lines = [f"# GPU bench ({meta['device']}, torch {meta['torch']}, peak {meta['peak_tflops']:g} TFLOP/s bf16 dense)", "",
              f"Command: `{meta['command']}`; {meta['repeats']} timed calls per figure (median).", "",
@@ -201,6 +285,8 @@ def render(results: list[dict], meta: dict) -> str:
                          f"{100 * r['meta_step_compiled_mfu']:.2f}% | {r['meta_step_compile_s']:.0f} | "
                          f"{r['write_compiled_s']:.4f} | {r['write_s'] / r['write_compiled_s']:.2f}x | "
                          f"{100 * r['write_compiled_mfu']:.2f}% | {r['write_compile_s']:.0f} |")
+    if meta.get("ray"):
+        lines += render_ray(meta["ray"])
     return "\n".join(lines) + "\n"
 
 
@@ -212,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of the code path)")
     parser.add_argument("--compiled", action="store_true", help="also time the compiled meta-step and write")
+    parser.add_argument("--ray", action="store_true", help="also the compression job and the query service on a "
+                        "local Ray (needs the [ray] extra)")
+    parser.add_argument("--ray-docs", type=int, default=None, help="contexts the compression cells write (default "
+                        "8192 on CUDA, 256 elsewhere)")
+    parser.add_argument("--clients", type=int, default=32, help="query service: client threads")
+    parser.add_argument("--seconds", type=float, default=15.0, help="query service: seconds of load")
     args = parser.parse_args(argv)
     setup_logging()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -221,10 +313,23 @@ def main(argv: list[str] | None = None) -> int:
             "peak_tflops": args.peak_tflops, "repeats": args.repeats,
             "command": "python -m benchmarks.gpu_bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     results = []
-    for name in args.readers.split(","):
+    names = [n for n in args.readers.split(",") if n]
+    unknown = sorted(set(names) - set(READERS))
+    if unknown:
+        parser.error(f"unknown readers {unknown}; choose from {sorted(READERS)}")
+    for name in names:
         started = time.perf_counter()
         results.append(bench_reader(name, device, args.repeats, args.smoke, args.peak_tflops * 1e12, args.compiled))
         print(f"gpu_bench: {name} done in {time.perf_counter() - started:.0f} s: {json.dumps(results[-1])}", flush=True)
+        (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+        (out / "bench.md").write_text(render(results, meta))
+    if args.ray:
+        started = time.perf_counter()
+        docs = args.ray_docs or (8192 if device.type == "cuda" else 256)
+        meta["ray"] = bench_ray(device, args.smoke, docs, 256 if device.type == "cuda" else 64, args.clients,
+                                args.seconds)
+        print(f"gpu_bench: ray cells done in {time.perf_counter() - started:.0f} s: {json.dumps(meta['ray'])}",
+              flush=True)
         (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
         (out / "bench.md").write_text(render(results, meta))
     print((out / "bench.md").read_text())

@@ -69,6 +69,16 @@ def load(url: str, doc_ids: list[str], queries: dict[str, str], clients: int, se
             "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98]}
 
 
+def store_memories(directory: Path, memories, ids: list[list[int]]) -> list[str]:
+    """``memories`` as one part of a local store the service reads, under ids doc-0, doc-1, ... (returned)."""
+    from gradmem import records
+    from gradmem.store import MemoryStore
+
+    doc_ids = [f"doc-{i}" for i in range(len(memories))]
+    MemoryStore(pafs.LocalFileSystem(), str(directory)).write_part("memories", records.to_table(memories, doc_ids, ids))
+    return doc_ids
+
+
 def model_latency(reader, memories, contexts: list[str], questions: list[str], batch: int, repeats: int) -> dict:
     """Median seconds for greedy answers from memory vs with the context in the prompt (no memory prefix)."""
     from gradmem.data import tokenize
@@ -111,9 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
     setup_logging()
-    from gradmem import Reader, records
+    from gradmem import Reader
     from gradmem.runtime import configure_cpu
-    from gradmem.store import MemoryStore
     from gradmem.tasks.kv import KVTask
 
     configure_cpu(threads=1)
@@ -124,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     contexts = [e.context for e in exs]
     ids = reader.encode_contexts(contexts)
     memories = reader.write_tokens(ids)
-    doc_ids = [f"doc-{i}" for i in range(args.docs)]
-    MemoryStore(pafs.LocalFileSystem(), str(work / "memories")).write_part(
-        "memories", records.to_table(memories, doc_ids, ids))
+    doc_ids = store_memories(work / "memories", memories, ids)
     queries = {d: e.query for d, e in zip(doc_ids, exs)}
 
     import ray
