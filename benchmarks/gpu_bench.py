@@ -3,6 +3,7 @@ utilisation (MFU) from FLOPs counted as they run.
 
     python -m benchmarks.gpu_bench --output runs/gpu_bench          # on a GPU machine, about 3 minutes
     python -m benchmarks.gpu_bench --output /tmp/gb --smoke         # a CPU smoke run of the same code (tiny shapes)
+    make gpu-bench                                                  # set-up, the CUDA tests, then every cell
 
 Readers (weights from their config, random: speed does not depend on their values):
 - ``kv``: the paper's key-value reader (4 layers, d = 128, Llama-3.2-1B's RoPE and tied embeddings), fp32, batch
@@ -14,6 +15,12 @@ For each: seconds per meta-step and per inference write (first order, K = 2) ove
 a warm-up, FLOPs counted with ``torch.utils.flop_counter``'s formulas on one call (matrix products, attention
 and their backward / double backward, as executed), and MFU = FLOPs / time / peak, where the peak is the card's
 dense bf16 figure (``--peak-tflops``, default 989 for an H100/H200 SXM). Writes bench.json and bench.md.
+
+For ``kv`` also the training loop's own step (``gradmem.loop`` through ``Trainer``: the batch, the meta-step, the
+metrics read on the host, clipping and AdamW) beside the bare meta-step.
+
+``--ray``: also the Ray parts on the device (``bench_ray``): the compression job with 1 and 2 writer actors sharing
+the GPU against in-process writes, and the query service's requests/s and latency under ``--clients``.
 
 ``--compiled``: also the compiled paths, each timed after its first call (the compile, reported apart): the
 meta-step with the WRITE's gradient step compiled (``MemoryCell.compile_write_step``) and the inference write of
@@ -149,6 +156,8 @@ def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, pea
     step_s = timed(step, device, repeats)
     step_flops = counted_flops(step)
     extra: dict = {}
+    if name == "kv":
+        extra["loop_step_s"] = loop_step_seconds(device, smoke, repeats)
     if compiled:
         reader.compile_write_step()
         extra["meta_step_compile_s"] = first_call_seconds(step, device)
@@ -171,6 +180,27 @@ def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, pea
         "write_s": write_s, "write_contexts_per_s": contexts / write_s, "write_tflop": write_flops / 1e12,
         "write_mfu": write_flops / write_s / peak,
     }
+
+
+def loop_step_seconds(device: torch.device, smoke: bool, repeats: int) -> float:
+    """Seconds per optimizer step of the training loop itself (``gradmem.loop`` through ``Trainer``: the batch,
+    the meta-step, the metrics read on the host, clipping, AdamW) on the key-value reader, as ``kv_reader`` shapes
+    it: what a run pays per step, beside the bare meta-step (host waits and the optimizer are the difference)."""
+    import tempfile
+
+    from gradmem.train import TrainConfig, Trainer
+
+    model = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64} if smoke else {}
+    cfg = TrainConfig.from_dict({
+        "model": model, "memory": {"num_memory": 8, "write_steps": 2, "write_lr": 0.04},
+        "task": {"pairs": 4 if smoke else 16},
+        "optim": {"batch_size": 8 if smoke else 64, "attention": "sdpa_math", "aux_write_loss": 0.5},
+        "run": {"eval_every": 0, "save_every": 0},
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp, device=device)
+        trainer.reader.train()
+        return timed(trainer.loop.train_step, device, repeats)
 
 
 def first_call_seconds(fn, device: torch.device) -> float:
@@ -275,6 +305,11 @@ def render(results: list[dict], meta: dict) -> str:
         lines.append(f"| {r['reader']} | {r['params'] / 1e6:.1f}M | {r['precision']} | {r['batch']} x {r['context_tokens']} | "
                      f"{r['meta_step_s']:.4f} | {r['meta_step_tflop']:.3f} | {100 * r['meta_step_mfu']:.2f}% | "
                      f"{r['write_s']:.4f} | {r['write_contexts_per_s']:.0f} | {100 * r['write_mfu']:.2f}% |")
+    for r in results:
+        if "loop_step_s" in r:
+            lines += ["", f"Training loop ({r['reader']}: batch, meta-step, metrics read, clipping, AdamW): "
+                      f"{r['loop_step_s']:.4f} s per step, {r['loop_step_s'] / r['meta_step_s']:.2f}x the bare "
+                      "meta-step."]
     compiled = [r for r in results if "meta_step_compiled_s" in r]
     if compiled:
         lines += ["", "Compiled paths (MFU from the eager call's FLOPs; compile = the first call):", "",

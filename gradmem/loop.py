@@ -39,7 +39,7 @@ from gradmem.atomic import atomic_path
 from gradmem.data import Batch
 from gradmem.reader import Reader
 from gradmem.tasks.dataset import ExampleSet
-from gradmem.train import OptimConfig, Task, TrainConfig, evaluate, meta_step, warmup_constant
+from gradmem.train import OptimConfig, Task, TrainConfig, evaluate, meta_step, metric_values, warmup_constant
 
 logger = logging.getLogger(__name__)
 
@@ -250,10 +250,11 @@ class TrainLoop:
         micro_metrics = []
         for micro_step in range(self.engine.accumulation):
             batch = self.batches(self.step, micro_step).to(self.reader.device)
-            loss, metrics = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
-            if not math.isfinite(metrics["loss"]):
+            loss, on_device = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
+            self.engine.backward(loss)  # queued before the host reads a metric: the device never waits on it
+            metrics = metric_values(on_device)
+            if not math.isfinite(metrics["loss"]):  # before the optimizer step: no weight has changed
                 raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {self.step}: {metrics}")
-            self.engine.backward(loss)
             micro_metrics.append({**metrics, "samples": float(len(batch))})
         metrics = {k: sum(m[k] for m in micro_metrics) / len(micro_metrics) for k in micro_metrics[0]}
         metrics["samples"] *= len(micro_metrics)

@@ -161,18 +161,20 @@ class Reader(MemoryCell):
         pad_id = self.tokenizer.pad_token_id or 0
         arithmetic = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
                       else contextlib.nullcontext())  # float32 leaves a caller's own autocast as it is
+        written = []  # (chunk, its WriteOutput on the device): copied to the host after the last batch is queued
         with attention_path(self.lm, attention), arithmetic:
             for chunk in length_buckets(ids, batch_size):
                 ctx_ids, ctx_mask = pad([list(ids[i]) for i in chunk], pad_id)
-                out = methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps, lr, mode="inference",
-                                    target=target, min_steps=min_steps)
-                tensor[chunk, : out.memory.shape[1]] = out.memory.detach().cpu()  # full_context: rows past L stay 0
-                if losses.shape[1] != out.losses.shape[1]:  # methods without a loss trajectory record none
-                    losses = torch.zeros(n, out.losses.shape[1])
-                losses[chunk] = out.losses.float().cpu()
-                accuracy[chunk] = out.accuracy.float().cpu()
-                if out.steps_used is not None:
-                    steps_used[chunk] = out.steps_used.cpu()
+                written.append((chunk, methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps,
+                                                     lr, mode="inference", target=target, min_steps=min_steps)))
+        for chunk, out in written:  # a copy to the host waits for the device: once here, not once per batch
+            tensor[chunk, : out.memory.shape[1]] = out.memory.detach().cpu()  # full_context: rows past L stay 0
+            if losses.shape[1] != out.losses.shape[1]:  # methods without a loss trajectory record none
+                losses = torch.zeros(n, out.losses.shape[1])
+            losses[chunk] = out.losses.float().cpu()
+            accuracy[chunk] = out.accuracy.float().cpu()
+            if out.steps_used is not None:
+                steps_used[chunk] = out.steps_used.cpu()
         n_tokens = torch.tensor([len(s) for s in ids])
         stats = WriteStats(losses, accuracy, n_tokens, steps_used if target is not None else None)
         memories = Memories(tensor, stats, self.fingerprint, setting)

@@ -284,8 +284,13 @@ def warm_start(reader: Reader, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Outer loss of one batch, with its graph through the WRITE; metrics as floats."""
+def meta_step(
+    reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Outer loss of one batch, with its graph through the WRITE; metrics as detached 0-d tensors where they were
+    computed. Reading a value on the host waits for the device; reading six of them before the backward made the
+    host wait for the forward before it could queue a single backward kernel. The loop reads them together, after
+    queueing the backward (``metric_values``)."""
     with attention_path(reader.lm, optim.attention), mixed_precision(reader.device, optim.autocast):
         out = methods.write(
             reader, batch.ctx_ids, batch.ctx_mask, steps, lr, mode=optim.write_mode,
@@ -296,15 +301,22 @@ def meta_step(reader: Reader, batch: Batch, optim: OptimConfig, steps: int, lr: 
         loss = read.loss.mean()
         if out.last_step_loss is not None:
             loss = loss + optim.aux_write_loss * out.last_step_loss
+    no_write_loss = loss.new_full((), float("nan"))  # methods without a write-loss trajectory
     metrics = {
-        "loss": float(loss.detach()),
-        "read_loss": float(read.loss.detach().mean()),
-        "write_loss_first": float(out.losses[:, 0].mean()) if out.losses.shape[1] else float("nan"),
-        "write_loss_last": float(out.losses[:, -1].mean()) if out.losses.shape[1] else float("nan"),
-        "em": float(read.exact_match.mean()),
-        "token_acc": float(read.token_accuracy.mean()),
+        "loss": loss.detach(),
+        "read_loss": read.loss.detach().mean(),
+        "write_loss_first": out.losses[:, 0].detach().mean() if out.losses.shape[1] else no_write_loss,
+        "write_loss_last": out.losses[:, -1].detach().mean() if out.losses.shape[1] else no_write_loss,
+        "em": read.exact_match.float().mean(),
+        "token_acc": read.token_accuracy.float().mean(),
     }
     return loss, metrics
+
+
+def metric_values(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``meta_step``'s metrics as floats, in one device-to-host copy (one wait for the device, not one each)."""
+    values = torch.stack([value.detach().float() for value in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
 
 
 def mixed_precision(device: torch.device, dtype: str | None) -> contextlib.AbstractContextManager:

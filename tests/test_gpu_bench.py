@@ -18,10 +18,10 @@ def test_the_smoke_run_writes_every_reader_cell_with_its_flops(tmp_path):
     bench = json.loads((tmp_path / "bench.json").read_text())
     (kv,) = bench["results"]
     assert kv["reader"] == "kv" and kv["batch"] == 8
-    for key in ("meta_step_s", "write_s", "meta_step_tflop", "write_tflop"):
+    for key in ("meta_step_s", "write_s", "meta_step_tflop", "write_tflop", "loop_step_s"):
         assert kv[key] > 0, key
     assert kv["meta_step_tflop"] > kv["write_tflop"]  # the second-order step does more than a first-order write
-    assert "| kv |" in (tmp_path / "bench.md").read_text()
+    assert "| kv |" in (tmp_path / "bench.md").read_text() and "Training loop (kv" in (tmp_path / "bench.md").read_text()
 
 
 def test_an_unknown_reader_is_refused_before_any_work(tmp_path, capsys):

@@ -9,7 +9,7 @@ from gradmem.attention import attention_path, check_attention
 from gradmem.config import override
 from gradmem.read import read_teacher_forced
 from gradmem.tasks.kv import KVTask, exact_match
-from gradmem.train import TrainConfig, Trainer, meta_step
+from gradmem.train import TrainConfig, Trainer, meta_step, metric_values
 from gradmem.write import write_memory
 from conftest import make_reader
 
@@ -70,6 +70,26 @@ def test_meta_step_reports_metrics_and_reaches_every_parameter():
     assert {"loss", "read_loss", "write_loss_first", "write_loss_last", "em", "token_acc"} <= set(metrics)
     missing = [n for n, p in reader.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == [], missing
+    # left where they were computed, read in one copy, as the loop reads them after queueing the backward
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in metrics.values())
+    values = metric_values(metrics)
+    assert list(values) == list(metrics) and all(type(v) is float for v in values.values())
+    assert values == {k: float(v) for k, v in metrics.items()}
+    assert values["loss"] == pytest.approx(float(loss.detach())) and 0.0 <= values["em"] <= 1.0
+
+
+def test_a_non_finite_outer_loss_stops_training_before_any_weight_changes(tmp_path):
+    """The loop reads a step's metrics after queueing its backward; a NaN loss must still stop the run before the
+    optimizer step, with the step named."""
+    trainer = Trainer(tiny_config("llama", write_steps=2, max_steps=3, batch_size=4), tmp_path / "run")
+    with torch.no_grad():
+        trainer.reader.memory[0, 0] = float("nan")  # M0 poisoned: every WRITE and so the outer loss is NaN
+    before = {n: p.detach().clone() for n, p in trainer.reader.named_parameters()}
+    with pytest.raises(FloatingPointError, match="rank 0: non-finite outer loss at step 0"):
+        trainer.fit()
+    for name, p in trainer.reader.named_parameters():
+        assert torch.equal(p.detach(), before[name]) or (name == "memory" and p.isnan().any()), name
+    assert not trainer.optimizer.state, "the optimizer stepped"
 
 
 @pytest.mark.parametrize("path", ["sdpa", "sdpa_flash", "sdpa_efficient", "flash_attention_2"])
