@@ -57,6 +57,21 @@ def precision_cells(path: Path, ids: list[list[int]]) -> dict[str, float]:
     return out
 
 
+# ratio name -> (numerator, denominator) among the results; a ratio is printed where both were measured
+RATIOS = {
+    "batched_over_loop": ("inprocess_batched_ctx_s", "inprocess_loop_ctx_s"),
+    "ray_1_actor_over_inprocess": ("ray_1_actor_ctx_s", "inprocess_batched_ctx_s"),
+    "ray_2_actors_over_1": ("ray_2_actor_ctx_s", "ray_1_actor_ctx_s"),
+    "in_actor_over_inprocess": ("ray_1_actor_in_actor_ctx_s", "inprocess_batched_ctx_s"),
+    "in_actor_2_over_1": ("ray_2_actor_in_actor_ctx_s", "ray_1_actor_in_actor_ctx_s"),
+    "bf16_over_float32": ("inprocess_batched_bf16_ctx_s", "inprocess_batched_ctx_s"),
+    "compiled_over_eager": ("inprocess_compiled_ctx_s", "inprocess_batched_ctx_s"),
+    "compiled_bf16_over_compiled_float32": ("inprocess_compiled_bf16_ctx_s", "inprocess_compiled_ctx_s"),
+    "kv_cache_over_memory_bytes": ("kv_cache_bytes", "memory_bytes"),
+    "kv_cache_over_parquet_bytes": ("kv_cache_bytes", "parquet_bytes_per_memory"),
+}
+
+
 def write_corpus(corpus: Path, texts: list[str], shards: int = 8) -> Path:
     """``texts`` as ``shards`` jsonl files of {"id": "d<i>", "text": ...} records: the batch job's input."""
     corpus.mkdir(parents=True)
@@ -76,6 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--docs", type=int, default=1024, help="corpus size for the batched and Ray cells")
     parser.add_argument("--loop-docs", type=int, default=128, help="documents for the per-document loop")
     parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--scaling-only", action="store_true", help="only in-process batched writes and the Ray "
+                        "cells (no per-document loop, no precision or compile cells): the pipeline's overhead and "
+                        "its 1 -> 2 actor scaling, where a machine has the cores for it")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
@@ -96,11 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     reader.write_tokens(ids, batch_size=64)
     results["inprocess_batched_ctx_s"] = rate(len(ids), time.perf_counter() - start)
-    results.update(precision_cells(path, ids))
-    start = time.perf_counter()
-    for seq in ids[: args.loop_docs]:
-        reader.write_tokens([seq], batch_size=1)
-    results["inprocess_loop_ctx_s"] = rate(args.loop_docs, time.perf_counter() - start)
+    if not args.scaling_only:
+        results.update(precision_cells(path, ids))
+        start = time.perf_counter()
+        for seq in ids[: args.loop_docs]:
+            reader.write_tokens([seq], batch_size=1)
+        results["inprocess_loop_ctx_s"] = rate(args.loop_docs, time.perf_counter() - start)
 
     import ray
 
@@ -126,17 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     results["memory_bytes"] = reader.num_memory * reader.d_model * 4
     results["kv_cache_bytes"] = 2 * cfg.num_hidden_layers * kv_heads * head_dim * len(ids[0]) * 4
-    ratios = {
-        "batched_over_loop": results["inprocess_batched_ctx_s"] / results["inprocess_loop_ctx_s"],
-        "ray_1_actor_over_inprocess": results["ray_1_actor_ctx_s"] / results["inprocess_batched_ctx_s"],
-        "ray_2_actors_over_1": results["ray_2_actor_ctx_s"] / results["ray_1_actor_ctx_s"],
-        "in_actor_over_inprocess": results["ray_1_actor_in_actor_ctx_s"] / results["inprocess_batched_ctx_s"],
-        "bf16_over_float32": results["inprocess_batched_bf16_ctx_s"] / results["inprocess_batched_ctx_s"],
-        "compiled_over_eager": results["inprocess_compiled_ctx_s"] / results["inprocess_batched_ctx_s"],
-        "compiled_bf16_over_compiled_float32": results["inprocess_compiled_bf16_ctx_s"] / results["inprocess_compiled_ctx_s"],
-        "kv_cache_over_memory_bytes": results["kv_cache_bytes"] / results["memory_bytes"],
-        "kv_cache_over_parquet_bytes": results["kv_cache_bytes"] / results["parquet_bytes_per_memory"],
-    }
+    ratios = {name: results[a] / results[b] for name, (a, b) in RATIOS.items() if a in results and b in results}
     results["ratios"] = ratios
     results["torch"] = torch.__version__
     results["cpus"] = os.cpu_count()
@@ -147,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"ratio {k:34s} {v:.3g}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    if args.plot:
+    if args.plot and not args.scaling_only:
         labels = ["in-process loop", "in-process batched", "Ray 1 actor", "Ray 2 actors"]
         values = [results["inprocess_loop_ctx_s"], results["inprocess_batched_ctx_s"], results["ray_1_actor_ctx_s"],
                   results["ray_2_actor_ctx_s"]]
