@@ -4,10 +4,14 @@ pipelines extra needs there, less what that machine already holds, fetched here 
     python -m benchmarks.offline_wheels --out .whl --python-version 3.12 --have have.txt
     # then, on the GPU machine:  make gpu-bench WHEELS=.whl GPU_PYTHON=python3
 
+    # there, after installing them (gpu_bench.sh does):  python -m benchmarks.offline_wheels --check .whl
+
 ``--have``: a file of the package names the target machine already has (one per line, or separated by commas or
 spaces; ``python3 -m pip list --format=freeze`` there gives one, versions ignored). Those are left out, so the
-target's own torch, numpy, pyarrow and the like are used; a name on the list whose version there is too old for
-this project makes the install there fail with pip's own message, naming it: take it off the list and fetch again.
+target's own torch, numpy, pyarrow and the like are used. Their versions there are not known here, and an install
+with ``--no-deps`` checks nothing, so ``--check DIR`` runs there after the install: every requirement of the
+project and of DIR's wheels, against what that Python then imports, one line per one not met (a package on the
+list too old for a wheel, say: take it off the list and fetch again), exit 1 if any.
 
 The set is pip's own resolution of the project's requirements (``pip install --dry-run --report`` for the target
 Python and manylinux x86-64, pinned by constraints.txt as this repository's tests are), less ``LEAVE_OUT``:
@@ -160,9 +164,56 @@ def slim(wheel: Path, rule) -> int:
     return before - wheel.stat().st_size
 
 
+def requested_extras(reqs: list[str]) -> dict[str, set[str]]:
+    """Package -> the extras the project asks of it (``ray[data,serve]`` -> {"data", "serve"})."""
+    from packaging.requirements import Requirement
+
+    out: dict[str, set[str]] = {}
+    for req in map(Requirement, reqs):
+        out.setdefault(canonical(req.name), set()).update(req.extras)
+    return out
+
+
+def unmet(reqs: list[str], wheels: list[Path]) -> list[str]:
+    """The requirements of the project (``reqs``) and of each wheel (its METADATA's Requires-Dist, under the extras
+    the project asks of it) that the running Python does not meet; ``LEAVE_OUT`` names are not checked."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    extras = requested_extras(reqs)
+    wanted = [("this project", r) for r in reqs]
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            meta = z.read(name).decode(errors="replace")
+        package = canonical(wheel.name.split("-", 1)[0])
+        wanted += [(package, line.split(":", 1)[1].strip()) for line in meta.splitlines()
+                   if line.startswith("Requires-Dist:")]
+    problems = []
+    for who, text in wanted:
+        req = Requirement(text)
+        if canonical(req.name) in LEAVE_OUT:
+            continue
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e})
+                                              for e in {""} | extras.get(who, set())):
+            continue
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{who} needs {req}: not installed")
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{who} needs {req}: {version} is installed")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="directory for the wheels (created; wheels already there stay)")
+    parser.add_argument("--out", default=None, help="directory for the wheels (created; wheels of earlier runs that "
+                        "this one does not name are removed)")
+    parser.add_argument("--check", default=None, metavar="DIR", help="instead: check, on the target after the "
+                        "install, that every requirement of the project and of DIR's wheels is met")
     parser.add_argument("--python-version", default="3.12", help="the target's Python, e.g. 3.12")
     parser.add_argument("--have", default=None, help="file of the package names the target already holds")
     parser.add_argument("--extra", default="pipelines", help="the project extra the target needs")
@@ -170,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-have", action="store_true", help="only print the resolved names --have leaves out "
                         "(what the target must already hold), as name==version lines")
     args = parser.parse_args(argv)
+    if (args.out is None) == (args.check is None):
+        parser.error("give --out DIR (fetch) or --check DIR (on the target, after installing DIR's wheels)")
     setup_logging()
+    if args.check:
+        problems = unmet(requirements(args.extra), sorted(Path(args.check).glob("*.whl")))
+        for line in problems:
+            print(f"offline_wheels --check: {line}", file=sys.stderr)
+        print(f"offline_wheels --check: {len(problems)} requirement(s) not met")
+        return 1 if problems else 0
     have = read_names(Path(args.have)) if args.have else set()
     reqs = [r for r in requirements(args.extra) if canonical(re.split(r"[=<>!~ @\[;]", r, maxsplit=1)[0]) not in have]
     resolved = resolve(reqs, args.python_version)
@@ -181,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     entries = [e for e in resolved if canonical(e["metadata"]["name"]) not in have | LEAVE_OUT]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for wheel in download(entries, out):
+    fetched = download(entries, out)
+    for stale in set(out.glob("*.whl")) - set(fetched):  # another version or Python tag: would install beside these
+        log.info("removing %s: not in this resolution", stale.name)
+        stale.unlink()
+    for wheel in fetched:
         name = canonical(wheel.name.split("-", 1)[0])
         if name in SLIM:
             log.info("%s: %.1f MB dropped", wheel.name, slim(wheel, SLIM[name]) / 1e6)

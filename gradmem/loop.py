@@ -1,10 +1,10 @@
 """The meta-training loop: one lifecycle shared by the single-process ``Trainer`` and the Ray Train workers.
 
 ``TrainLoop`` decides everything a training run decides: resuming from a checkpoint, the step (the meta-step
-per micro-batch, the finiteness check, backward, the update), metric windows, when to log, evaluate and save,
-the best reader by validation EM, when and why to stop (``run.patience``, ``run.stop_at_em``,
-``run.max_seconds``), and which reader a run exports. What differs between a plain process and a distributed
-worker sits behind two small interfaces:
+per micro-batch, backward, the finiteness check, the update; with several ranks the check comes before the
+backward), metric windows, when to log, evaluate and save, the best reader by validation EM, when and why to stop
+(``run.patience``, ``run.stop_at_em``, ``run.max_seconds``), and which reader a run exports. What differs between
+a plain process and a distributed worker sits behind two small interfaces:
 
 - an ``Engine`` owns the optimizer (AdamW with the warm-up schedule, ``build_optimizer``) and does backward, the
   gradient reduction and the update. ``LocalEngine`` is the plain one; pipelines/train.py adds plain data
@@ -251,16 +251,21 @@ class TrainLoop:
         for micro_step in range(self.engine.accumulation):
             batch = self.batches(self.step, micro_step).to(self.reader.device)
             loss, on_device = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
-            self.engine.backward(loss)  # queued before the host reads a metric: the device never waits on it
+            if self.engine.world > 1:  # ranks average gradients (DeepSpeed inside the backward): check first, or
+                self._check_finite(metric_values(on_device), rank)  # the others would step on this NaN
+            self.engine.backward(loss)  # alone, queued before the host reads a metric: the device never waits on it
             metrics = metric_values(on_device)
-            if not math.isfinite(metrics["loss"]):  # before the optimizer step: no weight has changed
-                raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {self.step}: {metrics}")
+            self._check_finite(metrics, rank)  # before the optimizer step: no weight has changed
             micro_metrics.append({**metrics, "samples": float(len(batch))})
         metrics = {k: sum(m[k] for m in micro_metrics) / len(micro_metrics) for k in micro_metrics[0]}
         metrics["samples"] *= len(micro_metrics)
         metrics["grad_norm"] = self.engine.step()
         self.step += 1
         return metrics
+
+    def _check_finite(self, metrics: dict[str, float], rank: int) -> None:
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {self.step}: {metrics}")
 
     def time_is_up(self, started: float) -> bool:
         """The wall-time cap, agreed by every rank (one rank's clock must not stop it alone)."""

@@ -161,20 +161,18 @@ class Reader(MemoryCell):
         pad_id = self.tokenizer.pad_token_id or 0
         arithmetic = (torch.autocast(self.device.type, dtype=torch.bfloat16) if precision == "bfloat16"
                       else contextlib.nullcontext())  # float32 leaves a caller's own autocast as it is
-        written = []  # (chunk, its WriteOutput on the device): copied to the host after the last batch is queued
+        # A copy to the host waits for the device, so batch b is copied after batch b + 1 is queued: the device
+        # never idles while the host pads and launches, and at most two batches' outputs are held there.
+        pending = []  # [(chunk, its WriteOutput on the device)]
         with attention_path(self.lm, attention), arithmetic:
             for chunk in length_buckets(ids, batch_size):
                 ctx_ids, ctx_mask = pad([list(ids[i]) for i in chunk], pad_id)
-                written.append((chunk, methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps,
+                pending.append((chunk, methods.write(self, ctx_ids.to(self.device), ctx_mask.to(self.device), steps,
                                                      lr, mode="inference", target=target, min_steps=min_steps)))
-        for chunk, out in written:  # a copy to the host waits for the device: once here, not once per batch
-            tensor[chunk, : out.memory.shape[1]] = out.memory.detach().cpu()  # full_context: rows past L stay 0
-            if losses.shape[1] != out.losses.shape[1]:  # methods without a loss trajectory record none
-                losses = torch.zeros(n, out.losses.shape[1])
-            losses[chunk] = out.losses.float().cpu()
-            accuracy[chunk] = out.accuracy.float().cpu()
-            if out.steps_used is not None:
-                steps_used[chunk] = out.steps_used.cpu()
+                if len(pending) == 2:
+                    losses = self._store_write(*pending.pop(0), tensor, losses, accuracy, steps_used)
+        for done in pending:
+            losses = self._store_write(*done, tensor, losses, accuracy, steps_used)
         n_tokens = torch.tensor([len(s) for s in ids])
         stats = WriteStats(losses, accuracy, n_tokens, steps_used if target is not None else None)
         memories = Memories(tensor, stats, self.fingerprint, setting)
@@ -182,6 +180,20 @@ class Reader(MemoryCell):
         if bad:
             raise NonFiniteWriteError(bad, memories)
         return memories
+
+    @staticmethod
+    def _store_write(chunk: list[int], out, tensor: torch.Tensor, losses: torch.Tensor, accuracy: torch.Tensor,
+                     steps_used: torch.Tensor) -> torch.Tensor:
+        """One batch's WriteOutput copied into the host tensors at its inputs' places; ``losses`` returned (a
+        method without a loss trajectory records none: it is replaced by one of that method's width)."""
+        tensor[chunk, : out.memory.shape[1]] = out.memory.detach().cpu()  # full_context: rows past L stay 0
+        if losses.shape[1] != out.losses.shape[1]:
+            losses = torch.zeros(losses.shape[0], out.losses.shape[1])
+        losses[chunk] = out.losses.float().cpu()
+        accuracy[chunk] = out.accuracy.float().cpu()
+        if out.steps_used is not None:
+            steps_used[chunk] = out.steps_used.cpu()
+        return losses
 
     def reconstruct(self, memories: Memories, ids: Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
         """(B,) free-running reconstruction accuracy: decode ``len(ids[i])`` tokens greedily from memory ``i``

@@ -33,6 +33,22 @@ def setup_logging(level: str = "INFO") -> None:
     hf_logging.disable_progress_bar()  # per-shard bars on every checkpoint drown the progress log
 
 
+def reserved_device(gpus: float) -> str:
+    """The device of a worker that reserved ``gpus`` GPUs from its scheduler: "cuda" when it reserved some, else
+    "cpu".
+
+    Decided by the reservation, not by what the process sees: Ray (2.60) leaves CUDA_VISIBLE_DEVICES as it is for
+    an actor that reserves no GPU, so on a GPU node such an actor would write on a GPU the scheduler gave to
+    another. A reservation with no visible GPU is an error: a silent CPU fallback would run a GPU job at a CPU's
+    speed."""
+    if gpus <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"this worker reserved {gpus:g} GPU(s), but torch {torch.__version__} sees no CUDA device: "
+                           "install a CUDA build of torch on the GPU nodes, or reserve no GPU")
+    return "cuda"
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a local service)."""
     with socket.socket() as s:

@@ -744,14 +744,12 @@ class MemoryWriter:
 
     def __init__(self, reader_uri: str, s3_endpoint: str | None, output: str, fingerprint: str,
                  setting: WriteSetting, batch_size: int, greedy_check: bool, compile: bool, threads: int,
-                 chunking: Chunking | None = None):
-        import torch
-
+                 chunking: Chunking | None = None, gpus: float = 0.0):
         from gradmem import Reader
-        from gradmem.runtime import configure_cpu
+        from gradmem.runtime import configure_cpu, reserved_device
 
         configure_cpu(threads=threads)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = reserved_device(gpus)  # the GPU this actor reserved (gpus_per_actor), never one it merely sees
         self.reader = Reader.from_pretrained(local_dir(reader_uri, s3_endpoint), device=device)
         if self.reader.fingerprint != fingerprint:  # the memory ids were computed for that reader, upstream
             raise RuntimeError(f"the reader at {reader_uri} changed under the job: fingerprint "
@@ -1086,7 +1084,8 @@ def write_pass(run: Run, plan: dict[tuple[str, int], RepairTarget] | None = None
         fn_constructor_kwargs={"reader_uri": cfg.reader, "s3_endpoint": cfg.s3_endpoint, "output": cfg.output,
                                "fingerprint": spec.fingerprint, "setting": run.setting, "batch_size": cfg.batch_size,
                                "greedy_check": cfg.greedy_check, "compile": cfg.compile,
-                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking},
+                               "threads": max(1, int(cfg.cpus_per_actor)), "chunking": run.chunking,
+                               "gpus": cfg.gpus_per_actor},
     )
     todo = len(plan) if plan is not None else max(1, inputs - len(error_ids) - len({k[0] for k in memory_keys}))
     last_log = time.time()

@@ -655,7 +655,7 @@ def bind_internal_grpc_to_node() -> None:
 @serve.ingress(app)
 class GradMemService:
     def __init__(self, config: dict[str, Any]):
-        from gradmem.runtime import configure_cpu
+        from gradmem.runtime import configure_cpu, reserved_device
 
         self.cfg = from_dict(ServeConfig, config)
         bind_internal_grpc_to_node()
@@ -666,7 +666,8 @@ class GradMemService:
         target = resolve(self.cfg.memories, self.cfg.s3_endpoint)
         self.store = MemoryStore(target.filesystem, target.path)
         uri, expect = initial_reader(self.store, self.cfg.reader)  # the store's served reader, else --reader
-        self.served = load_served(uri, self.store, self.cfg.s3_endpoint, expect)  # reader + index, swapped whole
+        device = reserved_device(self.cfg.gpus_per_replica)  # the GPU this replica reserved, never one it merely sees
+        self.served = load_served(uri, self.store, self.cfg.s3_endpoint, device, expect)  # reader + index, swapped whole
         self.chunking = self._store_chunking()
         self.last_refresh = time.monotonic()
         self.cache = MemoryCache(self.store, self.cfg.cache_size, self.cfg.cache_bytes, self.metrics.cache_lookup)
@@ -674,7 +675,7 @@ class GradMemService:
         self._answer_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.lock = asyncio.Lock()  # the reader is not thread-safe: one forward at a time per replica
         self.store_lock = threading.Lock()  # index and cache, used from worker threads
-        self.watch = PointerWatch(self.store, self.cfg.s3_endpoint, self.cfg.reader_check_interval_s,
+        self.watch = PointerWatch(self.store, self.cfg.s3_endpoint, device, self.cfg.reader_check_interval_s,
                                   lambda: self.served.fingerprint, self._swap).start()
         logger.info("serving %d memories from %s with reader %s", len(self.index), self.cfg.memories, self.fingerprint)
 

@@ -22,8 +22,6 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from gradmem import Reader
 from gradmem.store import MemoryIndex, MemoryStore
 from pipelines.storage import local_dir
@@ -44,10 +42,10 @@ class Served:
         return self.reader.fingerprint
 
 
-def load_served(uri: str, store: MemoryStore, s3_endpoint: str | None, expect: str | None = None) -> Served:
-    """Load the reader at ``uri`` and index its memories in ``store``. ``expect``: the fingerprint the pointer
-    names; another one (the directory changed under the pointer) is a ValueError, nothing is swapped."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def load_served(uri: str, store: MemoryStore, s3_endpoint: str | None, device: str,
+                expect: str | None = None) -> Served:
+    """Load the reader at ``uri`` onto ``device`` and index its memories in ``store``. ``expect``: the fingerprint
+    the pointer names; another one (the directory changed under the pointer) is a ValueError, nothing is swapped."""
     reader = Reader.from_pretrained(local_dir(uri, s3_endpoint), device=device)
     if expect is not None and reader.fingerprint != expect:
         raise ValueError(f"the served-reader pointer names reader {expect}, but the reader at its location is "
@@ -73,9 +71,9 @@ class PointerWatch:
     """A daemon thread that checks the store's pointer every ``interval_s`` and hands a newly loaded ``Served`` to
     ``swap``. ``current`` returns the fingerprint served now."""
 
-    def __init__(self, store: MemoryStore, s3_endpoint: str | None, interval_s: float, current: Callable[[], str],
-                 swap: Callable[[Served], None]):
-        self.store, self.s3_endpoint, self.interval_s = store, s3_endpoint, interval_s
+    def __init__(self, store: MemoryStore, s3_endpoint: str | None, device: str, interval_s: float,
+                 current: Callable[[], str], swap: Callable[[Served], None]):
+        self.store, self.s3_endpoint, self.device, self.interval_s = store, s3_endpoint, device, interval_s
         self.current, self.swap = current, swap
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="served-reader-watch", daemon=True)
@@ -101,7 +99,8 @@ class PointerWatch:
         if pointer is None or pointer["fingerprint"] == self.current():
             return False
         logger.info("the served-reader pointer names %s (%s): loading it", pointer["reader"], pointer["fingerprint"])
-        served = load_served(pointer["reader"], self.store, self.s3_endpoint, expect=pointer["fingerprint"])
+        served = load_served(pointer["reader"], self.store, self.s3_endpoint, self.device,
+                             expect=pointer["fingerprint"])
         self.swap(served)
         logger.info("now serving reader %s (%d documents)", served.fingerprint, len(served.index.entries))
         return True

@@ -162,3 +162,18 @@ def test_a_deepspeed_config_of_the_wrong_types_is_a_config_error_not_a_traceback
     with pytest.raises(ValueError, match=r"zero_optimization(\.stage)? must be"):  # the new messages only
         DistributedConfig(deepspeed=ds_config)
     assert DistributedConfig(deepspeed={"zero_optimization": {"stage": 2}}).deepspeed["zero_optimization"]["stage"] == 2
+
+
+def test_a_worker_s_device_is_the_one_it_reserved_never_one_it_merely_sees():
+    """Writer actors and service replicas put their reader where their GPU reservation says (Ray leaves a GPU
+    visible to actors that reserve none); a reservation that no CUDA device backs is one clear error."""
+    import torch
+
+    from gradmem.runtime import reserved_device
+
+    assert reserved_device(0) == "cpu" and reserved_device(0.0) == "cpu"
+    if torch.cuda.is_available():
+        assert reserved_device(0.5) == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="reserved 0.5 GPU.*sees no CUDA device"):
+            reserved_device(0.5)

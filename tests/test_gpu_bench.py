@@ -78,3 +78,20 @@ def test_slimming_a_wheel_drops_the_members_and_their_record_lines(tmp_path):
         assert z.read("pkg/__init__.py") == b"x = 1\n"
         rows = list(csv.reader(io.StringIO(z.read("pkg-1.0.dist-info/RECORD").decode())))
     assert [row[0] for row in rows] == ["pkg/__init__.py", "pkg-1.0.dist-info/RECORD"]
+
+
+def test_the_check_after_an_offline_install_names_each_requirement_not_met(tmp_path):
+    """``--no-deps`` installs check nothing; ``--check`` does, against what this Python imports."""
+    import packaging
+
+    def wheel(name: str, *requires: str):
+        with zipfile.ZipFile(tmp_path / f"{name}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"{name}-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n" +
+                       "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+    wheel("fine", "packaging>=1", 'no-such-package-a; extra == "never"', "py-spy>=0.3")  # met, unasked, left out
+    wheel("needy", "packaging>=999", "no-such-package-b")
+    problems = offline_wheels.unmet(["packaging>=1"], sorted(tmp_path.glob("*.whl")))
+    assert problems == [f"needy needs packaging>=999: {packaging.__version__} is installed",
+                        "needy needs no-such-package-b: not installed"]
+    assert offline_wheels.main(["--check", str(tmp_path)]) == 1

@@ -126,8 +126,8 @@ def test_a_replica_switches_only_to_the_reader_the_pointer_names(tmp_path):
     new_fp = Reader.from_pretrained(new).fingerprint
     store = MemoryStore(pafs.LocalFileSystem(), str(tmp_path / "store"))
     assert initial_reader(store, old) == (old, None)
-    served = [load_served(old, store, None)]
-    watch = PointerWatch(store, None, 0, lambda: served[-1].fingerprint, served.append)
+    served = [load_served(old, store, None, "cpu")]
+    watch = PointerWatch(store, None, "cpu", 0, lambda: served[-1].fingerprint, served.append)
     assert not watch.check()
     store.write_served(old, new_fp)  # names the new reader, points at the old one's directory
     with pytest.raises(ValueError, match="pointer names reader"):

@@ -18,7 +18,7 @@ import torch
 from gradmem import config, methods
 from gradmem.data import collate
 from gradmem.tasks.kv import UNSCORED, KVTask
-from gradmem.train import OptimConfig, evaluate, meta_step
+from gradmem.train import OptimConfig, evaluate, meta_step, metric_values
 from gradmem.write import WriteOutput
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,7 +123,7 @@ def numbers(method: str) -> dict:
     mem = reader.write([e.context for e in exs])
     ids = reader.encode_contexts([e.context for e in exs])
     return {
-        "meta_loss": float(loss.detach()), "meta_metrics": metrics, "grad_norm": float(grad),
+        "meta_loss": float(loss.detach()), "meta_metrics": metric_values(metrics), "grad_norm": float(grad),
         "memory_sum": float(mem.tensor.double().sum()), "memory_abs": float(mem.tensor.double().abs().sum()),
         "memory_shape": list(mem.tensor.shape), "write_losses": mem.stats.losses.flatten().tolist(),
         "write_acc": mem.stats.accuracy.tolist(),
