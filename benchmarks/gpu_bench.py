@@ -14,7 +14,8 @@ Readers (weights from their config, random: speed does not depend on their value
 For each: seconds per meta-step and per inference write (first order, K = 2) over ``--repeats`` timed calls after
 a warm-up, FLOPs counted with ``torch.utils.flop_counter``'s formulas on one call (matrix products, attention
 and their backward / double backward, as executed), and MFU = FLOPs / time / peak, where the peak is the card's
-dense bf16 figure (``--peak-tflops``, default 989 for an H100/H200 SXM). Writes bench.json and bench.md.
+dense bf16 figure (``--peak-tflops``, default 989 for an H100/H200 SXM). Writes bench.json, bench.md and
+bench.png (MFU per cell).
 
 For ``kv`` also the training loop's own step (``gradmem.loop`` through ``Trainer``: the batch, the meta-step, the
 metrics read on the host, clipping and AdamW) beside the bare meta-step.
@@ -296,6 +297,22 @@ def render_ray(r: dict) -> list[str]:
             f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, {s['errors']} errors."]
 
 
+def plot(results: list[dict], meta: dict, path: Path) -> None:
+    """bench.png: MFU of each measured cell (meta-step and write, eager and compiled, per reader), the issue's
+    yardstick against the card's peak."""
+    from benchmarks.common import bar_plot
+
+    labels, values = [], []
+    for r in results:
+        for key, label in (("meta_step_mfu", "meta-step"), ("meta_step_compiled_mfu", "meta-step compiled"),
+                           ("write_mfu", "write"), ("write_compiled_mfu", "write compiled")):
+            if key in r:
+                labels.append(f"{r['reader']} {label}")
+                values.append(100 * r[key])
+    bar_plot(str(path), labels, values, "MFU (% of peak)",
+             f"GradMem on {meta['device']} (peak {meta['peak_tflops']:g} TFLOP/s bf16)")
+
+
 def render(results: list[dict], meta: dict) -> str:
     lines = [f"# GPU bench ({meta['device']}, torch {meta['torch']}, peak {meta['peak_tflops']:g} TFLOP/s bf16 dense)", "",
              f"Command: `{meta['command']}`; {meta['repeats']} timed calls per figure (median).", "",
@@ -367,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
         (out / "bench.md").write_text(render(results, meta))
+    plot(results, meta, out / "bench.png")
     print((out / "bench.md").read_text())
     return 0
 

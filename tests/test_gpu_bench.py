@@ -22,6 +22,7 @@ def test_the_smoke_run_writes_every_reader_cell_with_its_flops(tmp_path):
         assert kv[key] > 0, key
     assert kv["meta_step_tflop"] > kv["write_tflop"]  # the second-order step does more than a first-order write
     assert "| kv |" in (tmp_path / "bench.md").read_text() and "Training loop (kv" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0
 
 
 def test_an_unknown_reader_is_refused_before_any_work(tmp_path, capsys):
