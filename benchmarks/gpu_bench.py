@@ -10,6 +10,8 @@ Readers (weights from their config, random: speed does not depend on their value
   64, N = 16 contexts (113 tokens), 8 memory vectors, K = 2, second-order meta-step (write + read + backward).
 - ``smollm2``: SmolLM2-135M's shape (30 layers, d = 576, 9 heads / 3 KV heads, vocabulary 49152), fp32 weights
   with bf16 autocast (the bAbI GPU configuration), batch 64, contexts of 100 tokens, K = 2.
+- ``smollm2_bf16``: the same with the whole model cast to bf16 and no autocast, as the authors train
+  natural-language readers (``model.dtype: bfloat16``): no casts between fp32 weights and bf16 products.
 
 For each: seconds per meta-step and per inference write (first order, K = 2) over ``--repeats`` timed calls after
 a warm-up, FLOPs counted with ``torch.utils.flop_counter``'s formulas on one call (matrix products, attention
@@ -25,8 +27,9 @@ the GPU against in-process writes, and the query service's requests/s and latenc
 
 ``--compiled``: also the compiled paths, each timed after its first call (the compile, reported apart): the
 meta-step with the WRITE's gradient step compiled (``MemoryCell.compile_write_step``) and the inference write of
-``Reader.compile()``; MFU from the eager call's FLOP count (the same arithmetic). Compiling SmolLM2's 30 layers'
-double backward takes minutes: pass ``--readers kv --compiled`` when time is short.
+``Reader.compile()``; MFU from the eager call's FLOP count (the same arithmetic). The cells run quickest first:
+every reader eager, then the Ray cells, then the compiles (SmolLM2's 30 layers' double backward takes minutes);
+every file is rewritten after each cell, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,23 +52,35 @@ from gradmem import MemoryConfig, Reader
 from gradmem.attention import attention_path
 from gradmem.data import Batch
 from gradmem.tasks.kv import KVTask, kv_tokenizer
-from gradmem.train import ModelConfig, OptimConfig, build_backbone_config, meta_step
+from gradmem.train import ModelConfig, OptimConfig, build_backbone_config, meta_step, mixed_precision
 from gradmem.write import write_memory
 
 
-def kv_reader(smoke: bool) -> tuple[Reader, Batch, str | None]:
+@dataclass
+class Cell:
+    """A reader to measure, its batch, and the arithmetic of its meta-step and writes."""
+
+    reader: Reader
+    batch: Batch
+    autocast: str | None  # bf16 autocast over the weights' dtype, or None
+    precision: str  # what the tables call it
+
+
+def kv_reader(smoke: bool) -> Cell:
     tok = kv_tokenizer()
     torch.manual_seed(0)
     model = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64) if smoke else ModelConfig()
     reader = Reader.from_config(build_backbone_config(model, len(tok), tok), tok,
                                 MemoryConfig(num_memory=8, write_steps=2, write_lr=0.04))
     batch = KVTask(4 if smoke else 16).batch(8 if smoke else 64, [0], tok)
-    return reader, batch, None
+    return Cell(reader, batch, None, "fp32")
 
 
-def smollm2_reader(smoke: bool) -> tuple[Reader, Batch, str | None]:
+def smollm2_reader(smoke: bool, whole_bf16: bool = False) -> Cell:
     """SmolLM2-135M's architecture with random weights, on the key-value tokenizer's ids mapped into its vocabulary
-    (token values do not change the work; lengths do: contexts of 100 tokens, queries of 5, answers of 4)."""
+    (token values do not change the work; lengths do: contexts of 100 tokens, queries of 5, answers of 4). fp32
+    weights under bf16 autocast (the bAbI GPU configuration), or with ``whole_bf16`` the whole model cast to bf16
+    and no autocast, as the authors train natural-language readers (``model.dtype: bfloat16``)."""
     tok = kv_tokenizer()
     size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128) if smoke else dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
@@ -76,10 +92,13 @@ def smollm2_reader(smoke: bool) -> tuple[Reader, Batch, str | None]:
     torch.manual_seed(0)
     reader = Reader.from_config(config, tok, MemoryConfig(num_memory=8, write_steps=2, write_lr=1e-3, mem_proj=True))
     batch = KVTask(14).batch(8 if smoke else 64, [0], tok)  # 14 pairs: 99 context tokens
-    return reader, batch, None if smoke else "bfloat16"
+    if whole_bf16:
+        return Cell(reader.to(torch.bfloat16), batch, None, "bf16 weights (whole model)")
+    return Cell(reader, batch, "bfloat16", "bf16 autocast, fp32 weights")
 
 
-READERS = {"kv": kv_reader, "smollm2": smollm2_reader}
+READERS = {"kv": kv_reader, "smollm2": smollm2_reader,
+           "smollm2_bf16": lambda smoke: smollm2_reader(smoke, whole_bf16=True)}
 
 
 def sync(device: torch.device) -> None:
@@ -137,11 +156,12 @@ def counted_flops(fn) -> float:
     return float(counter.total)
 
 
-def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, peak: float, compiled: bool = False) -> dict:
-    reader, batch, autocast = READERS[name](smoke)
-    reader = reader.to(device).train()
-    batch = batch.to(device)
-    optim = OptimConfig(attention="sdpa_math", autocast=autocast, aux_write_loss=0.5)
+def cell_calls(name: str, device: torch.device, smoke: bool):
+    """(cell, one meta-step, one inference write) of reader ``name`` on ``device``; the reader is trainable until
+    the caller freezes it for the writes."""
+    cell = READERS[name](smoke)
+    reader, batch = cell.reader.to(device).train(), cell.batch.to(device)
+    optim = OptimConfig(attention="sdpa_math", autocast=cell.autocast, aux_write_loss=0.5)
     params = [p for p in reader.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -151,36 +171,48 @@ def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, pea
             p.grad = None
 
     def write() -> None:  # an inference write of the frozen reader (first order, fast attention)
-        with attention_path(reader.lm, "sdpa"), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
+        with attention_path(reader.lm, "sdpa"), mixed_precision(device, cell.autocast):
             write_memory(reader, batch.ctx_ids, batch.ctx_mask, 2, reader.config.write_lr, mode="inference")
 
+    return cell, step, write
+
+
+def bench_reader(name: str, device: torch.device, repeats: int, smoke: bool, peak: float) -> dict:
+    """The eager cells of one reader: meta-step and write seconds, their FLOPs as executed, MFU."""
+    cell, step, write = cell_calls(name, device, smoke)
     step_s = timed(step, device, repeats)
     step_flops = counted_flops(step)
     extra: dict = {}
     if name == "kv":
         extra["loop_step_s"] = loop_step_seconds(device, smoke, repeats)
-    if compiled:
-        reader.compile_write_step()
-        extra["meta_step_compile_s"] = first_call_seconds(step, device)
-        extra["meta_step_compiled_s"] = timed(step, device, repeats)
-        extra["meta_step_compiled_mfu"] = step_flops / extra["meta_step_compiled_s"] / peak
-    reader.freeze()
+    cell.reader.freeze()
     write_s = timed(write, device, repeats)
     write_flops = counted_flops(write)
-    if compiled:
-        reader.compile()
-        extra["write_compile_s"] = first_call_seconds(write, device)
-        extra["write_compiled_s"] = timed(write, device, repeats)
-        extra["write_compiled_mfu"] = write_flops / extra["write_compiled_s"] / peak
-    n_params = sum(p.numel() for p in reader.parameters())
-    contexts = batch.ctx_ids.shape[0]
+    contexts = cell.batch.ctx_ids.shape[0]
     return {**extra,
-        "reader": name, "params": n_params, "batch": contexts, "context_tokens": int(batch.ctx_mask.sum(1).max()),
-        "precision": "bf16 autocast, fp32 weights" if autocast else "fp32",
+        "reader": name, "params": sum(p.numel() for p in cell.reader.parameters()), "batch": contexts,
+        "context_tokens": int(cell.batch.ctx_mask.sum(1).max()), "precision": cell.precision,
         "meta_step_s": step_s, "meta_step_tflop": step_flops / 1e12, "meta_step_mfu": step_flops / step_s / peak,
         "write_s": write_s, "write_contexts_per_s": contexts / write_s, "write_tflop": write_flops / 1e12,
         "write_mfu": write_flops / write_s / peak,
     }
+
+
+def bench_compiled(eager: dict, device: torch.device, repeats: int, smoke: bool, peak: float) -> dict:
+    """The compiled cells of the reader ``eager`` measured (the same weights, batch and arithmetic): the meta-step
+    with its WRITE step compiled, then the frozen reader's compiled write; each compile (its first call) reported
+    apart, MFU from the eager cells' FLOP counts (the same arithmetic)."""
+    cell, step, write = cell_calls(eager["reader"], device, smoke)
+    out: dict = {}
+    cell.reader.compile_write_step()
+    out["meta_step_compile_s"] = first_call_seconds(step, device)
+    out["meta_step_compiled_s"] = timed(step, device, repeats)
+    out["meta_step_compiled_mfu"] = eager["meta_step_tflop"] * 1e12 / out["meta_step_compiled_s"] / peak
+    cell.reader.freeze().compile()
+    out["write_compile_s"] = first_call_seconds(write, device)
+    out["write_compiled_s"] = timed(write, device, repeats)
+    out["write_compiled_mfu"] = eager["write_tflop"] * 1e12 / out["write_compiled_s"] / peak
+    return out
 
 
 def loop_step_seconds(device: torch.device, smoke: bool, repeats: int) -> float:
@@ -345,7 +377,7 @@ def render(results: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--readers", default="kv,smollm2")
+    parser.add_argument("--readers", default="kv,smollm2,smollm2_bf16", help=f"comma-separated, of {sorted(READERS)}")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (a CPU check of the code path)")
@@ -364,27 +396,35 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "peak_tflops": args.peak_tflops, "repeats": args.repeats,
             "command": "python -m benchmarks.gpu_bench " + " ".join(argv if argv is not None else sys.argv[1:])}
-    results = []
     names = [n for n in args.readers.split(",") if n]
     unknown = sorted(set(names) - set(READERS))
     if unknown:
         parser.error(f"unknown readers {unknown}; choose from {sorted(READERS)}")
-    for name in names:
-        started = time.perf_counter()
-        results.append(bench_reader(name, device, args.repeats, args.smoke, args.peak_tflops * 1e12, args.compiled))
-        print(f"gpu_bench: {name} done in {time.perf_counter() - started:.0f} s: {json.dumps(results[-1])}", flush=True)
+    results: list[dict] = []
+
+    def save(what: str, started: float, value) -> None:
+        """Progress, and every file rewritten after each cell: a run cut short keeps what it measured."""
+        print(f"gpu_bench: {what} done in {time.perf_counter() - started:.0f} s: {json.dumps(value)}", flush=True)
         (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
         (out / "bench.md").write_text(render(results, meta))
+        plot(results, meta, out / "bench.png")
+
+    # the quick cells first (eager, then Ray), the compiles last: a run cut short loses the least
+    for name in names:
+        started = time.perf_counter()
+        results.append(bench_reader(name, device, args.repeats, args.smoke, args.peak_tflops * 1e12))
+        save(name, started, results[-1])
     if args.ray:
         started = time.perf_counter()
         docs = args.ray_docs or (8192 if device.type == "cuda" else 256)
         meta["ray"] = bench_ray(device, args.smoke, docs, 256 if device.type == "cuda" else 64, args.clients,
                                 args.seconds)
-        print(f"gpu_bench: ray cells done in {time.perf_counter() - started:.0f} s: {json.dumps(meta['ray'])}",
-              flush=True)
-        (out / "bench.json").write_text(json.dumps({**meta, "results": results}, indent=2))
-        (out / "bench.md").write_text(render(results, meta))
-    plot(results, meta, out / "bench.png")
+        save("ray cells", started, meta["ray"])
+    if args.compiled:
+        for r in results:
+            started = time.perf_counter()
+            r.update(bench_compiled(r, device, args.repeats, args.smoke, args.peak_tflops * 1e12))
+            save(f"{r['reader']} compiled", started, r)
     print((out / "bench.md").read_text())
     return 0
 
