@@ -11,7 +11,7 @@
 #    dependency resolution (DIR holds what the machine lacks), puts this checkout on the path, and then checks every
 #    requirement against what the venv imports (benchmarks/offline_wheels.py --check).
 # 3. The CUDA tests (tests/test_cuda.py: every device path against the CPU's) before anything is measured.
-# 4. benchmarks.gpu_bench with every cell (GPU_BENCH_ARGS) into GPU_OUT: bench.json and bench.md.
+# 4. benchmarks.gpu_bench with every cell (GPU_BENCH_ARGS) into GPU_OUT: bench.json, bench.md and bench.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU_PYTHON=${GPU_PYTHON:-python3}
