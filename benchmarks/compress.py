@@ -82,6 +82,35 @@ def write_corpus(corpus: Path, texts: list[str], shards: int = 8) -> Path:
     return corpus
 
 
+def pipeline_cells(reader: Path, corpus: Path, work: Path, docs: int, batch_size: int, gpus: float = 0.0,
+                   precision: str = "float32") -> dict[str, float]:
+    """The compression job (a local Ray already up) over ``corpus`` of ``docs`` documents with 1, then 2 writer
+    actors sharing ``gpus``, each run into its own store under ``work``: contexts/s of its writing pass, end to end
+    and inside the actors' calls (busy time only), and the Parquet bytes stored per memory."""
+    from pipelines.compress import CompressConfig, compress
+
+    results: dict[str, float] = {}
+    for actors in (1, 2):
+        out = work / f"out-{actors}"
+        manifest = compress(CompressConfig(reader=str(reader), input=str(corpus), output=str(out), batch_size=batch_size,
+                                           actors=actors, gpus_per_actor=gpus / actors, precision=precision,
+                                           greedy_check=False, progress_every_s=30))
+        if not (manifest["complete"] and manifest["memories"] == docs):
+            raise RuntimeError(f"the compression job did not write every document: {manifest}")
+        run = manifest["this_run"]
+        results[f"ray_{actors}_actor_ctx_s"] = rate(docs, run["write_pass_s"])
+        results[f"ray_{actors}_actor_end_to_end_ctx_s"] = rate(docs, run["wall_s"])
+        results[f"ray_{actors}_actor_in_actor_ctx_s"] = rate(docs, run["write_s"] / actors)
+        stored = sum(p.stat().st_size for p in (out / "memories").glob("part-*.parquet"))
+        results["parquet_bytes_per_memory"] = stored / docs
+    return results
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """``RATIOS`` among ``results``, where both sides were measured."""
+    return {name: results[a] / results[b] for name, (a, b) in RATIOS.items() if a in results and b in results}
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
@@ -123,21 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from pipelines.compress import CompressConfig, compress
-
     corpus = write_corpus(work / "corpus", texts)
     ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
-    for actors in (1, 2):
-        out = work / f"out-{actors}"
-        manifest = compress(CompressConfig(reader=str(path), input=str(corpus), output=str(out), batch_size=64,
-                                           actors=actors, greedy_check=False, progress_every_s=30))
-        assert manifest["complete"] and manifest["memories"] == args.docs, manifest
-        run = manifest["this_run"]
-        results[f"ray_{actors}_actor_ctx_s"] = rate(args.docs, run["write_pass_s"])
-        results[f"ray_{actors}_actor_end_to_end_ctx_s"] = rate(args.docs, run["wall_s"])
-        results[f"ray_{actors}_actor_in_actor_ctx_s"] = rate(args.docs, run["write_s"] / actors)  # busy time only
-        stored = sum(p.stat().st_size for p in (out / "memories").glob("part-*.parquet"))
-        results["parquet_bytes_per_memory"] = stored / args.docs
+    results.update(pipeline_cells(path, corpus, work, args.docs, batch_size=64))
     ray.shutdown()
 
     cfg = reader.lm.config
@@ -145,14 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     results["memory_bytes"] = reader.num_memory * reader.d_model * 4
     results["kv_cache_bytes"] = 2 * cfg.num_hidden_layers * kv_heads * head_dim * len(ids[0]) * 4
-    ratios = {name: results[a] / results[b] for name, (a, b) in RATIOS.items() if a in results and b in results}
-    results["ratios"] = ratios
+    results["ratios"] = ratios(results)
     results["torch"] = torch.__version__
     results["cpus"] = os.cpu_count()
     for k, v in results.items():
         if k != "ratios":
             print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
-    for k, v in ratios.items():
+    for k, v in results["ratios"].items():
         print(f"ratio {k:34s} {v:.3g}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -7,9 +7,11 @@ utilisation (MFU) from FLOPs counted as they run.
 
 Readers (weights from their config, random: speed does not depend on their values):
 - ``kv``: the paper's key-value reader (4 layers, d = 128, Llama-3.2-1B's RoPE and tied embeddings), fp32, batch
-  64, N = 16 contexts (113 tokens), 8 memory vectors, K = 2, second-order meta-step (write + read + backward).
+  64, N = 16 contexts (113 tokens), 8 memory vectors, K = 2, second-order meta-step (write + read + backward), the
+  auxiliary write loss at 0.5 (the authors' key-value recipe).
 - ``smollm2``: SmolLM2-135M's shape (30 layers, d = 576, 9 heads / 3 KV heads, vocabulary 49152), fp32 weights
-  with bf16 autocast (the bAbI GPU configuration), batch 64, contexts of 100 tokens, K = 2.
+  with bf16 autocast (the bAbI GPU configuration), batch 64, contexts of 100 tokens, K = 2, the READ loss alone
+  (the authors' natural-language recipe: no auxiliary write loss; the "before" run of 2026-11-29 had it at 0.5).
 - ``smollm2_bf16``: the same with the whole model cast to bf16 and no autocast, as the authors train
   natural-language readers (``model.dtype: bfloat16``): no casts between fp32 weights and bf16 products.
 
@@ -64,6 +66,7 @@ class Cell:
     batch: Batch
     autocast: str | None  # bf16 autocast over the weights' dtype, or None
     precision: str  # what the tables call it
+    aux_write_loss: float  # the recipe's: 0.5 on key-value, 0 on natural language (the READ loss alone)
 
 
 def kv_reader(smoke: bool) -> Cell:
@@ -73,7 +76,7 @@ def kv_reader(smoke: bool) -> Cell:
     reader = Reader.from_config(build_backbone_config(model, len(tok), tok), tok,
                                 MemoryConfig(num_memory=8, write_steps=2, write_lr=0.04))
     batch = KVTask(4 if smoke else 16).batch(8 if smoke else 64, [0], tok)
-    return Cell(reader, batch, None, "fp32")
+    return Cell(reader, batch, None, "fp32", aux_write_loss=0.5)
 
 
 def smollm2_reader(smoke: bool, whole_bf16: bool = False) -> Cell:
@@ -93,8 +96,8 @@ def smollm2_reader(smoke: bool, whole_bf16: bool = False) -> Cell:
     reader = Reader.from_config(config, tok, MemoryConfig(num_memory=8, write_steps=2, write_lr=1e-3, mem_proj=True))
     batch = KVTask(14).batch(8 if smoke else 64, [0], tok)  # 14 pairs: 99 context tokens
     if whole_bf16:
-        return Cell(reader.to(torch.bfloat16), batch, None, "bf16 weights (whole model)")
-    return Cell(reader, batch, "bfloat16", "bf16 autocast, fp32 weights")
+        return Cell(reader.to(torch.bfloat16), batch, None, "bf16 weights (whole model)", aux_write_loss=0.0)
+    return Cell(reader, batch, "bfloat16", "bf16 autocast, fp32 weights", aux_write_loss=0.0)
 
 
 READERS = {"kv": kv_reader, "smollm2": smollm2_reader,
@@ -161,7 +164,7 @@ def cell_calls(name: str, device: torch.device, smoke: bool):
     the caller freezes it for the writes."""
     cell = READERS[name](smoke)
     reader, batch = cell.reader.to(device).train(), cell.batch.to(device)
-    optim = OptimConfig(attention="sdpa_math", autocast=cell.autocast, aux_write_loss=0.5)
+    optim = OptimConfig(attention="sdpa_math", autocast=cell.autocast, aux_write_loss=cell.aux_write_loss)
     params = [p for p in reader.parameters() if p.requires_grad]
 
     def step() -> None:
@@ -248,8 +251,8 @@ def first_call_seconds(fn, device: torch.device) -> float:
 def bench_ray(device: torch.device, smoke: bool, docs: int, batch: int, clients: int, seconds: float) -> dict:
     """The Ray parts on the device, each against the same work in-process, in one local Ray:
 
-    - the compression job (``pipelines.compress``, jsonl in, Parquet out) with 1 and 2 writer actors sharing the
-      GPU (``gpus_per_actor`` 1 and 0.5), against in-process writes of the same reader, batch and precision;
+    - the compression job (``benchmarks.compress.pipeline_cells``: jsonl in, Parquet out) with 1 and 2 writer actors
+      sharing the GPU, against in-process writes of the same reader, batch and precision;
     - the query service (``pipelines.serve``, one replica on the GPU, ``@serve.batch`` up to 32 questions) under
       CLIENTS threads for SECONDS: requests/s and latency.
 
@@ -260,71 +263,62 @@ def bench_ray(device: torch.device, smoke: bool, docs: int, batch: int, clients:
     from ray import serve
 
     from benchmarks.common import ROOT
-    from benchmarks.compress import reader_dir, write_corpus
+    from benchmarks.compress import pipeline_cells, ratios, reader_dir, write_corpus
     from benchmarks.loadtest_serve import load, store_memories
     from gradmem.runtime import free_port
-    from pipelines.compress import CompressConfig, compress
     from pipelines.serve import build_app
 
     cuda = device.type == "cuda"
     precision = "bfloat16" if cuda else "float32"
-    work = Path(tempfile.mkdtemp(prefix="gm-gpu-bench-ray-"))
-    path = reader_dir(work / "reader")
-    reader = Reader.from_pretrained(path, device=device)
-    exs = KVTask(4 if smoke else 16).examples(docs, seed=[0, 0])
-    texts = [e.context for e in exs]
-    ids = reader.encode_contexts(texts)
-    setting = reader.write_setting(precision=precision)
-    reader.write_tokens(ids[:batch], setting, batch)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    memories = reader.write_tokens(ids, setting, batch)
-    sync(device)
-    out: dict = {"docs": docs, "batch": batch, "precision": precision, "context_tokens": len(ids[0]),
-                 "inprocess_ctx_s": docs / (time.perf_counter() - start)}
-    corpus = write_corpus(work / "corpus", texts)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, log_to_driver=False)  # the bench's lines only
-    try:
-        for actors in (1, 2):
-            manifest = compress(CompressConfig(
-                reader=str(path), input=str(corpus), output=str(work / f"out-{actors}"), batch_size=batch,
-                actors=actors, gpus_per_actor=1 / actors if cuda else 0, precision=precision, greedy_check=False,
-                progress_every_s=30))
-            if not (manifest["complete"] and manifest["memories"] == docs):
-                raise RuntimeError(f"the compression job did not write every document: {manifest}")
-            run = manifest["this_run"]
-            out[f"ray_{actors}_actor_ctx_s"] = docs / run["write_pass_s"]
-            out[f"ray_{actors}_actor_in_actor_ctx_s"] = docs / (run["write_s"] / actors)
-        doc_ids = store_memories(work / "memories", memories, ids)
-        queries = {d: e.query for d, e in zip(doc_ids, exs)}
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
-        serve.run(build_app({"reader": str(path), "memories": str(work / "memories"), "max_batch_size": 32,
-                             "gpus_per_replica": 1 if cuda else 0}), name="bench", route_prefix="/bench")
-        url = f"http://127.0.0.1:{port}/bench/v1/query"
-        load(url, doc_ids, queries, clients=2, seconds=2)  # warm the replica's cache and code paths
-        out["serve"] = {"clients": clients, "seconds": seconds, **load(url, doc_ids, queries, clients, seconds)}
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-    out["ray_1_actor_over_inprocess"] = out["ray_1_actor_ctx_s"] / out["inprocess_ctx_s"]
-    out["ray_1_actor_in_actor_over_inprocess"] = out["ray_1_actor_in_actor_ctx_s"] / out["inprocess_ctx_s"]
-    out["ray_2_actors_over_1"] = out["ray_2_actor_ctx_s"] / out["ray_1_actor_ctx_s"]
+    with tempfile.TemporaryDirectory(prefix="gm-gpu-bench-ray-") as tmp:
+        work = Path(tmp)
+        path = reader_dir(work / "reader")
+        reader = Reader.from_pretrained(path, device=device)
+        exs = KVTask(4 if smoke else 16).examples(docs, seed=[0, 0])
+        texts = [e.context for e in exs]
+        ids = reader.encode_contexts(texts)
+        setting = reader.write_setting(precision=precision)
+        reader.write_tokens(ids[:batch], setting, batch)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        memories = reader.write_tokens(ids, setting, batch)
+        sync(device)
+        out: dict = {"docs": docs, "batch": batch, "precision": precision, "context_tokens": len(ids[0]),
+                     "inprocess_batched_ctx_s": docs / (time.perf_counter() - start)}
+        corpus = write_corpus(work / "corpus", texts)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, log_to_driver=False)  # the bench's lines only
+        try:
+            out.update(pipeline_cells(path, corpus, work, docs, batch, gpus=1.0 if cuda else 0.0, precision=precision))
+            doc_ids = store_memories(work / "memories", memories, ids)
+            queries = {d: e.query for d, e in zip(doc_ids, exs)}
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
+            try:
+                serve.run(build_app({"reader": str(path), "memories": str(work / "memories"), "max_batch_size": 32,
+                                     "gpus_per_replica": 1 if cuda else 0}), name="bench", route_prefix="/bench")
+                url = f"http://127.0.0.1:{port}/bench/v1/query"
+                load(url, doc_ids, queries, clients=2, seconds=2)  # warm the replica's cache and code paths
+                out["serve"] = {"clients": clients, "seconds": seconds, **load(url, doc_ids, queries, clients, seconds)}
+            finally:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    out["ratios"] = ratios(out)
     return out
 
 
 def render_ray(r: dict) -> list[str]:
-    s = r["serve"]
+    s, x = r["serve"], r["ratios"]
     return ["", f"Ray on the device (the key-value reader, {r['docs']} contexts of {r['context_tokens']} tokens, batch "
             f"{r['batch']}, {r['precision']} writes):", "",
             "| cell | contexts/s | against in-process |", "|---|---|---|",
-            f"| in-process writes | {r['inprocess_ctx_s']:.0f} | 1.00x |",
+            f"| in-process writes | {r['inprocess_batched_ctx_s']:.0f} | 1.00x |",
             f"| compression job, 1 writer actor (write pass) | {r['ray_1_actor_ctx_s']:.0f} | "
-            f"{r['ray_1_actor_over_inprocess']:.2f}x |",
+            f"{x['ray_1_actor_over_inprocess']:.2f}x |",
             f"| compression job, 1 writer actor (time in its calls) | {r['ray_1_actor_in_actor_ctx_s']:.0f} | "
-            f"{r['ray_1_actor_in_actor_over_inprocess']:.2f}x |",
+            f"{x['in_actor_over_inprocess']:.2f}x |",
             f"| compression job, 2 writer actors sharing the GPU | {r['ray_2_actor_ctx_s']:.0f} | "
-            f"{r['ray_2_actor_ctx_s'] / r['inprocess_ctx_s']:.2f}x ({r['ray_2_actors_over_1']:.2f}x 1 actor) |",
+            f"{r['ray_2_actor_ctx_s'] / r['inprocess_batched_ctx_s']:.2f}x ({x['ray_2_actors_over_1']:.2f}x 1 actor) |",
             "", f"Query service (one replica, {s['clients']} clients, {s['seconds']:g} s): {s['rps']:.0f} requests/s, "
             f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, {s['errors']} errors."]
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU bench in one command, on a bare GPU machine (`make gpu-bench` runs this; so can `bash` where make is not):
 #
-#     bash benchmarks/gpu_bench.sh                    # GPU machine with a package index: about 6 minutes on one H200
+#     bash benchmarks/gpu_bench.sh                    # GPU machine with a package index (aimed at 6 minutes on one
+#                                                     # H200; not yet run on a GPU)
 #     WHEELS=.whl bash benchmarks/gpu_bench.sh        # offline: exactly the wheels in .whl (benchmarks/offline_wheels.py)
 #     SMOKE=1 bash benchmarks/gpu_bench.sh            # no GPU: the same steps on tiny shapes (checks the command only)
 #
 # 1. A venv of its own, .venv-gpu, over the machine's CUDA torch: GPU_PYTHON's site-packages are read through a .pth
 #    file, after the venv's own, so nothing the machine holds is replaced or upgraded in place.
-# 2. This project and its pipelines extra: from the index, or WHEELS=DIR installs DIR's wheels with no index and no
-#    dependency resolution (DIR holds what the machine lacks), puts this checkout on the path, and then checks every
-#    requirement against what the venv imports (benchmarks/offline_wheels.py --check).
+# 2. This project and its pipelines and plot extras: from the index, or WHEELS=DIR installs DIR's wheels with no
+#    index and no dependency resolution (DIR holds what the machine lacks), puts this checkout on the path, and then
+#    checks every requirement against what the venv imports (benchmarks/offline_wheels.py --check).
 # 3. The CUDA tests (tests/test_cuda.py: every device path against the CPU's) before anything is measured.
 # 4. benchmarks.gpu_bench with every cell (GPU_BENCH_ARGS) into GPU_OUT: bench.json, bench.md and bench.png.
 set -euo pipefail
@@ -42,7 +43,7 @@ if [ -n "${WHEELS:-}" ]; then
     pwd > "$site/gradmem_checkout.pth"  # no build backend offline: the checkout itself goes on the path
     "$PY" -m benchmarks.offline_wheels --check "$WHEELS"  # --no-deps checked nothing: every requirement, here
 else
-    "${pip[@]}" -e ".[pipelines]" pytest
+    "${pip[@]}" -e ".[pipelines,plot]" pytest  # the machine's own pins stay: its torch is the point
 fi
 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # shellcheck disable=SC2086  # the arguments are words on purpose

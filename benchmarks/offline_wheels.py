@@ -1,5 +1,6 @@
 """Wheels for ``make gpu-bench WHEELS=DIR`` on a GPU machine that reaches no package index: what this project's
-pipelines extra needs there, less what that machine already holds, fetched here for its Python and platform.
+pipelines and plot extras need there (``EXTRAS``), less what that machine already holds, fetched here for its
+Python and platform.
 
     python -m benchmarks.offline_wheels --out .whl --python-version 3.12 --have have.txt
     # then, on the GPU machine:  make gpu-bench WHEELS=.whl GPU_PYTHON=python3
@@ -10,8 +11,8 @@ pipelines extra needs there, less what that machine already holds, fetched here 
 spaces; ``python3 -m pip list --format=freeze`` there gives one, versions ignored). Those are left out, so the
 target's own torch, numpy, pyarrow and the like are used. Their versions there are not known here, and an install
 with ``--no-deps`` checks nothing, so ``--check DIR`` runs there after the install: every requirement of the
-project and of DIR's wheels, against what that Python then imports, one line per one not met (a package on the
-list too old for a wheel, say: take it off the list and fetch again), exit 1 if any.
+project, of DIR's wheels and of the extras they ask, against what that Python then imports, one line per one not
+met (a package on the list too old for a wheel, say: take it off the list and fetch again), exit 1 if any.
 
 The set is pip's own resolution of the project's requirements (``pip install --dry-run --report`` for the target
 Python and manylinux x86-64, pinned by constraints.txt as this repository's tests are), less ``LEAVE_OUT``:
@@ -53,6 +54,8 @@ SLIM = {
     "ray": lambda members: re.compile(r"^ray/jars/|\.js\.map$|^ray/(rllib|llm)/"),
     "transformers": lambda members: unused_models(members, keep={"auto", "llama", "gpt2"}),
 }
+# What the GPU bench needs beside the algorithm: Ray Data and Serve, and matplotlib for its plot
+EXTRAS = "pipelines,plot"
 MODEL_IMPORT = re.compile(r"(?:\bmodels\.|^\s*from \.\.)(\w+)", re.MULTILINE)
 
 
@@ -83,14 +86,14 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirements(extra: str = "pipelines") -> list[str]:
-    """The project's dependencies and ``extra``'s, with the project's own extras expanded, and pytest (the CUDA
-    tests run first)."""
+def requirements(extras: str = EXTRAS) -> list[str]:
+    """The project's dependencies and those of ``extras`` (comma-separated), with the project's own extras
+    expanded, and pytest (the CUDA tests run first)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = project["optional-dependencies"]
-    out, todo = list(project["dependencies"]), [extra]
+    declared_extras = project["optional-dependencies"]
+    out, todo = list(project["dependencies"]), extras.split(",")
     while todo:
-        for req in extras[todo.pop()]:
+        for req in declared_extras[todo.pop()]:
             own = re.fullmatch(r"gradmem\[(.+)\]", req)
             if own:
                 todo += own.group(1).split(",")
@@ -122,20 +125,37 @@ def resolve(reqs: list[str], python_version: str) -> list[dict]:
         return json.loads(report.read_text())["install"]
 
 
+def wheel_name(url: str) -> str:
+    """The file name of the wheel at ``url``, decoded, and only a wheel's own name: one that would leave the output
+    directory (a separator, ``..``) or is not a wheel file name is refused."""
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    name = unquote(urlparse(url).path).rsplit("/", 1)[-1]  # decoded first: an encoded separator is a separator
+    try:
+        parse_wheel_filename(name)
+    except InvalidWheelFilename:
+        raise ValueError(f"{url}: not a wheel file name") from None
+    if "\\" in name or name.startswith("."):  # after the split no "/" is left
+        raise ValueError(f"{url}: a wheel file name that is not a plain name")
+    return name
+
+
 def download(entries: list[dict], out: Path) -> list[Path]:
-    """Each entry's wheel, from the URL pip resolved, into ``out``, checked against the hash pip reported (a plain
-    fetch: ``pip download`` would refuse wheels of another platform than this machine's)."""
+    """Each entry's wheel, from the URL pip resolved, into ``out`` (fetched every run: a wheel there may be a slimmed
+    or a cut-short one), checked against the hash pip reported before it is moved into place. A plain fetch:
+    ``pip download`` would refuse wheels of another platform than this machine's."""
     got = []
     for e in entries:
         url = e["download_info"]["url"]
-        path = out / unquote(urlparse(url).path.rsplit("/", 1)[-1])
-        if not path.exists():
-            with urlopen(url, timeout=300) as response:
-                data = response.read()
-            for algorithm, want in e["download_info"].get("archive_info", {}).get("hashes", {}).items():
-                if hashlib.new(algorithm, data).hexdigest() != want:
-                    raise RuntimeError(f"{url}: {algorithm} does not match the index's")
-            path.write_bytes(data)
+        path = out / wheel_name(url)
+        with urlopen(url, timeout=300) as response:
+            data = response.read()
+        for algorithm, want in e["download_info"].get("archive_info", {}).get("hashes", {}).items():
+            if hashlib.new(algorithm, data).hexdigest() != want:
+                raise RuntimeError(f"{url}: {algorithm} does not match the index's")
+        partial = path.with_name(path.name + ".part")
+        partial.write_bytes(data)
+        partial.replace(path)  # whole or absent: never a cut-short wheel under a wheel's name
         got.append(path)
     log.info("fetched %d wheels", len(got))
     return got
@@ -164,39 +184,29 @@ def slim(wheel: Path, rule) -> int:
     return before - wheel.stat().st_size
 
 
-def requested_extras(reqs: list[str]) -> dict[str, set[str]]:
-    """Package -> the extras the project asks of it (``ray[data,serve]`` -> {"data", "serve"})."""
-    from packaging.requirements import Requirement
-
-    out: dict[str, set[str]] = {}
-    for req in map(Requirement, reqs):
-        out.setdefault(canonical(req.name), set()).update(req.extras)
-    return out
-
-
 def unmet(reqs: list[str], wheels: list[Path]) -> list[str]:
-    """The requirements of the project (``reqs``) and of each wheel (its METADATA's Requires-Dist, under the extras
-    the project asks of it) that the running Python does not meet; ``LEAVE_OUT`` names are not checked."""
+    """The requirements that the running Python does not meet: the project's (``reqs``), each wheel's (its
+    METADATA's Requires-Dist), and, to a fixed point, those of every extra one of them asks of an installed package
+    (``ray[data,serve]``: Ray's data and serve requirements, whether Ray came from a wheel or the machine).
+    ``LEAVE_OUT`` names are not checked."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
-    extras = requested_extras(reqs)
-    wanted = [("this project", r) for r in reqs]
+    wanted: list[tuple[str, str, set[str]]] = [("this project", r, {""}) for r in reqs]  # (who, requirement, extras)
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as z:
             name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
             meta = z.read(name).decode(errors="replace")
         package = canonical(wheel.name.split("-", 1)[0])
-        wanted += [(package, line.split(":", 1)[1].strip()) for line in meta.splitlines()
+        wanted += [(package, line.split(":", 1)[1].strip(), {""}) for line in meta.splitlines()
                    if line.startswith("Requires-Dist:")]
-    problems = []
-    for who, text in wanted:
+    problems, followed = [], set()
+    while wanted:
+        who, text, extras = wanted.pop(0)
         req = Requirement(text)
-        if canonical(req.name) in LEAVE_OUT:
-            continue
-        if req.marker is not None and not any(req.marker.evaluate({"extra": e})
-                                              for e in {""} | extras.get(who, set())):
+        name = canonical(req.name)
+        if name in LEAVE_OUT or (req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in extras)):
             continue
         try:
             version = metadata.version(req.name)
@@ -205,6 +215,10 @@ def unmet(reqs: list[str], wheels: list[Path]) -> list[str]:
             continue
         if req.specifier and not req.specifier.contains(version, prereleases=True):
             problems.append(f"{who} needs {req}: {version} is installed")
+        if req.extras and (name, frozenset(req.extras)) not in followed:
+            followed.add((name, frozenset(req.extras)))
+            wanted += [(f"{name}[{','.join(sorted(req.extras))}]", r, set(req.extras))
+                       for r in metadata.requires(req.name) or []]
     return problems
 
 
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                         "install, that every requirement of the project and of DIR's wheels is met")
     parser.add_argument("--python-version", default="3.12", help="the target's Python, e.g. 3.12")
     parser.add_argument("--have", default=None, help="file of the package names the target already holds")
-    parser.add_argument("--extra", default="pipelines", help="the project extra the target needs")
+    parser.add_argument("--extras", default=EXTRAS, help="the project extras the target needs, comma-separated")
     parser.add_argument("--max-mib", type=float, default=None, help="fail if the wheels add up to more")
     parser.add_argument("--print-have", action="store_true", help="only print the resolved names --have leaves out "
                         "(what the target must already hold), as name==version lines")
@@ -225,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --out DIR (fetch) or --check DIR (on the target, after installing DIR's wheels)")
     setup_logging()
     if args.check:
-        problems = unmet(requirements(args.extra), sorted(Path(args.check).glob("*.whl")))
+        problems = unmet(requirements(args.extras), sorted(Path(args.check).glob("*.whl")))
         for line in problems:
             print(f"offline_wheels --check: {line}", file=sys.stderr)
         print(f"offline_wheels --check: {len(problems)} requirement(s) not met")
         return 1 if problems else 0
     have = read_names(Path(args.have)) if args.have else set()
-    reqs = [r for r in requirements(args.extra) if canonical(re.split(r"[=<>!~ @\[;]", r, maxsplit=1)[0]) not in have]
+    reqs = [r for r in requirements(args.extras) if canonical(re.split(r"[=<>!~ @\[;]", r, maxsplit=1)[0]) not in have]
     resolved = resolve(reqs, args.python_version)
     if args.print_have:
         print("\n".join(f"{e['metadata']['name']}=={e['metadata']['version']}" for e in resolved

@@ -251,11 +251,15 @@ class TrainLoop:
         for micro_step in range(self.engine.accumulation):
             batch = self.batches(self.step, micro_step).to(self.reader.device)
             loss, on_device = meta_step(self.reader, batch, self.cfg.optim, mem.write_steps, mem.write_lr)
-            if self.engine.world > 1:  # ranks average gradients (DeepSpeed inside the backward): check first, or
-                self._check_finite(metric_values(on_device), rank)  # the others would step on this NaN
-            self.engine.backward(loss)  # alone, queued before the host reads a metric: the device never waits on it
-            metrics = metric_values(on_device)
-            self._check_finite(metrics, rank)  # before the optimizer step: no weight has changed
+            # Read on the host after the backward is queued (the device never waits on the host), and checked before
+            # the optimizer step (no weight has changed). With several ranks, before the backward: ranks average
+            # gradients there (DeepSpeed inside it), and the others would step on this rank's NaN.
+            check_first = self.engine.world > 1
+            if check_first:
+                metrics = self._finite(on_device, rank)
+            self.engine.backward(loss)
+            if not check_first:
+                metrics = self._finite(on_device, rank)
             micro_metrics.append({**metrics, "samples": float(len(batch))})
         metrics = {k: sum(m[k] for m in micro_metrics) / len(micro_metrics) for k in micro_metrics[0]}
         metrics["samples"] *= len(micro_metrics)
@@ -263,9 +267,13 @@ class TrainLoop:
         self.step += 1
         return metrics
 
-    def _check_finite(self, metrics: dict[str, float], rank: int) -> None:
+    def _finite(self, on_device: dict[str, torch.Tensor], rank: int) -> dict[str, float]:
+        """The step's metrics read on the host (one copy), or a FloatingPointError when the outer loss is not
+        finite."""
+        metrics = metric_values(on_device)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"rank {rank}: non-finite outer loss at step {self.step}: {metrics}")
+        return metrics
 
     def time_is_up(self, started: float) -> bool:
         """The wall-time cap, agreed by every rank (one rank's clock must not stop it alone)."""

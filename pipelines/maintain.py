@@ -104,7 +104,7 @@ def repair(cfg: CompressConfig, rcfg: RepairConfig) -> dict[str, Any]:
     # a weak memory whose document the input does not hold (an online write, a document since removed): nothing
     # to rewrite it from, so reported, never counted as remaining (a rerun could not help)
     given = set(done.inputs.column("doc_id").to_pylist()) if done is not None else set()
-    absent = sorted(k for k in left if done is not None and k[0] not in given)
+    absent = sorted(k for k in left if k[0] not in given) if done is not None else []
     remaining = sorted(set(left) - set(stale) - set(absent))
     still_weak = _still_weak(store, fingerprint, rcfg.below)
     report = {

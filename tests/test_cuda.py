@@ -146,6 +146,7 @@ def test_a_bf16_write_on_the_device_stays_near_the_float32_write():
     full = dev.write_tokens(ids, dev.write_setting(precision="float32"))
     half = dev.write_tokens(ids, dev.write_setting(precision="bfloat16"))
     assert half.tensor.dtype == torch.float32
+    assert (half.tensor.bfloat16().float() != half.tensor).any()  # not rounded to bf16 anywhere on the way
     moved = (full.tensor - dev.memory.detach().cpu()).abs().max()  # how far the WRITE moved M0
     assert moved > 0
     assert worst(full.tensor, half.tensor) <= 0.05 * float(moved), (worst(full.tensor, half.tensor), float(moved))

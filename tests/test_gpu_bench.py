@@ -4,6 +4,7 @@ installs from on a machine with no package index (benchmarks/offline_wheels.py),
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import zipfile
@@ -90,9 +91,13 @@ def test_the_check_after_an_offline_install_names_each_requirement_not_met(tmp_p
             z.writestr(f"{name}-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: " + name + "\nVersion: 1.0\n" +
                        "".join(f"Requires-Dist: {r}\n" for r in requires))
 
-    wheel("fine", "packaging>=1", 'no-such-package-a; extra == "never"', "py-spy>=0.3")  # met, unasked, left out
+    wheel("fine", "packaging>=1", 'no-such-package-a; extra == "never"', "py-spy>=999")  # met, unasked, left out
     wheel("needy", "packaging>=999", "no-such-package-b")
     problems = offline_wheels.unmet(["packaging>=1"], sorted(tmp_path.glob("*.whl")))
     assert problems == [f"needy needs packaging>=999: {packaging.__version__} is installed",
                         "needy needs no-such-package-b: not installed"]
     assert offline_wheels.main(["--check", str(tmp_path)]) == 1
+    # an extra the project asks of an installed package: that extra's requirements are checked too
+    if importlib.util.find_spec("socks") is None:  # PySocks, requests[socks]'s one requirement, is not pinned here
+        assert offline_wheels.unmet(["requests[socks]>=2"], []) == [
+            'requests[socks] needs PySocks!=1.5.7,>=1.5.6; extra == "socks": not installed']

