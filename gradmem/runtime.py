@@ -3,6 +3,7 @@ Called explicitly, never on import."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import sys
@@ -49,8 +50,16 @@ def reserved_device(gpus: float) -> str:
     return "cuda"
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (for local services). Bound together, then released:
+    asked one at a time, the OS may hand back the port it has just released, and two services would get one port."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a local service)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]

@@ -115,7 +115,6 @@ def kv_batch(reader):
 
 # ------------------------------------------------------------------------------------------ real services
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -135,12 +134,6 @@ def s3():
     server.stop()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3):
     """A real local Ray cluster (`ray start --head` on 127.0.0.1, with the job server) shared by the session.
@@ -150,7 +143,9 @@ def ray_cluster(s3):
     metrics among Ray's) is at ``metrics``."""
     import ray
 
-    dashboard, gcs, metrics = _port(), _port(), _port()
+    from gradmem.runtime import free_ports
+
+    dashboard, gcs, metrics, agent, client = free_ports(5)  # distinct: one at a time, two could get one port
     # RAY_ADDRESS: the cluster's own processes (Ray Train's PlacementGroupCleaner among them) look their cluster
     # up by address; with the other pytest worker's cluster on this machine, "auto" finds two and they fail
     env = {**os.environ, **s3.env, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -165,7 +160,7 @@ def ray_cluster(s3):
     # cluster (or another checkout's tests) may hold them
     subprocess.run([str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                    f"--dashboard-agent-listen-port={_port()}", f"--ray-client-server-port={_port()}",
+                    f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
                     "--node-ip-address=127.0.0.1",
                     f"--metrics-export-port={metrics}", "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # daemons inherit these: no pipes

@@ -36,6 +36,17 @@ def _free_port(low: int = 20000, high: int = 40000) -> int:
     return random.randint(low, high)
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` ports of ``_free_port``, no two equal and none another's +10000 (one at a time, the OS may hand back
+    a port it has just released)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = _free_port()
+        if not {port, port + 10000, port - 10000} & set(ports):
+            ports.append(port)
+    return ports
+
+
 @dataclass
 class S3Server:
     endpoint: str
@@ -72,7 +83,7 @@ def weed_binary() -> str:
 
 def start(timeout: float = 60.0) -> S3Server:
     directory = tempfile.mkdtemp(prefix="weed-")
-    s3, master, volume, filer, admin = (_free_port() for _ in range(5))
+    s3, master, volume, filer, admin = _free_ports(5)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     cmd = [weed_binary(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3}",
            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}", "-admin.ui=false",

@@ -18,10 +18,11 @@ import pytest
 import requests
 import torch
 
-from conftest import _port, make_reader, wait_for
+from conftest import make_reader, wait_for
 from gradmem import Reader, WriteSetting, records
 from gradmem.store import MemoryIndex, MemoryStore, current_memories
 from gradmem.tasks.kv import KVTask, exact_match
+from gradmem.runtime import free_port
 from pipelines.compress import CompressConfig, compress, summarize
 from pipelines.maintain import RepairConfig, plan_repair, repair
 
@@ -279,7 +280,7 @@ def test_an_upgrade_killed_and_rerun_writes_every_document_once_while_the_servic
     legacy = "!qq:rr!|"  # a document only the old reader holds (an online write: not in the corpus)
     store.write_part("memories", records.to_table(old.write([legacy]), ["legacy"], old.encode_contexts([legacy])))
 
-    port = _port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
     try:
         serve.run(build_app({"reader": str(kv_reader_dir), "memories": f"s3://{out}", "s3_endpoint": s3.endpoint,

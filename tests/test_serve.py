@@ -17,11 +17,12 @@ import pytest
 import requests
 import torch
 
-from conftest import _port, make_reader, exported_names, scrape, unmoved, wait_for
+from conftest import make_reader, exported_names, scrape, unmoved, wait_for
 from gradmem import Memories, Reader, records
 from gradmem.data import tokenize
 from gradmem.store import MemoryStore
 from gradmem.tasks.kv import KVTask, exact_match
+from gradmem.runtime import free_port
 from pipelines import metrics
 from pipelines.compress import CompressConfig, compress
 from pipelines.serve import build_app
@@ -50,7 +51,7 @@ def service(ray_cluster, s3, kv_reader_dir, tmp_path_factory):
                                        s3_endpoint=s3.endpoint, greedy_check=False, chunk=True, chunk_tokens=8))
     assert manifest["complete"] and manifest["memories"] == 40 + 5 + 6 and manifest["extra_chunks"] == 4 + 5
 
-    port = _port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options={"grpc_servicer_functions": []})
     args = {"reader": str(kv_reader_dir), "memories": f"s3://{out}", "s3_endpoint": s3.endpoint,
             "refresh_interval_s": 0.0, "max_questions": 8, "max_text_chars": 2000, "api_key_env": KEY_ENV,
